@@ -1,0 +1,1 @@
+"""Benchmarks and experiments of selopt (not installed with the package)."""

@@ -1,0 +1,1 @@
+"""Triton kernels of selopt, installed as selopt.kernels."""

@@ -1,0 +1,12 @@
+"""selopt: selective AdamW optimizers against catastrophic forgetting.
+
+>>> import torch, selopt
+>>> model = torch.nn.Linear(16, 16)
+>>> opt = selopt.MoFO(selopt.param_groups(model, weight_decay=0.01, fraction=0.15), lr=1e-4)
+"""
+
+from selopt.groups import param_groups
+from selopt.optim import AdamW, MoFO
+
+__all__ = ["AdamW", "MoFO", "param_groups"]
+__version__ = "0.1.0"
