@@ -1,0 +1,139 @@
+"""state_dict: interchangeable with torch.optim.AdamW both ways, exact resume, checked loads."""
+
+import copy
+import io
+
+import pytest
+import torch
+
+import selopt
+
+
+def make_model(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).to(dtype)
+
+
+def train(model, opt, steps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(5, 6, generator=gen).to(dtype)).pow(2).mean().backward()
+        opt.step()
+
+
+def through_bytes(state_dict):
+    """A save and a load, as a checkpoint on disk would do."""
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer)
+
+
+def assert_same_params(a, b):
+    for x, y in zip(a.parameters(), b.parameters()):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: selopt.MoFO(ps, lr=1e-2, fraction=0.3, amsgrad=True),
+        lambda ps: selopt.MoFO(ps, lr=1e-2, fraction=0.3, block_size=8, decay="selected"),
+        lambda ps: selopt.AdamW(ps, lr=1e-2),
+    ],
+    ids=["mofo-amsgrad", "mofo-block", "adamw"],
+)
+def test_resume_equals_uninterrupted_run_bit_for_bit(make_opt):
+    uninterrupted = make_model()
+    opt = make_opt(uninterrupted.parameters())
+    train(uninterrupted, opt, 6, seed=1)
+    model_ckpt, opt_ckpt = through_bytes(uninterrupted.state_dict()), through_bytes(opt.state_dict())
+    train(uninterrupted, opt, 6, seed=2)
+
+    resumed = make_model(seed=99)
+    resumed.load_state_dict(model_ckpt)
+    resumed_opt = make_opt(resumed.parameters())
+    resumed_opt.load_state_dict(opt_ckpt)
+    train(resumed, resumed_opt, 6, seed=2)
+    assert_same_params(resumed, uninterrupted)
+
+
+@pytest.mark.parametrize("direction", ["torch->selopt", "selopt->torch"])
+def test_state_dict_moves_between_torch_adamw_and_selopt(direction):
+    options = dict(lr=1e-2, weight_decay=0.1, amsgrad=True)
+    make_torch = lambda ps: torch.optim.AdamW(ps, foreach=False, **options)
+    make_selopt = lambda ps: selopt.AdamW(ps, **options)
+    first, second = (make_torch, make_selopt) if direction == "torch->selopt" else (make_selopt, make_torch)
+
+    reference_model = make_model()
+    reference_opt = first(reference_model.parameters())
+    train(reference_model, reference_opt, 5, seed=1)
+    saved_model, saved_opt = through_bytes(reference_model.state_dict()), through_bytes(reference_opt.state_dict())
+    train(reference_model, reference_opt, 5, seed=2)
+
+    moved = make_model(seed=5)
+    moved.load_state_dict(saved_model)
+    moved_opt = second(moved.parameters())
+    moved_opt.load_state_dict(saved_opt)
+    train(moved, moved_opt, 5, seed=2)
+    assert_same_params(moved, reference_model)
+
+
+def test_torch_state_dict_gets_selopt_defaults_for_missing_group_keys():
+    model = make_model()
+    torch_opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    train(model, torch_opt, 1, seed=0)
+    opt = selopt.MoFO(model.parameters(), fraction=0.2, block_size=64)
+    opt.load_state_dict(through_bytes(torch_opt.state_dict()))
+    group = opt.param_groups[0]
+    assert group["fraction"] == 0.2 and group["block_size"] == 64 and group["backend"] == "auto"
+    assert group["lr"] == 1e-3  # saved values win over the constructor's
+    train(model, opt, 1, seed=1)
+
+
+def test_fp32_moments_of_bf16_params_stay_fp32_and_exact_through_a_load():
+    model = make_model(torch.bfloat16)
+    opt = selopt.MoFO(model.parameters(), lr=1e-2, fraction=0.5)
+    train(model, opt, 3, seed=0)
+    saved = through_bytes(opt.state_dict())
+    fresh = selopt.MoFO(model.parameters(), lr=1e-2, fraction=0.5)
+    fresh.load_state_dict(saved)
+    for p in model.parameters():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert fresh.state[p][key].dtype == torch.float32
+            assert torch.equal(fresh.state[p][key], opt.state[p][key])
+    # torch's own load rounds them to bf16: that is the behaviour being overridden.
+    torch_opt = torch.optim.AdamW(model.parameters())
+    torch_opt.load_state_dict(through_bytes(opt.state_dict()))
+    assert torch_opt.state[next(model.parameters())]["exp_avg"].dtype == torch.bfloat16
+
+
+def test_bf16_moments_saved_by_torch_are_widened_exactly():
+    model = make_model(torch.bfloat16)
+    torch_opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train(model, torch_opt, 2, seed=0)
+    opt = selopt.AdamW(model.parameters(), lr=1e-2)
+    opt.load_state_dict(through_bytes(torch_opt.state_dict()))
+    p = next(model.parameters())
+    assert opt.state[p]["exp_avg"].dtype == torch.float32
+    assert torch.equal(opt.state[p]["exp_avg"], torch_opt.state[p]["exp_avg"].float())
+
+
+def test_mismatched_state_dict_raises_and_changes_nothing():
+    model = make_model()
+    opt = selopt.MoFO(model.parameters(), lr=1e-2)
+    train(model, opt, 2, seed=0)
+    before = copy.deepcopy(opt.state_dict())
+    bad = through_bytes(opt.state_dict())
+    bad["state"][0]["exp_avg"] = torch.zeros(3, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"state\[0\]\['exp_avg'\] has shape \(3, 3\).*\(8, 6\)"):
+        opt.load_state_dict(bad)
+    other = selopt.MoFO(make_model().parameters())
+    with pytest.raises(ValueError, match="params"):
+        other.load_state_dict({"state": {}, "param_groups": [{**before["param_groups"][0], "params": [0, 1]}]})
+    after = opt.state_dict()
+    for key in before["state"]:
+        for name, value in before["state"][key].items():
+            assert torch.equal(after["state"][key][name], value)
