@@ -7,6 +7,7 @@
 
 from selopt.groups import param_groups
 from selopt.optim import AdamW, MoFO
+from selopt import cofi, hft
 
 __all__ = ["AdamW", "MoFO", "param_groups"]
 __version__ = "0.1.0"

@@ -1,0 +1,528 @@
+"""CoFiTune (Zhang et al., arXiv 2404.10306, ACL 2024 Findings): coarse-to-fine fine-tuning.
+
+Coarse: only chosen module kinds (by default the FFN's ``up_proj`` and
+``down_proj``) in a chosen span of layers train; everything else, embeddings
+and head included, is frozen (:func:`freeze_coarse`). The paper searches the
+span and modules for the best trade-off between *speciality* (the new task)
+and *versatility* (what the model could do before); :func:`search` runs that
+search with the user's training and evaluation callbacks. Its choice for
+Llama-style models is the second quarter of depth (``"bottom2"``).
+
+Fine: inside the trainable modules, units that matter for general ability
+move less. :func:`importance` scores FFN intermediate neurons, hidden output
+dimensions and attention heads by the gradient, with respect to all-ones
+"gates" on those units, of a label-free KL divergence between two dropout
+forward passes on general data; per layer the scores become ``|tanh(z)|``
+in [0, 1). :func:`attach_soft_masks` gives the optimizer ``1 - importance``
+per output row of ``up_proj`` (intermediate) and ``down_proj`` (hidden).
+
+Typical use::
+
+    report = cofi.freeze_coarse(model, layers="bottom2")
+    scores = cofi.importance(model, general_batches)
+    opt = selopt.AdamW(p for p in model.parameters() if p.requires_grad)
+    cofi.attach_soft_masks(opt, model, scores)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from selopt.hft import (
+    DEFAULT_LAYER_PATTERN,
+    FreezeReport,
+    _member_regex,
+    _no_match_error,
+    apply_trainable,
+    compile_layer_pattern,
+    layer_index,
+)
+
+# Fractions of depth, [start, stop): the quarters the paper compares and the two halves.
+LAYER_PRESETS: dict[str, tuple[float, float]] = {
+    "bottom1": (0.0, 0.25),
+    "bottom2": (0.25, 0.5),
+    "middle": (0.5, 0.75),
+    "top": (0.75, 1.0),
+    "bottom_half": (0.0, 0.5),
+    "top_half": (0.5, 1.0),
+}
+DEFAULT_MODULES = ("up_proj", "down_proj")
+SOFT_MASK_MODES = ("update", "grad")
+
+
+def layer_range(layers: str | range | tuple[int, int], n_layers: int) -> range:
+    """The layer indices a preset name, ``range`` or ``(start, stop)`` pair selects in a model of ``n_layers``.
+
+    Preset bounds are ``floor(fraction * n_layers)``, so with 32 layers
+    ``"bottom2"`` is layers 8-15.
+
+    >>> layer_range("bottom2", 32)
+    range(8, 16)
+    >>> layer_range((2, 5), 32)
+    range(2, 5)
+    """
+    if isinstance(layers, str):
+        if layers not in LAYER_PRESETS:
+            raise ValueError(f"layers must be one of {tuple(LAYER_PRESETS)}, a range or a (start, stop) pair, got {layers!r}")
+        low, high = LAYER_PRESETS[layers]
+        span = range(math.floor(low * n_layers), math.floor(high * n_layers))
+        if not span:
+            raise ValueError(f"layers={layers!r} selects no layer of a {n_layers}-layer model; give an explicit (start, stop)")
+        return span
+    if isinstance(layers, range):
+        if layers.step != 1:
+            raise ValueError(f"layers as a range must have step 1, got {layers!r}")
+        start, stop = layers.start, layers.stop
+    elif isinstance(layers, (tuple, list)) and len(layers) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+        start, stop = layers
+    else:
+        raise TypeError(f"layers must be a preset name, a range or a (start, stop) pair of ints, got {layers!r}")
+    if not 0 <= start < stop <= n_layers:
+        raise ValueError(f"layers (start, stop) must satisfy 0 <= start < stop <= {n_layers}, got ({start}, {stop})")
+    return range(start, stop)
+
+
+def _check_module_names(modules: Sequence[str], argument: str = "modules") -> tuple[str, ...]:
+    if isinstance(modules, str) or not isinstance(modules, Sequence) or not modules:
+        raise TypeError(f"{argument} must be a non-empty sequence of module names, got {modules!r}")
+    for module in modules:
+        if not isinstance(module, str) or not module:
+            raise TypeError(f"{argument} must hold non-empty strings, got {module!r}")
+    return tuple(modules)
+
+
+def freeze_coarse(
+    model: nn.Module,
+    layers: str | range | tuple[int, int] = "bottom2",
+    modules: Sequence[str] = DEFAULT_MODULES,
+    *,
+    layer_pattern: str = DEFAULT_LAYER_PATTERN,
+) -> FreezeReport:
+    """Train only ``modules`` inside the ``layers`` span; freeze everything else (CoFiTune's coarse step).
+
+    Args:
+        model: its parameters' ``requires_grad`` is set in place.
+        layers: a preset of :data:`LAYER_PRESETS` (``"bottom1"`` 0-25% of depth,
+            ``"bottom2"`` 25-50% (the paper's choice), ``"middle"`` 50-75%,
+            ``"top"`` 75-100%, ``"bottom_half"``, ``"top_half"``), a ``range``
+            or a ``(start, stop)`` pair of layer indices.
+        modules: module names (regexes matched against one dotted component
+            of the parameter name) that train inside the span.
+        layer_pattern: regex whose first group is the layer index.
+
+    Returns:
+        A :class:`selopt.hft.FreezeReport`; ``report.layers`` lists the trained
+        modules of each layer in the span.
+
+    Example:
+        >>> report = freeze_coarse(model, layers="bottom2", modules=("up_proj", "down_proj"))
+        >>> opt = selopt.AdamW(p for p in model.parameters() if p.requires_grad)
+    """
+    modules = _check_module_names(modules)
+    layer_regex = compile_layer_pattern(layer_pattern)
+    names = [name for name, _ in model.named_parameters()]
+    indices = [i for i in (layer_index(name, layer_regex) for name in names) if i is not None]
+    if not indices:
+        raise _no_match_error(model, f"layer_pattern {layer_pattern!r}")
+    span = layer_range(layers, max(indices) + 1)
+    regexes = [(module, _member_regex(module)) for module in modules]
+
+    chosen: dict[int, dict[str, list[str]]] = {}
+    trainable = set()
+    for name in names:
+        index = layer_index(name, layer_regex)
+        if index is None or index not in span:
+            continue
+        for module, regex in regexes:
+            if regex.search(name):
+                trainable.add(name)
+                found = chosen.setdefault(index, {"modules": []})["modules"]
+                if module not in found:
+                    found.append(module)
+    if not trainable:
+        raise _no_match_error(model, f"modules {modules} in layers {span.start}-{span.stop - 1}")
+    return apply_trainable(model, trainable.__contains__, dict(sorted(chosen.items())))
+
+
+# ---------------------------------------------------------------------------------------------
+# Coarse search
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """One scored configuration; ``score = weight * speciality + (1 - weight) * versatility``."""
+
+    config: dict
+    speciality: float
+    versatility: float
+    score: float
+
+
+def candidate_grid(
+    layers: Iterable[str | range | tuple[int, int]] = ("bottom1", "bottom2", "middle", "top"),
+    modules: Iterable[Sequence[str]] = (
+        ("up_proj", "down_proj"),
+        ("gate_proj", "up_proj", "down_proj"),
+        ("q_proj", "k_proj", "v_proj", "o_proj"),
+    ),
+) -> list[dict]:
+    """Every (layer span, module set) pair as a :func:`freeze_coarse` config, as the paper's search compares.
+
+    >>> len(candidate_grid()), candidate_grid()[0]
+    (12, {'layers': 'bottom1', 'modules': ('up_proj', 'down_proj')})
+    """
+    return [{"layers": span, "modules": tuple(kinds)} for span in layers for kinds in modules]
+
+
+def _score(value, what: str, config: Mapping) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{what} for config {dict(config)} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def search(
+    candidates: Sequence[Mapping],
+    train_and_score: Callable[[dict], tuple[float, object]],
+    versatility: Callable[[object], float],
+    *,
+    weight: float = 0.5,
+) -> list[SearchResult]:
+    """Train and score each candidate configuration; return them best first.
+
+    Args:
+        candidates: :func:`freeze_coarse` keyword dicts (``layers``, ``modules``),
+            e.g. from :func:`candidate_grid`.
+        train_and_score: ``config -> (speciality, trained)``: starts from the
+            base model, calls ``freeze_coarse(model, **config)``, fine-tunes
+            and returns the new-task score and whatever :func:`versatility`
+            needs (the model, a checkpoint path...).
+        versatility: ``trained -> score`` of general ability after fine-tuning.
+        weight: share of speciality in the ranking score, in [0, 1]; both
+            scores should be on the same scale (e.g. accuracies).
+
+    Example:
+        >>> ranked = search(candidate_grid(), finetune_and_eval, eval_general)
+        >>> best = ranked[0].config   # then: freeze_coarse(model, **best)
+    """
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
+        raise ValueError(f"weight must be in [0, 1], got {weight!r}")
+    if not callable(train_and_score) or not callable(versatility):
+        raise TypeError("train_and_score and versatility must be callables")
+    candidates = list(candidates)
+    if not candidates:
+        raise ValueError("candidates must hold at least one configuration")
+    for config in candidates:
+        if not isinstance(config, Mapping) or not set(config) <= {"layers", "modules"}:
+            raise ValueError(f"each candidate must be a dict with keys among ('layers', 'modules'), got {config!r}")
+        if "modules" in config:
+            _check_module_names(config["modules"], "candidate modules")
+        if isinstance(config.get("layers"), str) and config["layers"] not in LAYER_PRESETS:
+            raise ValueError(f"candidate layers must be one of {tuple(LAYER_PRESETS)} or a span, got {config['layers']!r}")
+
+    results = []
+    for config in candidates:
+        config = dict(config)
+        outcome = train_and_score(config)
+        if not isinstance(outcome, tuple) or len(outcome) != 2:
+            raise TypeError(f"train_and_score must return (speciality, trained), got {type(outcome).__name__}")
+        speciality = _score(outcome[0], "speciality", config)
+        general = _score(versatility(outcome[1]), "versatility", config)
+        results.append(SearchResult(config, speciality, general, weight * speciality + (1 - weight) * general))
+    # Stable sort: equal scores keep the candidates' order; versatility breaks ties first.
+    return sorted(results, key=lambda r: (-r.score, -r.versatility))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine: unit importance and soft masks
+
+
+@dataclass
+class Importance:
+    """Per-layer unit importance in [0, 1), keyed by layer index.
+
+    ``ffn``: FFN intermediate neurons (rows of ``up_proj``); ``hidden``: hidden
+    output dimensions of the FFN (rows of ``down_proj``); ``heads``: attention
+    heads (inputs of ``o_proj``).
+    """
+
+    ffn: dict[int, Tensor]
+    hidden: dict[int, Tensor]
+    heads: dict[int, Tensor]
+
+    _KINDS = ("ffn", "hidden", "heads")
+
+    def merge(self, *others: Importance) -> Importance:
+        """Element-wise max with importances from other tasks (a unit matters if it matters anywhere)."""
+        return merge_importance(self, *others)
+
+    def save(self, path: str | os.PathLike) -> None:
+        torch.save({kind: {i: t.cpu() for i, t in getattr(self, kind).items()} for kind in self._KINDS}, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Importance:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(data, dict) or set(data) != set(cls._KINDS):
+            raise ValueError(f"{path} does not hold a selopt.cofi.Importance (keys {cls._KINDS})")
+        return cls(**{kind: {int(i): t for i, t in data[kind].items()} for kind in cls._KINDS})
+
+
+def merge_importance(*importances: Importance) -> Importance:
+    """Element-wise max of importances computed on several tasks; layers and shapes must agree."""
+    if not importances or not all(isinstance(x, Importance) for x in importances):
+        raise TypeError("merge_importance takes one or more Importance objects")
+    merged = {}
+    for kind in Importance._KINDS:
+        tables = [getattr(x, kind) for x in importances]
+        if any(set(t) != set(tables[0]) for t in tables):
+            raise ValueError(f"importances to merge cover different layers in {kind!r}")
+        merged[kind] = {}
+        for index in tables[0]:
+            shapes = {tuple(t[index].shape) for t in tables}
+            if len(shapes) != 1:
+                raise ValueError(f"importances to merge have different shapes for {kind}[{index}]: {sorted(shapes)}")
+            merged[kind][index] = torch.stack([t[index].cpu() for t in tables]).amax(dim=0)
+    return Importance(**merged)
+
+
+def normalize_per_layer(scores: Tensor) -> Tensor:
+    """``|tanh(zscore)|`` of one layer's accumulated gradients: in [0, 1), 0 for a constant layer."""
+    scores = scores.double()
+    std = scores.std() if scores.numel() > 1 else scores.new_zeros(())
+    if not std > 0:
+        return torch.zeros_like(scores, dtype=torch.float32)
+    return torch.tanh((scores - scores.mean()) / std).abs().float()
+
+
+def _find_units(model: nn.Module, layer_regex, names: dict[str, str]) -> dict[int, dict[str, tuple[str, nn.Module]]]:
+    found: dict[int, dict[str, tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules():
+        index = layer_index(name + ".", layer_regex)
+        last = name.rsplit(".", 1)[-1]
+        for role, wanted in names.items():
+            if index is not None and last == wanted:
+                found.setdefault(index, {})[role] = (name, module)
+    return found
+
+
+def _num_heads(model: nn.Module, attention: nn.Module, num_heads: int | None) -> int:
+    if num_heads is not None:
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+            raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+        return num_heads
+    for owner in (attention, getattr(attention, "config", None), getattr(model, "config", None)):
+        for attribute in ("num_heads", "num_attention_heads", "n_heads"):
+            value = getattr(owner, attribute, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    raise ValueError("cannot tell the number of attention heads from the model: pass num_heads=")
+
+
+def _logits(output) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(f"cannot find logits in the model output of type {type(output).__name__}")
+
+
+def symmetric_kl(logits_a: Tensor, logits_b: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Mean over positions of ``(KL(a||b) + KL(b||a)) / 2`` between two predictive distributions."""
+    log_a = F.log_softmax(logits_a.float(), dim=-1)
+    log_b = F.log_softmax(logits_b.float(), dim=-1)
+    per_position = 0.5 * ((log_a.exp() - log_b.exp()) * (log_a - log_b)).sum(-1)
+    if weights is None:
+        return per_position.mean()
+    weights = weights.to(per_position)
+    return (per_position * weights).sum() / weights.sum().clamp_min(1)
+
+
+def importance(
+    model: nn.Module,
+    batches: Iterable,
+    *,
+    dropout: float = 0.1,
+    num_heads: int | None = None,
+    ffn_in: str = "up_proj",
+    ffn_out: str = "down_proj",
+    attn_out: str = "o_proj",
+    layer_pattern: str = DEFAULT_LAYER_PATTERN,
+) -> Importance:
+    """Unit importance for general ability, from a label-free KL between two dropout passes.
+
+    All-ones gates, placed by forward hooks, multiply the FFN intermediate
+    activations (input of ``ffn_out``), the FFN's hidden output (output of
+    ``ffn_out``) and each attention head (input of ``attn_out``). For each
+    batch the model runs twice with dropout ``dropout`` on the gated
+    activations (Llama-style models have no dropout of their own; any the
+    model has is on too), the symmetric KL between the two predictions is
+    back-propagated to the gates only, and ``|grad|`` is accumulated. Each
+    layer's totals are then normalised to ``|tanh(zscore)|`` in [0, 1).
+
+    Args:
+        model: the model before fine-tuning; its parameters and mode are
+            left as they were.
+        batches: ``input_ids`` tensors, or dicts of model keyword arguments
+            (an ``attention_mask`` entry also weights the KL per position),
+            from general data (pre-training-like text).
+        dropout: probability in [0, 1) of the dropout applied by the hooks.
+        num_heads: attention heads; read from the model when None.
+        ffn_in, ffn_out, attn_out: last name components of the FFN input
+            projection, the FFN output projection and the attention output.
+
+    Example:
+        >>> scores = importance(model, [batch1, batch2])
+        >>> scores.ffn[0].shape       # (intermediate,) for layer 0
+    """
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    for argument, value in (("ffn_in", ffn_in), ("ffn_out", ffn_out), ("attn_out", attn_out)):
+        if not isinstance(value, str) or not value:
+            raise TypeError(f"{argument} must be a module name, got {value!r}")
+    units = _find_units(model, compile_layer_pattern(layer_pattern), {"ffn_out": ffn_out, "attn_out": attn_out})
+    if not units:
+        raise _no_match_error(model, f"modules {ffn_out!r} / {attn_out!r} inside layers")
+
+    device = next(model.parameters()).device
+    gates: dict[str, dict[int, Tensor]] = {"ffn": {}, "hidden": {}, "heads": {}}
+    hooks = []
+
+    def gate_input(gate: Tensor, groups: int):
+        def hook(module, args):
+            x = args[0]
+            shaped = x.unflatten(-1, (groups, -1)) if groups > 0 else x
+            shaped = F.dropout(shaped, dropout, training=True) if dropout else shaped
+            scale = gate.to(x.dtype)[:, None] if groups > 0 else gate.to(x.dtype)
+            return ((shaped * scale).flatten(-2) if groups > 0 else shaped * scale, *args[1:])
+        return hook
+
+    def gate_output(gate: Tensor):
+        def hook(module, args, output):
+            return output * gate.to(output.dtype)
+        return hook
+
+    try:
+        for index, roles in sorted(units.items()):
+            if "ffn_out" in roles:
+                _, module = roles["ffn_out"]
+                out_features, in_features = module.weight.shape
+                gates["ffn"][index] = torch.ones(in_features, device=device, requires_grad=True)
+                gates["hidden"][index] = torch.ones(out_features, device=device, requires_grad=True)
+                hooks.append(module.register_forward_pre_hook(gate_input(gates["ffn"][index], 0)))
+                hooks.append(module.register_forward_hook(gate_output(gates["hidden"][index])))
+            if "attn_out" in roles:
+                name, module = roles["attn_out"]
+                parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+                heads = _num_heads(model, parent, num_heads)
+                if module.weight.shape[1] % heads:
+                    raise ValueError(f"{name} has {module.weight.shape[1]} inputs, not divisible by num_heads={heads}")
+                gates["heads"][index] = torch.ones(heads, device=device, requires_grad=True)
+                hooks.append(module.register_forward_pre_hook(gate_input(gates["heads"][index], heads)))
+
+        flat_gates = [g for table in gates.values() for g in table.values()]
+        totals = [torch.zeros_like(g) for g in flat_gates]
+        was_training = model.training
+        model.train()
+        seen = 0
+        try:
+            for batch in batches:
+                kwargs = dict(batch) if isinstance(batch, Mapping) else {"input_ids": batch}
+                weights = kwargs.get("attention_mask")
+                call = (lambda: model(**kwargs)) if isinstance(batch, Mapping) else (lambda: model(batch))
+                with torch.enable_grad():
+                    loss = symmetric_kl(_logits(call()), _logits(call()), weights)
+                    grads = torch.autograd.grad(loss, flat_gates, allow_unused=True)
+                for total, grad in zip(totals, grads):
+                    if grad is not None:
+                        total.add_(grad.abs())
+                seen += 1
+        finally:
+            model.train(was_training)
+        if not seen:
+            raise ValueError("batches must yield at least one batch")
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    position = iter(totals)
+    scores = {kind: {i: normalize_per_layer(next(position)).cpu() for i in table} for kind, table in gates.items()}
+    return Importance(**scores)
+
+
+def soft_masks(
+    model: nn.Module,
+    scores: Importance,
+    *,
+    ffn_in: str = "up_proj",
+    ffn_out: str = "down_proj",
+    layer_pattern: str = DEFAULT_LAYER_PATTERN,
+) -> dict[str, Tensor]:
+    """``1 - importance`` per output row: parameter name -> mask, for ``ffn_in`` (intermediate) and ``ffn_out`` (hidden).
+
+    Weights and biases of those modules get the same per-row mask.
+    """
+    units = _find_units(model, compile_layer_pattern(layer_pattern), {"ffn_in": ffn_in, "ffn_out": ffn_out})
+    masks = {}
+    for role, kind in (("ffn_in", "ffn"), ("ffn_out", "hidden")):
+        for index, table in sorted(getattr(scores, kind).items()):
+            if role not in units.get(index, {}):
+                raise ValueError(f"importance has {kind} scores for layer {index}, but the model has no {role} module there")
+            name, module = units[index][role]
+            for param_name, param in module.named_parameters(recurse=False):
+                if param.dim() == 0 or param.shape[0] != table.numel():
+                    raise ValueError(
+                        f"{name}.{param_name} has {param.shape[0] if param.dim() else 0} output rows, "
+                        f"its importance has {table.numel()} units"
+                    )
+                masks[f"{name}.{param_name}"] = (1.0 - table).to(param.device)
+    return masks
+
+
+def attach_soft_masks(
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    scores: Importance,
+    *,
+    mode: str = "update",
+    ffn_in: str = "up_proj",
+    ffn_out: str = "down_proj",
+    layer_pattern: str = DEFAULT_LAYER_PATTERN,
+) -> list[str]:
+    """Give a selopt optimizer the soft masks ``1 - importance``; returns the names of the masked parameters.
+
+    Parameters the optimizer does not hold (frozen ones) are skipped. ``mode``
+    sets ``soft_mask_mode`` of the param groups that hold masked parameters:
+    ``"update"`` (default) scales each row's step; ``"grad"`` scales its
+    gradient, as the CoFiTune code does, which under Adam barely acts (a
+    constant factor cancels between ``m`` and ``sqrt(v)`` except through eps).
+
+    Example:
+        >>> opt = selopt.AdamW(p for p in model.parameters() if p.requires_grad)
+        >>> attach_soft_masks(opt, model, importance(model, general_batches))
+    """
+    if mode not in SOFT_MASK_MODES:
+        raise ValueError(f"mode must be one of {SOFT_MASK_MODES}, got {mode!r}")
+    if not callable(getattr(optimizer, "set_soft_mask", None)):
+        raise TypeError(f"optimizer must be a selopt optimizer with set_soft_mask, got {type(optimizer).__name__}")
+    masks = soft_masks(model, scores, ffn_in=ffn_in, ffn_out=ffn_out, layer_pattern=layer_pattern)
+    params = dict(model.named_parameters())
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    attached = []
+    for name, mask in masks.items():
+        param = params[name]
+        group = group_of.get(id(param))
+        if group is None:
+            continue
+        optimizer.set_soft_mask(param, mask)
+        group["soft_mask_mode"] = mode
+        attached.append(name)
+    return attached
