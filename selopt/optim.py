@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from selopt import reference
+from selopt import distributed, reference
 
 BACKENDS = ("auto", "triton", "torch")
 MOMENT_DTYPES = (None, torch.float32, torch.bfloat16)
@@ -245,7 +245,12 @@ class AdamW(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("selopt does not support sparse gradients; use torch.optim.SparseAdam for them")
-                by_backend[_resolve_backend(group["backend"], p.device)].append(p)
+                # DTensor (FSDP2 / tensor-parallel) params step their local shards on the torch path.
+                if distributed.is_dtensor(p):
+                    backend = distributed.sharded_backend(group["backend"])
+                else:
+                    backend = _resolve_backend(group["backend"], p.device)
+                by_backend[backend].append(p)
             plan.extend((group, backend, params) for backend, params in by_backend.items())
 
         for group, backend, params in plan:
@@ -253,6 +258,11 @@ class AdamW(torch.optim.Optimizer):
                 self._init_state(p, group, backend)
             if backend == "torch":
                 self._torch_step(group, params, grad_scale, found_inf)
+            elif backend == "sharded":
+                distributed.sharded_step_(
+                    group, params, [self.state[p] for p in params], [self._soft_masks.get(p) for p in params],
+                    grad_scale, found_inf,
+                )
             else:
                 self._triton_step(group, params, grad_scale, found_inf)
         return loss

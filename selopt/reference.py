@@ -97,6 +97,32 @@ def expand_soft_mask(soft_mask: Tensor, param: Tensor) -> Tensor:
     return soft_mask.view(-1, *([1] * (param.dim() - 1)))
 
 
+def effective_grad(
+    param: Tensor,
+    grad: Tensor,
+    *,
+    maximize: bool = False,
+    soft_mask: Tensor | None = None,
+    soft_mask_mode: str = "update",
+    grad_scale: Tensor | None = None,
+) -> Tensor:
+    """The gradient the moments see, in :func:`compute_dtype`: unscaled, negated, soft-masked.
+
+    >>> effective_grad(torch.ones(2), torch.tensor([4.0, -2.0]), maximize=True,
+    ...                grad_scale=torch.tensor(2.0)).tolist()
+    [-2.0, 1.0]
+    """
+    dtype = compute_dtype(param.dtype)
+    g = grad.to(dtype)
+    if grad_scale is not None:
+        g = g / grad_scale.to(dtype)
+    if maximize:
+        g = -g
+    if soft_mask is not None and soft_mask_mode == "grad":
+        g = g * expand_soft_mask(soft_mask, param).to(dtype)
+    return g
+
+
 class StepResult(NamedTuple):
     """New values of one parameter's tensors, in the compute dtype."""
 
@@ -128,11 +154,15 @@ def adamw_math(
     soft_mask: Tensor | None = None,
     soft_mask_mode: str = "update",
     grad_scale: Tensor | None = None,
+    threshold: Tensor | None = None,
 ) -> StepResult:
     """One selective AdamW step as a pure function: inputs are not modified.
 
     ``step`` is the count *after* this update (1 on the first step). Returns
     the new parameter and moments in :func:`compute_dtype` and the selection.
+    A given ``threshold`` (0-d, on ``|m|``) replaces the per-block top-k when
+    ``fraction < 1``: the entries with ``|m| >= threshold`` are selected, NaN
+    never. :mod:`selopt.distributed` passes one agreed by all shards of a tensor.
 
     >>> p, g = torch.zeros(4, dtype=torch.float64), torch.tensor([1.0, -4, 2, 0.5], dtype=torch.float64)
     >>> z = torch.zeros_like(p)
@@ -142,19 +172,18 @@ def adamw_math(
     ([False, True, True, False], [0.0, 0.1, -0.1, 0.0])
     """
     dtype = compute_dtype(param.dtype)
-    p, g = param.detach().to(dtype), grad.to(dtype)
-    if grad_scale is not None:
-        g = g / grad_scale.to(dtype)
-    if maximize:
-        g = -g
+    p = param.detach().to(dtype)
+    g = effective_grad(param, grad, maximize=maximize, soft_mask=soft_mask,
+                       soft_mask_mode=soft_mask_mode, grad_scale=grad_scale)
     scale = None if soft_mask is None else expand_soft_mask(soft_mask, param).to(dtype)
-    if scale is not None and soft_mask_mode == "grad":
-        g = g * scale
 
     m = exp_avg.to(dtype).lerp(g, 1 - beta1)
     v = exp_avg_sq.to(dtype).mul(beta2).addcmul(g, g, value=1 - beta2)
     vmax = torch.maximum(max_exp_avg_sq.to(dtype), v) if amsgrad else None
-    selected = selection_mask(m, fraction, block_size)
+    if threshold is None or fraction >= 1.0:
+        selected = selection_mask(m, fraction, block_size)
+    else:
+        selected = (m.abs() >= threshold) & ~m.isnan()
 
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step

@@ -1,0 +1,368 @@
+"""Sharded training: DTensor / FSDP2 / DDP steps equal one process, exact MoFO across shards, DCP resume.
+
+The multi-process checks run in one pair of gloo CPU processes, started once
+for the module (process start-up and torch import dominate their cost); each
+scenario reports to a file, and one test per scenario reads it back.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import selopt
+from selopt import distributed, reference
+
+WORLD = 2
+STEPS = 4
+
+
+# ---------------------------------------------------------------- single process
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("numel", [1, 2, 7, 100, 1031])
+@pytest.mark.parametrize("fraction", [0.01, 0.15, 0.5, 0.999])
+@pytest.mark.parametrize("values", ["normal", "ties", "nan", "all_nan", "zeros"])
+def test_radix_threshold_matches_topk_selection(dtype, numel, fraction, values):
+    gen = torch.Generator().manual_seed(numel)
+    m = torch.randn(numel, generator=gen, dtype=dtype) * torch.logspace(-30, 30, numel, dtype=dtype)
+    if values == "ties":
+        m = torch.randint(-3, 4, (numel,), generator=gen).to(dtype)
+    elif values == "nan":
+        m[::3] = float("nan")
+        m[1::5] = float("inf")
+    elif values == "all_nan":
+        m.fill_(float("nan"))
+    elif values == "zeros":
+        m.zero_()
+    k = reference.block_k(fraction, numel)
+    (threshold,) = distributed.global_thresholds([distributed.magnitude_bits(m)], [k], ())
+    assert threshold.dtype == dtype
+    selected = (m.abs() >= threshold) & ~m.isnan()
+    assert torch.equal(selected, reference.selection_mask(m, fraction))
+
+
+def test_magnitude_bits_order_like_magnitudes():
+    m = torch.tensor([0.0, -0.0, 1e-45, -2.0, 3.0, float("inf"), float("nan"), -float("nan")])
+    bits = distributed.magnitude_bits(m)
+    finite_order = bits[:6].argsort(stable=True)
+    assert torch.equal(m[:6].abs()[finite_order], m[:6].abs().sort(stable=True).values)
+    assert (bits[6:] < 0).all() and (bits[:6] >= 0).all()
+
+
+def test_plain_params_exchange_nothing():
+    model = torch.nn.Linear(64, 64)
+    opt = selopt.MoFO(model.parameters(), fraction=0.1)
+    assert distributed.selection_bytes_per_step(opt) == 0
+    assert not distributed.is_dtensor(model.weight)
+
+
+# ---------------------------------------------------------------- two processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN matching NaN (a NaN gradient leaves NaN moments behind)."""
+    return a.shape == b.shape and a.dtype == b.dtype and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def _moved(before: list[torch.Tensor], after: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [a != b for a, b in zip(after, before)]
+
+
+def _full(params) -> list[torch.Tensor]:
+    return [p.full_tensor() if distributed.is_dtensor(p) else p.detach().clone() for p in params]
+
+
+def _dtensor_run(shapes, placements, dtype, make_opt, grad_fn, soft_masks=None):
+    """STEPS steps of make_opt on DTensor params and on the same whole tensors in one process."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    gen = torch.Generator().manual_seed(0)
+    inits = [torch.randn(shape, generator=gen, dtype=dtype) for shape in shapes]
+    single = [torch.nn.Parameter(t.clone()) for t in inits]
+    sharded = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [pl])) for t, pl in zip(inits, placements)]
+    opt_single, opt_sharded = make_opt(single), make_opt(sharded)
+    for i, mask in (soft_masks or {}).items():
+        opt_single.set_soft_mask(single[i], mask)
+        opt_sharded.set_soft_mask(sharded[i], mask)
+    for step in range(STEPS):
+        grads = [grad_fn(step, i, shape, dtype) for i, shape in enumerate(shapes)]
+        before_single, before_sharded = _full(single), _full(sharded)
+        for p, q, g in zip(single, sharded, grads):
+            p.grad = g.clone()
+            q.grad = distribute_tensor(g.clone(), mesh, q.placements)
+        opt_single.step()
+        opt_sharded.step()
+        moved_single = _moved(before_single, _full(single))
+        moved_sharded = _moved(before_sharded, _full(sharded))
+        for i, (a, b) in enumerate(zip(moved_single, moved_sharded)):
+            assert torch.equal(a, b), f"step {step}, param {i} {shapes[i]}: sharded moved other entries"
+    for i, (p, q) in enumerate(zip(_full(single), _full(sharded))):
+        assert _same(p, q), f"param {i} {shapes[i]}: max diff {(p - q).abs().max()}"
+    for p, q in zip(single, sharded):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert distributed.is_dtensor(opt_sharded.state[q][key])
+            assert tuple(opt_sharded.state[q][key].placements) == tuple(q.placements)
+            assert _same(opt_single.state[p][key], opt_sharded.state[q][key].full_tensor())
+    return opt_sharded, sharded
+
+
+def _tie_heavy_grad(step, i, shape, dtype):
+    gen = torch.Generator().manual_seed(1000 * step + i)
+    if i % 2:
+        grad = torch.randint(-3, 4, shape, generator=gen).to(dtype) * 0.5  # many |m| ties
+    else:
+        grad = torch.randn(shape, generator=gen, dtype=dtype)
+    if i == 0 and step == 1 and grad.numel() > 2:
+        grad.view(-1)[2] = float("nan")  # that entry's m stays NaN: never selected again
+    return grad
+
+
+def _scenario_dtensor_exact(tmp):
+    from torch.distributed.tensor import Shard
+
+    # Uneven rows (7 over 2 ranks), a rank with no rows (1 row), 1-D, 3-D, Shard(1), and a matrix
+    # large enough that the exchanged bytes are a small share of it.
+    shapes = [(7, 3), (1, 5), (5,), (2, 3, 5), (3, 7), (256, 96)]
+    placements = [Shard(0), Shard(0), Shard(0), Shard(0), Shard(1), Shard(0)]
+    report = {}
+    for dtype in (torch.float64, torch.float32):
+        for amsgrad in (False, True):
+            distributed.traffic.reset()
+            opt, params = _dtensor_run(
+                shapes, placements, dtype,
+                lambda ps: selopt.MoFO(ps, lr=0.05, weight_decay=0.1, fraction=0.3, decay="selected", amsgrad=amsgrad),
+                _tie_heavy_grad,
+            )
+            per_step = distributed.selection_bytes_per_step(opt)
+            rounds = 8 if dtype == torch.float64 else 4
+            assert per_step == len(shapes) * rounds * 256 * 8
+            assert distributed.traffic.bytes == STEPS * per_step
+            assert distributed.traffic.all_reduces == STEPS * rounds  # one per round for the whole group
+            big = params[-1]
+            report[str(dtype)] = dict(bytes_per_step=per_step, per_tensor=per_step // len(shapes),
+                                      big_param_bytes=big.numel() * big.element_size())
+            assert per_step // len(shapes) * 10 < big.numel() * big.element_size()
+    return report
+
+
+def _scenario_dtensor_dense(tmp):
+    from torch.distributed.tensor import Shard
+
+    shapes = [(7, 3), (1, 5), (3, 7)]
+    distributed.traffic.reset()
+    _dtensor_run(shapes, [Shard(0), Shard(0), Shard(1)], torch.float32,
+                 lambda ps: selopt.AdamW(ps, lr=0.05, weight_decay=0.1), _tie_heavy_grad)
+    assert distributed.traffic.bytes == 0
+
+
+def _scenario_dtensor_soft_mask(tmp):
+    from torch.distributed.tensor import Shard
+
+    shapes = [(7, 3), (4, 6), (3, 7), (5,)]
+    placements = [Shard(0), Shard(0), Shard(1), Shard(0)]
+    gen = torch.Generator().manual_seed(7)
+    masks = {0: torch.rand(7, generator=gen), 1: torch.rand(4, 6, generator=gen), 2: torch.rand(3, generator=gen),
+             3: torch.rand(5, generator=gen)}
+    masks = {i: m.double() for i, m in masks.items()}
+
+    def make(ps):
+        return selopt.MoFO([{"params": ps[:2]}, {"params": ps[2:], "soft_mask_mode": "grad"}],
+                           lr=0.05, weight_decay=0.0, fraction=0.4)
+
+    _dtensor_run(shapes, placements, torch.float64, make, _tie_heavy_grad, soft_masks=masks)
+
+
+def _scenario_dtensor_block(tmp):
+    from torch.distributed.tensor import Shard
+
+    # Aligned: ceil(rows / 2) * row_numel is a multiple of block_size, so local blocks are the global ones.
+    for shape, block in (((8, 4), 8), ((6, 8), 8), ((16,), 4), ((4, 3, 4), 8)):
+        _dtensor_run([shape], [Shard(0)], torch.float64,
+                     lambda ps: selopt.MoFO(ps, lr=0.05, weight_decay=0.0, fraction=0.3, block_size=block),
+                     _tie_heavy_grad)
+    # Not aligned: blocks are cut from each rank's local shard; check against exactly that.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for shape, block in (((5, 3), 4), ((6, 8), 16), ((7,), 2)):
+        init = torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        sharded = torch.nn.Parameter(distribute_tensor(init.clone(), mesh, [Shard(0)]))
+        local = torch.nn.Parameter(sharded.to_local().detach().clone())
+        opts = [selopt.MoFO([p], lr=0.05, weight_decay=0.0, fraction=0.3, block_size=block) for p in (sharded, local)]
+        for step in range(STEPS):
+            grad = _tie_heavy_grad(step, 1, shape, torch.float64)
+            sharded.grad = distribute_tensor(grad, mesh, [Shard(0)])
+            local.grad = sharded.grad.to_local().clone()
+            for opt in opts:
+                opt.step()
+        assert torch.equal(sharded.to_local(), local.detach())
+
+
+def _mlp(dtype, seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+    ).to(dtype)
+
+
+def _batch(step, dtype):
+    gen = torch.Generator().manual_seed(step)
+    return torch.randn(2 * WORLD, 6, generator=gen, dtype=dtype), torch.randn(2 * WORLD, 3, generator=gen, dtype=dtype)
+
+
+def _train(model, opt, steps, rank, first_step=0, record=None):
+    """Each rank sees its half of the batch; rank None means one process seeing all of it."""
+    for step in range(first_step, first_step + steps):
+        x, y = _batch(step, next(model.parameters()).dtype)
+        if rank is not None:
+            x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+        before = _full(model.parameters())
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        if record is not None:
+            record.append(_moved(before, _full(model.parameters())))
+
+
+def _make_opt(kind, model):
+    if kind == "mofo":
+        return selopt.MoFO(selopt.param_groups(model, weight_decay=0.05, fraction=0.25, decay="selected"), lr=0.02)
+    return selopt.AdamW(model.parameters(), lr=0.02, weight_decay=0.05)
+
+
+def _compare_to_single(wrap, kind, rank):
+    model = _mlp(torch.float64, seed=1)
+    single = copy.deepcopy(model)
+    model = wrap(model)
+    masks_single, masks_sharded = [], []
+    _train(single, _make_opt(kind, single), STEPS, None, record=masks_single)
+    _train(model, _make_opt(kind, model), STEPS, rank, record=masks_sharded)
+    for step, (a, b) in enumerate(zip(masks_single, masks_sharded)):
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert torch.equal(x, y), f"step {step}, param {i}: different entries moved"
+    for i, (p, q) in enumerate(zip(_full(single.parameters()), _full(model.parameters()))):
+        # Only the gradient's reduction order differs (per-rank means, then their average).
+        torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-12, msg=lambda m: f"param {i}: {m}")
+
+
+def _fsdp2(model):
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+def _scenario_fsdp2_mofo(tmp):
+    _compare_to_single(_fsdp2, "mofo", dist.get_rank())
+
+
+def _scenario_fsdp2_adamw(tmp):
+    _compare_to_single(_fsdp2, "adamw", dist.get_rank())
+
+
+def _scenario_ddp_mofo(tmp):
+    _compare_to_single(torch.nn.parallel.DistributedDataParallel, "mofo", dist.get_rank())
+
+
+def _scenario_ddp_adamw(tmp):
+    _compare_to_single(torch.nn.parallel.DistributedDataParallel, "adamw", dist.get_rank())
+
+
+def _scenario_dcp_resume(tmp):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+    )
+
+    rank = dist.get_rank()
+    uninterrupted = _fsdp2(_mlp(torch.float32, seed=1))
+    opt = _make_opt("mofo", uninterrupted)
+    _train(uninterrupted, opt, 2 * STEPS, rank)
+
+    first = _fsdp2(_mlp(torch.float32, seed=1))
+    opt_first = _make_opt("mofo", first)
+    _train(first, opt_first, STEPS, rank)
+    checkpoint = os.path.join(tmp, "dcp")
+    dcp.save({"model": get_model_state_dict(first), "optim": get_optimizer_state_dict(first, opt_first)},
+             checkpoint_id=checkpoint)
+
+    resumed = _fsdp2(_mlp(torch.float32, seed=2))  # other weights: the load must overwrite them
+    opt_resumed = _make_opt("mofo", resumed)
+    state = {"model": get_model_state_dict(resumed), "optim": get_optimizer_state_dict(resumed, opt_resumed)}
+    dcp.load(state, checkpoint_id=checkpoint)
+    set_model_state_dict(resumed, state["model"])
+    set_optimizer_state_dict(resumed, opt_resumed, state["optim"])
+    _train(resumed, opt_resumed, STEPS, rank, first_step=STEPS)
+
+    for p, q in zip(uninterrupted.parameters(), resumed.parameters()):
+        assert torch.equal(p.to_local(), q.to_local())
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[p][key].to_local(), opt_resumed.state[q][key].to_local())
+        assert float(opt.state[p]["step"]) == float(opt_resumed.state[q]["step"]) == 2 * STEPS
+
+
+SCENARIOS = {
+    name[len("_scenario_"):]: fn for name, fn in globals().items() if name.startswith("_scenario_")
+}
+
+
+def _worker(rank: int, port: int, tmp: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # A short timeout: a rank that fails inside a collective must not leave the other waiting for 30 minutes.
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+    try:
+        for name, scenario in SCENARIOS.items():
+            result = {"ok": True}
+            try:
+                result["report"] = scenario(tmp)
+            except Exception:
+                result = {"ok": False, "error": traceback.format_exc()}
+            with open(os.path.join(tmp, f"{name}.{rank}.json"), "w") as f:
+                json.dump(result, f)
+            # A rank that failed early may have skipped collectives: realign before the next scenario.
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch was built without torch.distributed / gloo")
+    tmp = str(tmp_path_factory.mktemp("dist"))
+    torch.multiprocessing.start_processes(_worker, args=(_free_port(), tmp), nprocs=WORLD, start_method="spawn")
+    return tmp
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_two_ranks(two_ranks, scenario):
+    for rank in range(WORLD):
+        path = os.path.join(two_ranks, f"{scenario}.{rank}.json")
+        assert os.path.exists(path), f"rank {rank} did not reach scenario {scenario}"
+        with open(path) as f:
+            result = json.load(f)
+        assert result["ok"], f"rank {rank}:\n{result['error']}"
+        if result.get("report"):
+            print(scenario, rank, result["report"])
