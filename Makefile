@@ -23,7 +23,7 @@ else
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(CPU_TORCH)"
 endif
-	$(PY) -m pip install -q -e ".[triton,test,demo]"
+	$(PY) -m pip install -q -e ".[triton,test,demo,hf]"
 	touch $(STAMP)
 
 demo: $(STAMP)
