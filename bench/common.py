@@ -12,7 +12,6 @@ import gc
 import math
 import os
 import platform
-import random
 import re
 import statistics
 import time
@@ -157,34 +156,23 @@ def llama_layer_numel(dims: LlamaDims = LLAMA2_7B) -> int:
     return sum(math.prod(shape) for _, shape in llama_shapes(1, dims, embeddings=False))
 
 
-def hft_trainable(names: list[str], seed: int = 0) -> list[bool]:
-    """HFT's draw (SPEC.md §1) on Llama names: which tensors train; the rest are frozen.
+def hft_trainable(names: list[str], params: list[Tensor], seed: int = 0) -> list[bool]:
+    """Which tensors train under ``selopt.hft.freeze_half`` (the library's own draw) on these names.
 
-    Per layer 2 of the 4 attention projections, 2 of the 3 FFN projections in a
-    random half of the layers and 1 in the others, 1 of the 2 norms; embeddings,
-    final norm and lm_head train. Names outside a layer train.
+    The tensors are hung on a module tree that mirrors their dotted names, so
+    the draw sees exactly what it would see on a Hugging Face Llama.
     """
-    rng = random.Random(seed)
-    layer_of = {}
-    for name in names:
-        match = re.match(r".*layers\.(\d+)\.", name)
-        if match:
-            layer_of[name] = int(match.group(1))
-    layers = sorted(set(layer_of.values()))
-    shuffled = rng.sample(layers, len(layers))
-    n_two = len(layers) // 2 + (rng.random() < 0.5 if len(layers) % 2 else 0)
-    ffn_count = {layer: 2 if i < n_two else 1 for i, layer in enumerate(shuffled)}
-    chosen = set()
-    for layer in layers:
-        in_layer = [n for n in names if layer_of.get(n) == layer]
-        for kinds, count in (
-            (("q_proj", "k_proj", "v_proj", "o_proj"), 2),
-            (("gate_proj", "up_proj", "down_proj"), ffn_count[layer]),
-            (("input_layernorm", "post_attention_layernorm"), 1),
-        ):
-            group = [n for n in in_layer if any(k in n for k in kinds)]
-            chosen.update(rng.sample(group, min(count, len(group))))
-    return [name not in layer_of or name in chosen for name in names]
+    root = torch.nn.Module()
+    for name, param in zip(names, params):
+        *path, leaf = name.split(".")
+        module = root
+        for part in path:
+            if not hasattr(module, part):
+                module.add_module(part, torch.nn.Module())
+            module = getattr(module, part)
+        module.register_parameter(leaf, param)
+    selopt.hft.freeze_half(root, seed=seed)
+    return [bool(p.requires_grad) for p in params]
 
 
 # ---------------------------------------------------------------- cases and inputs
@@ -346,7 +334,10 @@ def build_optimizer(variant: Variant, params: list[Tensor]) -> torch.optim.Optim
 def prepare(variant: Variant, case: Case, inputs: list[InputSet]) -> Prepared:
     """Attach grads (none on HFT's frozen half) and build one optimizer per input copy."""
     names = [name for name, _ in case.shapes]
-    trainable = hft_trainable(names) if variant.name == "selopt_hft" else [True] * len(names)
+    if variant.name == "selopt_hft":
+        trainable = hft_trainable(names, inputs[0].params)
+    else:
+        trainable = [True] * len(names)
     optimizers, steps = [], []
     for inputs_set in inputs:
         for p, g, train in zip(inputs_set.params, inputs_set.grads, trainable):
@@ -384,14 +375,14 @@ def time_steps(
 ) -> Timing:
     """Time one step at a time, cycling through ``steps`` (one per input copy).
 
-    Warm-up runs every copy once (optimizer state, Triton compilation) and then
-    one more round. On CUDA each step is bracketed by events, so the time is
+    Warm-up runs every copy once (optimizer state, Triton compilation) and the
+    first once more, so the timed steps are steady-state ones. On CUDA each step is bracketed by events, so the time is
     the GPU's, launch gaps included; the host time is the ``step()`` call alone,
     without a synchronisation. On CPU both are the wall time of the call.
     Stops after ``repeats`` steps, or after ``max_seconds`` once ``min_repeats``
     are done.
     """
-    for fn in steps + steps:
+    for fn in steps + steps[:1]:
         fn()
     cuda = device.type == "cuda"
     if cuda:

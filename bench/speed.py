@@ -23,6 +23,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import shlex
 import statistics
 import sys
@@ -61,7 +62,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed steps per measurement (default: 50 on GPU, 5 on CPU)")
     parser.add_argument("--max-seconds", type=float, default=None,
-                        help="stop a measurement after this long once 3 steps are timed (default: 5 GPU, 60 CPU)")
+                        help="stop a measurement after this long once --min-repeats steps are timed "
+                             "(default: 5 GPU, 60 CPU)")
+    parser.add_argument("--min-repeats", type=int, default=3,
+                        help="timed steps a measurement always gets (default 3)")
     parser.add_argument("--max-copies", type=int, default=16, help="most input copies cycled per size")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's, 1 with --quick: tiny steps gain nothing from more "
@@ -71,7 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path (default: bench/results/<device>.json)")
     args = parser.parse_args(argv)
-    for name in ("repeats", "max_copies", "threads"):
+    for name in ("repeats", "min_repeats", "max_copies", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -149,7 +153,9 @@ def measure_case(
                 continue
         try:
             prepared = common.prepare(variant, case, inputs)
-            timing = common.time_steps(prepared.steps, device, args.repeats, args.max_seconds)
+            timing = common.time_steps(
+                prepared.steps, device, args.repeats, args.max_seconds, min(args.min_repeats, args.repeats)
+            )
         except Exception as error:  # one broken variant (e.g. kernels not built) must not lose the others
             skipped.append(dict(variant=variant.label, case=case.name, dtype=case.dtype_name, numel=case.numel,
                                 reason=f"{type(error).__name__}: {error}"))
@@ -254,6 +260,14 @@ def format_targets(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _load_average() -> list[float] | None:
+    # Host load over 1/5/15 min: CPU timings on a shared machine are only as good as this is low.
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = pick_device(args.device)
@@ -265,6 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     threads = args.threads or (1 if args.quick else None)
     if threads:
         torch.set_num_threads(threads)
+    load_start = _load_average()
     budget = common.memory_budget_bytes(device)
     variants = common.variants_for(device)
     if args.variants:
@@ -288,13 +303,18 @@ def main(argv: list[str] | None = None) -> dict:
               + ("" if available else "; ratio_vs_torch_fused is null"))
 
     copy_bytes = (16 << 20) if args.quick else ((1 << 30) if cuda else (256 << 20))
-    copy_gbps = common.copy_bandwidth_gbps(device, copy_bytes)
-    print(f"copy bandwidth {copy_gbps:.1f} GB/s (a {copy_bytes >> 20} MiB copy, read + write bytes)\n", flush=True)
+    copy_start = common.copy_bandwidth_gbps(device, copy_bytes)
+    print(f"copy bandwidth {copy_start:.1f} GB/s (a {copy_bytes >> 20} MiB copy, read + write bytes)\n", flush=True)
 
     records, skipped = [], []
     for case in build_cases(args, device, budget):
         print(f"{case.name} {case.dtype_name}: {case.numel:,} elements in {case.n_tensors} tensors", flush=True)
         records += measure_case(case, variants, device, args, budget, skipped)
+    # Measured again at the end: the better of the two is the machine's bandwidth, the
+    # other one was disturbed (by other jobs on a shared host, or clocks still rising).
+    copy_end = common.copy_bandwidth_gbps(device, copy_bytes)
+    copy_gbps = max(copy_start, copy_end)
+    print(f"\ncopy bandwidth at the end {copy_end:.1f} GB/s; using {copy_gbps:.1f} GB/s")
     add_relative_numbers(records, copy_gbps)
 
     print("\n" + format_table(records))
@@ -316,6 +336,9 @@ def main(argv: list[str] | None = None) -> dict:
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command=shlex.join(["python", "-m", "bench.speed", *(sys.argv[1:] if argv is None else argv)]),
         copy_bandwidth_gbps=copy_gbps,
+        load_average=dict(start=load_start, end=_load_average()),
+        torch_threads=torch.get_num_threads(),
+        copy_bandwidth_gbps_start_end=[copy_start, copy_end],
         copy_bytes=copy_bytes,
         torch_adamw_fused=fused_note,
         bytes_model=(
