@@ -1,0 +1,323 @@
+"""Device-side building blocks shared by the one-pass and the exact kernels.
+
+Every function here is ``@triton.jit`` and pure: it takes values and returns
+values; the kernels in :mod:`selopt.kernels.block` and
+:mod:`selopt.kernels.exact` do the loads and stores around them.
+
+Launches are described by one int64 table with a row per *segment* (a whole
+tensor, or a run of it), ``NUM_COLUMNS`` columns wide; the ``COL_*`` constants
+name the columns. Pointers are stored as integers and cast back on the device,
+so one launch reaches tensors that live in separate allocations.
+"""
+
+import triton
+import triton.language as tl
+
+COL_PARAM = tl.constexpr(0)
+COL_GRAD = tl.constexpr(1)
+COL_EXP_AVG = tl.constexpr(2)
+COL_EXP_AVG_SQ = tl.constexpr(3)
+COL_MAX_EXP_AVG_SQ = tl.constexpr(4)
+COL_SOFT_MASK = tl.constexpr(5)
+COL_STEP = tl.constexpr(6)
+COL_SELECTION = tl.constexpr(7)
+COL_NUMEL = tl.constexpr(8)
+COL_K_FULL = tl.constexpr(9)  # k of a full block (one-pass) or of the whole segment (exact)
+COL_K_TAIL = tl.constexpr(10)  # k of the last, shorter block of a tensor (one-pass)
+COL_MASK_DIV = tl.constexpr(11)  # elements per soft-mask value; 0 means no soft mask
+COL_FIRST_PROGRAM = tl.constexpr(12)  # index of the segment's first program in the grid
+COL_OFFSET = tl.constexpr(13)  # where the segment starts inside its tensor
+COL_TICKET = tl.constexpr(14)  # slot of the segment's tensor in the step-ticket counters
+COL_TICKET_TARGET = tl.constexpr(15)  # programs of that tensor, over all its segments
+COL_SALT = tl.constexpr(16)  # per-tensor constant that keeps random streams apart
+NUM_COLUMNS = tl.constexpr(17)
+
+# |m| keys are the int32 bit patterns of non-negative floats: same order as the values.
+# NaN (and padding) gets this key, below every number, so it is never selected.
+NOT_A_CANDIDATE = tl.constexpr(-1)
+
+
+@triton.jit
+def find_row(table, pid, num_rows, SEARCH_STEPS: tl.constexpr):
+    """The segment that program ``pid`` works on: binary search of the first-program column.
+
+    Every segment owns at least one program, so first-program indices strictly
+    increase and the last row whose first program is <= pid is the answer.
+    """
+    row = pid * 0
+    for level in tl.static_range(SEARCH_STEPS - 1, -1, -1):
+        candidate = row + (1 << level)
+        first = tl.load(table + tl.minimum(candidate, num_rows - 1).to(tl.int64) * NUM_COLUMNS + COL_FIRST_PROGRAM)
+        row = tl.where((candidate < num_rows) & (first <= pid), candidate, row)
+    return row
+
+
+@triton.jit
+def load_pointer(row_ptr, column, dtype: tl.constexpr):
+    return tl.load(row_ptr + column).to(tl.pointer_type(dtype))
+
+
+@triton.jit
+def round_to_bf16_nearest(x):
+    """fp32 -> the nearest bf16 value (ties to even), still held in fp32.
+
+    Done on the bits so that it is exact everywhere: Triton's interpreter
+    truncates when it converts fp32 to bf16. The result converts to bf16
+    exactly under any rounding mode.
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    rounded = tl.where(x != x, 0x7FC00000, rounded)
+    return rounded.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def round_to_bf16_stochastic(x, random_bits):
+    """fp32 -> bf16 up or down with probability given by the distance: E[result] = x.
+
+    Adds 16 random bits below bf16's last mantissa bit and truncates, like the
+    reference ``stochastic_round_to_bf16``; inf and NaN are rounded to nearest.
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    noise = (random_bits & 0xFFFF).to(tl.int32)
+    rounded = ((bits + noise) & -65536).to(tl.float32, bitcast=True)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    return tl.where(finite, rounded, round_to_bf16_nearest(x))
+
+
+@triton.jit
+def round_for_store(x, DTYPE: tl.constexpr):
+    """fp32 -> the value ``DTYPE`` will hold, rounded to nearest; still fp32 for bf16."""
+    if DTYPE == tl.bfloat16:
+        return round_to_bf16_nearest(x)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
+def magnitude_key(m, valid):
+    """Integer sort key of |m|: larger |m|, larger key; NaN and padding get NOT_A_CANDIDATE."""
+    key = m.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    return tl.where(valid & (m == m), key, NOT_A_CANDIDATE)
+
+
+@triton.jit
+def kth_largest_key(key, k):
+    """The k-th largest of ``key`` (non-negative int32), by bisection on its 31 value bits.
+
+    Builds the answer from the top bit down: keep a bit when at least ``k``
+    keys are >= the answer with that bit set. 31 counts over registers, no
+    sort (sorting is very slow under Triton's interpreter). When fewer than
+    ``k`` keys are candidates the answer is 0, which selects every candidate,
+    as the reference does.
+    """
+    threshold = k * 0
+    for bit in tl.static_range(30, -1, -1):
+        candidate = threshold | (1 << bit)
+        count = tl.sum((key >= candidate).to(tl.int32), axis=0)
+        threshold = tl.where(count >= k, candidate, threshold)
+    return threshold
+
+
+@triton.jit
+def power(base, exponent):
+    """base ** exponent for an int32 exponent >= 0, by squaring: only multiplications."""
+    result = base * 0 + 1
+    for bit in tl.static_range(31):
+        result = tl.where(((exponent >> bit) & 1) == 1, result * base, result)
+        base = base * base
+    return result
+
+
+@triton.jit
+def sqrt_f64(x):
+    """fp64 square root from fp32's and one Newton step (~1e-14 relative): mul/div only."""
+    root = tl.sqrt_rn(x.to(tl.float32)).to(tl.float64)
+    return 0.5 * (root + x / root)
+
+
+@triton.jit
+def _join_double(hi, lo):
+    # to_tensor: the interpreter passes float arguments as Python floats.
+    return tl.to_tensor(hi).to(tl.float64) + tl.to_tensor(lo).to(tl.float64)
+
+
+@triton.jit
+def step_scalars(
+    step, lr_ptr, lr_hi, lr_lo, decay_factor, weight_decay_hi, weight_decay_lo,
+    beta1_hi, beta1_lo, beta2_hi, beta2_lo, LR_ON_DEVICE: tl.constexpr,
+):
+    """Step size, sqrt of the second bias correction and the decay factor, for step count ``step``.
+
+    Computed in fp64 from hi/lo fp32 pairs (kernel float arguments are fp32),
+    so they round to the same fp32 values as the reference's Python doubles.
+    ``step`` is the count after this update.
+    """
+    count = step.to(tl.int32)
+    beta1 = _join_double(beta1_hi, beta1_lo)
+    beta2 = _join_double(beta2_hi, beta2_lo)
+    if LR_ON_DEVICE:
+        lr = tl.load(lr_ptr).to(tl.float64)
+        decay = (1.0 - lr * _join_double(weight_decay_hi, weight_decay_lo)).to(tl.float32)
+    else:
+        lr = _join_double(lr_hi, lr_lo)
+        decay = tl.to_tensor(decay_factor).to(tl.float32)
+    step_size = (lr / (1.0 - power(beta1, count))).to(tl.float32)
+    bias_correction2_sqrt = sqrt_f64(1.0 - power(beta2, count)).to(tl.float32)
+    return step_size, bias_correction2_sqrt, decay
+
+
+@triton.jit
+def adam_moments(g, m, v, vmax, lerp_weight, beta2, one_minus_beta2,
+                 AMSGRAD: tl.constexpr, LERP_FROM_END: tl.constexpr, MOMENT_DTYPE: tl.constexpr):
+    """New moments in fp32, each already rounded to what ``MOMENT_DTYPE`` stores.
+
+    ``m`` follows torch's ``lerp`` formula for the weight's side of 0.5 so that
+    fp32 results match the reference. Returns (m, v, vmax, second moment the
+    denominator uses).
+    """
+    if LERP_FROM_END:
+        m = g - (g - m) * (1.0 - lerp_weight)
+    else:
+        m = m + lerp_weight * (g - m)
+    v = v * beta2 + one_minus_beta2 * g * g
+    m = round_for_store(m, MOMENT_DTYPE).to(tl.float32)
+    v = round_for_store(v, MOMENT_DTYPE).to(tl.float32)
+    if AMSGRAD:
+        vmax = tl.maximum(vmax, v)
+        return m, v, vmax, vmax
+    else:
+        return m, v, vmax, v
+
+
+@triton.jit
+def masked_update(p, m, second_moment, selected, scale, step_size, bias_correction2_sqrt, eps, decay,
+                  DECAY_SELECTED: tl.constexpr, SCALE_UPDATE: tl.constexpr):
+    """Decoupled decay and the AdamW step on the selected entries, in fp32 (SPEC §1 steps 6-7)."""
+    denom = tl.div_rn(tl.sqrt_rn(second_moment), bias_correction2_sqrt) + eps
+    numerator = m * scale if SCALE_UPDATE else m
+    decayed = p * decay
+    kept = p if DECAY_SELECTED else decayed
+    # where(), not a multiply by the mask: unselected entries stay exact even if the step is NaN.
+    return tl.where(selected, decayed - tl.div_rn(step_size * numerator, denom), kept)
+
+
+@triton.jit
+def advance_step(tickets, slot, target, step_ptr, step, increment):
+    """The last program of a tensor to finish adds ``increment`` (0 for a skipped step) to its step.
+
+    Every program read the step before taking its ticket (the atomic orders
+    that read), so no one sees the new count in the middle of an update.
+    """
+    ticket = tl.atomic_add(tickets + slot, 1)
+    if ticket == target - 1:
+        tl.store(step_ptr, step + increment)
+        tl.store(tickets + slot, 0)
+
+
+@triton.jit
+def load_soft_mask(row_ptr, start, lanes, in_block):
+    """The segment's soft-mask factor for each lane (1 where the tensor has no mask)."""
+    mask_div = tl.load(row_ptr + COL_MASK_DIV)
+    index = (tl.load(row_ptr + COL_OFFSET) + start + lanes) // tl.maximum(mask_div, 1)
+    return tl.load(load_pointer(row_ptr, COL_SOFT_MASK, tl.float32) + index, mask=in_block & (mask_div > 0), other=1.0)
+
+
+@triton.jit
+def load_step_gradient(row_ptr, start, lanes, in_block, grad_scale_ptr, PARAM_DTYPE: tl.constexpr,
+                       GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, SOFT_MASK: tl.constexpr,
+                       SOFT_MASK_ON_GRAD: tl.constexpr):
+    """The gradient the moments see (unscaled, negated to maximize, soft-masked in "grad" mode), and the mask."""
+    g = tl.load(load_pointer(row_ptr, COL_GRAD, PARAM_DTYPE) + start + lanes, mask=in_block, other=0.0)
+    g = g.to(tl.float32)
+    if GRAD_SCALE:
+        g = tl.div_rn(g, tl.load(grad_scale_ptr).to(tl.float32))
+    if MAXIMIZE:
+        g = -g
+    scale = 1.0
+    if SOFT_MASK:
+        scale = load_soft_mask(row_ptr, start, lanes, in_block)
+        if SOFT_MASK_ON_GRAD:
+            g = g * scale
+    return g, scale
+
+
+@triton.jit
+def update_moments(row_ptr, start, lanes, in_block, store_mask, g, lerp_weight, beta2, one_minus_beta2,
+                   AMSGRAD: tl.constexpr, LERP_FROM_END: tl.constexpr, MOMENT_DTYPE: tl.constexpr):
+    """Load, update and store the moments of one tile; returns m and the denominator's second moment."""
+    m_ptr = load_pointer(row_ptr, COL_EXP_AVG, MOMENT_DTYPE) + start + lanes
+    v_ptr = load_pointer(row_ptr, COL_EXP_AVG_SQ, MOMENT_DTYPE) + start + lanes
+    m = tl.load(m_ptr, mask=in_block, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr, mask=in_block, other=0.0).to(tl.float32)
+    vmax = v
+    if AMSGRAD:
+        vmax_ptr = load_pointer(row_ptr, COL_MAX_EXP_AVG_SQ, MOMENT_DTYPE) + start + lanes
+        vmax = tl.load(vmax_ptr, mask=in_block, other=0.0).to(tl.float32)
+    m, v, vmax, second_moment = adam_moments(
+        g, m, v, vmax, lerp_weight, beta2, one_minus_beta2, AMSGRAD, LERP_FROM_END, MOMENT_DTYPE)
+    tl.store(m_ptr, m.to(MOMENT_DTYPE), mask=store_mask)
+    tl.store(v_ptr, v.to(MOMENT_DTYPE), mask=store_mask)
+    if AMSGRAD:
+        tl.store(vmax_ptr, vmax.to(MOMENT_DTYPE), mask=store_mask)
+    return m, second_moment
+
+
+@triton.jit
+def update_param(
+    row_ptr, start, lanes, in_block, store_mask, step_increment, tickets, m, second_moment, selected, scale,
+    lr_ptr, lr_hi, lr_lo, decay_factor, weight_decay_hi, weight_decay_lo, beta1_hi, beta1_lo, beta2_hi, beta2_lo,
+    eps, seed_ptr, PARAM_DTYPE: tl.constexpr, DECAY_SELECTED: tl.constexpr, SOFT_MASK_ON_UPDATE: tl.constexpr,
+    LR_ON_DEVICE: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr, WRITE_SELECTION: tl.constexpr,
+):
+    """Decay and step the selected entries of one tile, store them once, and take the step ticket."""
+    step_ptr = load_pointer(row_ptr, COL_STEP, tl.float32)
+    step = tl.load(step_ptr)
+    step_size, bias_correction2_sqrt, decay = step_scalars(
+        step + 1.0, lr_ptr, lr_hi, lr_lo, decay_factor, weight_decay_hi, weight_decay_lo,
+        beta1_hi, beta1_lo, beta2_hi, beta2_lo, LR_ON_DEVICE)
+    p_ptr = load_pointer(row_ptr, COL_PARAM, PARAM_DTYPE) + start + lanes
+    p = tl.load(p_ptr, mask=in_block, other=0.0).to(tl.float32)
+    p = masked_update(p, m, second_moment, selected, scale, step_size, bias_correction2_sqrt, eps, decay,
+                      DECAY_SELECTED, SOFT_MASK_ON_UPDATE)
+    if STOCHASTIC_ROUNDING:
+        # Philox counter = (element offset, step, tensor salt): a fresh, independent stream per
+        # element and step, derived from device values only, so graph replays draw new numbers.
+        offset = tl.load(row_ptr + COL_OFFSET) + start + lanes
+        random_bits, _, _, _ = tl.philox(
+            tl.load(seed_ptr), offset.to(tl.uint32), (offset >> 32).to(tl.uint32),
+            step.to(tl.uint32), tl.load(row_ptr + COL_SALT).to(tl.uint32))
+        p = round_to_bf16_stochastic(p, random_bits)
+    else:
+        p = round_for_store(p, PARAM_DTYPE)
+    tl.store(p_ptr, p.to(PARAM_DTYPE), mask=store_mask)
+    if WRITE_SELECTION:
+        selection_address = tl.load(row_ptr + COL_SELECTION)
+        if selection_address != 0:
+            selection_ptr = selection_address.to(tl.pointer_type(tl.int8)) + start + lanes
+            tl.store(selection_ptr, selected.to(tl.int8), mask=store_mask)
+    advance_step(tickets, tl.load(row_ptr + COL_TICKET), tl.load(row_ptr + COL_TICKET_TARGET),
+                 step_ptr, step, step_increment)
+
+
+@triton.jit
+def tile_of(table, num_rows, found_inf_ptr, TILE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+            FOUND_INF: tl.constexpr):
+    """Where this program works: (row, row pointer, tile start in the segment, lanes, in-bounds
+    mask, store mask, step increment). A set found_inf masks every store and leaves the step."""
+    pid = tl.program_id(0)
+    row = find_row(table, pid, num_rows, SEARCH_STEPS)
+    row_ptr = table + row.to(tl.int64) * NUM_COLUMNS
+    numel = tl.load(row_ptr + COL_NUMEL)
+    # int64 tile start, int32 lanes: tensors above 2^31 elements stay addressable while the
+    # per-element address math stays 32-bit.
+    start = (pid - tl.load(row_ptr + COL_FIRST_PROGRAM)).to(tl.int64) * TILE
+    lanes = tl.arange(0, TILE)
+    in_block = lanes < tl.minimum(numel - start, TILE).to(tl.int32)
+    store_mask = in_block
+    step_increment = 1.0
+    if FOUND_INF:
+        found_inf = tl.load(found_inf_ptr).to(tl.float32)
+        store_mask = in_block & (found_inf == 0)
+        step_increment = 1.0 - found_inf
+    return row, row_ptr, start, lanes, in_block, store_mask, step_increment

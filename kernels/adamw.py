@@ -1,0 +1,189 @@
+"""``multi_tensor_adamw_``: one selective AdamW step for a bucket of tensors, on the device.
+
+The bucket shares a device, a parameter dtype and a moment dtype. Which
+kernels run:
+
+* ``fraction == 1`` (dense AdamW) or ``block_size <= MAX_BLOCK``: the
+  one-pass kernel of :mod:`selopt.kernels.block`, one launch;
+* ``block_size=None`` (one block per tensor, the MoFO paper) or a larger
+  block: the exact radix select of :mod:`selopt.kernels.exact`, seven
+  launches whatever the number of tensors.
+
+Nothing here reads a device value back, so the step neither waits for the
+GPU nor breaks CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+import triton.language as tl
+
+from selopt.kernels import block, exact, tables
+
+PARAM_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+MOMENT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
+_seeds: dict[torch.device, Tensor] = {}
+
+
+def _split_double(x: float) -> tuple[float, float]:
+    """x as an fp32 pair (hi, lo) with hi + lo == x to ~48 bits: kernel float arguments are fp32."""
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    return hi, x - hi
+
+
+def _rounding_seed(device: torch.device) -> Tensor:
+    # Drawn once per device from torch's generator (so torch.manual_seed makes runs repeatable)
+    # and kept on the device: the random streams also depend on each tensor's step count.
+    if device not in _seeds:
+        _seeds[device] = torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
+    return _seeds[device]
+
+
+def _check_same(name: str, tensors: Sequence[Tensor], params: Sequence[Tensor], dtype=None) -> None:
+    for t, p in zip(tensors, params):
+        if t.shape != p.shape or t.device != p.device or (dtype is not None and t.dtype != dtype):
+            raise ValueError(
+                f"{name} must match its param in shape and device (and be {dtype}), "
+                f"got {tuple(t.shape)} {t.dtype} on {t.device} for a param {tuple(p.shape)} on {p.device}"
+            )
+
+
+def multi_tensor_adamw_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor] | None,
+    steps: Sequence[Tensor],
+    soft_masks: Sequence[Tensor | None] | None = None,
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool = False,
+    fraction: float = 1.0,
+    block_size: int | None = None,
+    decay: str = "all",
+    soft_mask_mode: str = "update",
+    stochastic_rounding: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    selections: Sequence[Tensor | None] | None = None,
+) -> None:
+    """One selective AdamW step, in place, for tensors sharing device, dtype and moment dtype.
+
+    Semantics are :func:`selopt.reference.adamw_step_`'s (SPEC §1): dense
+    moments, per block the entries with the ``block_k(fraction, n)`` largest
+    ``|m|`` (ties included, NaN never), decoupled decay, the masked update.
+    ``max_exp_avg_sqs`` given means amsgrad. ``steps`` are 0-d fp32 tensors
+    on the params' device; each advances by 1 (by 0 when ``found_inf`` is
+    set, in which case nothing else changes either). ``soft_masks`` entries
+    are None, a ``(rows,)`` or a full-shape fp32 tensor in [0, 1].
+    ``selections``, for diagnostics, are bool tensors shaped like the params
+    (or None) that receive the selection mask. With bf16 moments, selection
+    and update use the moments as stored (rounded to nearest).
+
+    Example (on CPU this needs ``TRITON_INTERPRET=1``):
+        >>> p, g = torch.zeros(6, device="cuda"), torch.arange(6.0, device="cuda")
+        >>> m, v, t = torch.zeros_like(p), torch.zeros_like(p), torch.zeros((), device="cuda")
+        >>> multi_tensor_adamw_([p], [g], [m], [v], None, [t], lr=0.1, beta1=0.9, beta2=0.999,
+        ...                     eps=1e-8, weight_decay=0.0, fraction=0.5, block_size=None)
+        >>> (p != 0).tolist(), t.item()
+        ([False, False, False, True, True, True], 1.0)
+    """
+    count = len(params)
+    lists = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "steps": steps}
+    optional = {"max_exp_avg_sqs": max_exp_avg_sqs, "soft_masks": soft_masks, "selections": selections}
+    for name, values in {**lists, **{k: v for k, v in optional.items() if v is not None}}.items():
+        if len(values) != count:
+            raise ValueError(f"{name} must have one entry per param ({count}), got {len(values)}")
+    if count == 0:
+        return
+    device, param_dtype, moment_dtype = params[0].device, params[0].dtype, exp_avgs[0].dtype
+    if param_dtype not in PARAM_DTYPES:
+        raise TypeError(f"params must be one of {list(PARAM_DTYPES)} for the Triton kernels, got {param_dtype}")
+    if moment_dtype not in MOMENT_DTYPES:
+        raise TypeError(f"exp_avgs must be one of {list(MOMENT_DTYPES)}, got {moment_dtype}")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    if block_size is not None and (block_size <= 0 or block_size & (block_size - 1)):
+        raise ValueError(f"block_size must be None or a positive power of two, got {block_size!r}")
+    if decay not in ("all", "selected"):
+        raise ValueError(f"decay must be 'all' or 'selected', got {decay!r}")
+    if soft_mask_mode not in ("update", "grad"):
+        raise ValueError(f"soft_mask_mode must be 'update' or 'grad', got {soft_mask_mode!r}")
+    _check_same("params", params, params, param_dtype)
+    _check_same("grads", grads, params, param_dtype)
+    _check_same("exp_avgs", exp_avgs, params, moment_dtype)
+    _check_same("exp_avg_sqs", exp_avg_sqs, params, moment_dtype)
+    if max_exp_avg_sqs is not None:
+        _check_same("max_exp_avg_sqs", max_exp_avg_sqs, params, moment_dtype)
+    for step in steps:
+        if step.dtype != torch.float32 or step.numel() != 1 or step.device != device:
+            raise ValueError(f"steps must be one-element fp32 tensors on {device}, got {step.dtype} on {step.device}")
+    soft_masks = list(soft_masks) if soft_masks is not None else [None] * count
+    for mask, p in zip(soft_masks, params):
+        if mask is None:
+            continue
+        rows = p.shape[:1]
+        if mask.dtype != torch.float32 or mask.device != device or mask.shape not in (rows, p.shape):
+            raise ValueError(
+                f"soft_masks must be fp32 on {device} with shape {tuple(rows)} or {tuple(p.shape)}, "
+                f"got {tuple(mask.shape)} {mask.dtype} on {mask.device}"
+            )
+    selections = list(selections) if selections is not None else [None] * count
+    for selection, p in zip(selections, params):
+        if selection is not None and (selection.dtype != torch.bool or selection.shape != p.shape
+                                      or not selection.is_contiguous() or selection.device != device):
+            raise ValueError(f"selections must be contiguous bool tensors shaped like their params on {device}")
+
+    # The kernels address flattened memory; a strided tensor goes through a contiguous copy.
+    def dense(t):
+        return t if t is None or t.is_contiguous() else t.contiguous()
+
+    columns = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [None] * count, soft_masks]
+    work = [[dense(t) for t in column] for column in columns]
+    entries = [(*row[:5], row[5], step, selection)
+               for row, step, selection in zip(zip(*work), steps, selections)]
+
+    lr_on_device = isinstance(lr, Tensor) and lr.device == device
+    lr_value = 0.0 if lr_on_device else float(lr)  # a CPU tensor reads back without a device sync
+    dense_step = fraction >= 1.0
+    one_pass = dense_step or (block_size is not None and block_size <= block.MAX_BLOCK)
+    has_soft_mask = any(m is not None for m in soft_masks)
+    flags = dict(
+        PARAM_DTYPE=PARAM_DTYPES[param_dtype], MOMENT_DTYPE=MOMENT_DTYPES[moment_dtype],
+        AMSGRAD=max_exp_avg_sqs is not None, MAXIMIZE=maximize, DECAY_SELECTED=decay == "selected",
+        SOFT_MASK=has_soft_mask,
+        SOFT_MASK_ON_GRAD=has_soft_mask and soft_mask_mode == "grad",
+        SOFT_MASK_ON_UPDATE=has_soft_mask and soft_mask_mode == "update",
+        LR_ON_DEVICE=lr_on_device, GRAD_SCALE=grad_scale is not None, FOUND_INF=found_inf is not None,
+        STOCHASTIC_ROUNDING=stochastic_rounding and param_dtype == torch.bfloat16,
+        WRITE_SELECTION=any(s is not None for s in selections),
+        LERP_FROM_END=(1.0 - beta1) >= 0.5,  # torch's lerp switches formula at weight 0.5
+    )
+    scalars = (
+        lr if lr_on_device else None, *_split_double(lr_value), 1.0 - lr_value * weight_decay,
+        *_split_double(weight_decay), *_split_double(beta1), *_split_double(beta2),
+        beta2, 1.0 - beta1, 1.0 - beta2, eps,
+        grad_scale, found_inf, _rounding_seed(device) if flags["STOCHASTIC_ROUNDING"] else None,
+    )
+    if one_pass:
+        tile = block.DENSE_TILE if dense_step else block_size
+        plan = tables.plan_for(entries, tile=tile, segment=None, fraction=fraction, exact=False)
+        block.launch_block_adamw(plan, scalars, flags, tile, dense_step)
+    else:
+        plan = tables.plan_for(entries, tile=exact.CHUNK, segment=block_size, fraction=fraction, exact=True)
+        exact.launch_exact_adamw(plan, scalars, flags)
+
+    for index in (0, 2, 3, 4):  # params and moments: what the step writes
+        for original, copy in zip(columns[index], work[index]):
+            if copy is not original:
+                original.copy_(copy)

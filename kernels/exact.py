@@ -1,0 +1,148 @@
+"""Exact selection over whole tensors (``block_size=None``, the MoFO paper): radix select on device.
+
+A block of millions of entries does not fit in one program, so the k-th
+largest ``|m|`` of each segment is found in rounds over the 31 value bits of
+its key (the fp32 bit pattern of ``|m|``, see :func:`_device.magnitude_key`):
+
+1. moments + histogram of the top 12 key bits, per segment (atomics);
+2. per segment, the boundary bin: the bin holding the k-th largest, and the
+   rank still to find inside it;
+3. histogram of the next 11 bits among keys in that bin, then select again;
+4. the same for the last 8 bits: the exact threshold;
+5. the masked update, as the one-pass kernel's.
+
+Seven launches for the whole bucket and no host synchronisation; scratch is a
+histogram of ``RADIX_BINS`` counters and two scalars per segment, never per
+element. Bytes per fp32 element: 20 (moments) + 4 + 4 (two rereads of m) +
+16 (update) = 44, against 28 for AdamW.
+"""
+
+import triton
+import triton.language as tl
+
+from selopt.kernels import _device as d
+from selopt.kernels.tables import RADIX_BINS
+
+CHUNK = 4096
+# (lowest key bit, number of bits) of each round, most significant first; together bits 30..0.
+ROUNDS = ((19, 12), (8, 11), (0, 8))
+_NUM_WARPS = 8
+
+
+@triton.jit
+def _accumulate_histogram(histogram_row_ptr, key, prefix, BIN_SHIFT: tl.constexpr, BIN_BITS: tl.constexpr):
+    # Only keys whose bits above this round equal the prefix found so far take part.
+    candidate = (key >= 0) & ((key >> (BIN_SHIFT + BIN_BITS)) == prefix)
+    bins = tl.where(candidate, (key >> BIN_SHIFT) & ((1 << BIN_BITS) - 1), 0)
+    counts = tl.histogram(bins, 1 << BIN_BITS, mask=candidate)
+    # One atomic per non-empty bin of the tile, not per element: |m| of a tile spans few bins.
+    tl.atomic_add(histogram_row_ptr + tl.arange(0, 1 << BIN_BITS), counts.to(tl.int64), mask=counts > 0)
+
+
+@triton.jit
+def _moments_histogram_kernel(
+    table, histogram, num_rows, beta2, lerp_weight, one_minus_beta2, grad_scale_ptr, found_inf_ptr,
+    CHUNK: tl.constexpr, SEARCH_STEPS: tl.constexpr, BIN_SHIFT: tl.constexpr, BIN_BITS: tl.constexpr,
+    PARAM_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    SOFT_MASK: tl.constexpr, SOFT_MASK_ON_GRAD: tl.constexpr, GRAD_SCALE: tl.constexpr,
+    FOUND_INF: tl.constexpr, LERP_FROM_END: tl.constexpr,
+):
+    row, row_ptr, start, lanes, in_block, store_mask, _ = d.tile_of(
+        table, num_rows, found_inf_ptr, CHUNK, SEARCH_STEPS, FOUND_INF)
+    g, _ = d.load_step_gradient(row_ptr, start, lanes, in_block, grad_scale_ptr, PARAM_DTYPE,
+                                GRAD_SCALE, MAXIMIZE, SOFT_MASK, SOFT_MASK_ON_GRAD)
+    m, _ = d.update_moments(row_ptr, start, lanes, in_block, store_mask, g, lerp_weight, beta2,
+                            one_minus_beta2, AMSGRAD, LERP_FROM_END, MOMENT_DTYPE)
+    _accumulate_histogram(histogram + row.to(tl.int64) * RADIX_BINS, d.magnitude_key(m, in_block), 0, BIN_SHIFT, BIN_BITS)
+
+
+@triton.jit
+def _refine_histogram_kernel(
+    table, histogram, select_state, num_rows,
+    CHUNK: tl.constexpr, SEARCH_STEPS: tl.constexpr, BIN_SHIFT: tl.constexpr, BIN_BITS: tl.constexpr,
+    MOMENT_DTYPE: tl.constexpr,
+):
+    row, row_ptr, start, lanes, in_block, _, _ = d.tile_of(table, num_rows, table, CHUNK, SEARCH_STEPS, False)
+    prefix = tl.load(select_state + row.to(tl.int64) * 2)
+    m = tl.load(d.load_pointer(row_ptr, d.COL_EXP_AVG, MOMENT_DTYPE) + start + lanes, mask=in_block, other=0.0)
+    key = d.magnitude_key(m.to(tl.float32), in_block)
+    _accumulate_histogram(histogram + row.to(tl.int64) * RADIX_BINS, key, prefix, BIN_SHIFT, BIN_BITS)
+
+
+@triton.jit
+def _select_bin_kernel(table, histogram, select_state, FIRST_ROUND: tl.constexpr, BIN_BITS: tl.constexpr):
+    """One program per segment: the bin that holds the k-th largest key, then clear the histogram."""
+    row = tl.program_id(0).to(tl.int64)
+    bins = tl.arange(0, 1 << BIN_BITS)
+    counts = tl.load(histogram + row.to(tl.int64) * RADIX_BINS + bins)
+    if FIRST_ROUND:
+        rank = tl.load(table + row * d.NUM_COLUMNS + d.COL_K_FULL)
+        prefix = rank * 0
+    else:
+        prefix = tl.load(select_state + row.to(tl.int64) * 2)
+        rank = tl.load(select_state + row.to(tl.int64) * 2 + 1)
+    at_or_above = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts
+    # The highest bin with at least `rank` keys at or above it. When there are fewer candidates
+    # than `rank` (NaNs), no bin qualifies, bin 0 is taken every round: threshold 0 selects them all.
+    boundary = tl.max(tl.where(at_or_above >= rank, bins, 0), axis=0)
+    above = tl.sum(tl.where(bins > boundary, counts, 0), axis=0)
+    tl.store(select_state + row.to(tl.int64) * 2, (prefix << BIN_BITS) | boundary)
+    tl.store(select_state + row.to(tl.int64) * 2 + 1, rank - above)
+    tl.store(histogram + row.to(tl.int64) * RADIX_BINS + bins, tl.zeros_like(counts))
+
+
+@triton.jit
+def _exact_update_kernel(
+    table, tickets, select_state, num_rows,
+    lr_ptr, lr_hi, lr_lo, decay_factor, weight_decay_hi, weight_decay_lo,
+    beta1_hi, beta1_lo, beta2_hi, beta2_lo, eps, found_inf_ptr, seed_ptr,
+    CHUNK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    PARAM_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr,
+    DECAY_SELECTED: tl.constexpr, SOFT_MASK: tl.constexpr, SOFT_MASK_ON_UPDATE: tl.constexpr,
+    LR_ON_DEVICE: tl.constexpr, FOUND_INF: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr,
+    WRITE_SELECTION: tl.constexpr,
+):
+    row, row_ptr, start, lanes, in_block, store_mask, step_increment = d.tile_of(
+        table, num_rows, found_inf_ptr, CHUNK, SEARCH_STEPS, FOUND_INF)
+    m = tl.load(d.load_pointer(row_ptr, d.COL_EXP_AVG, MOMENT_DTYPE) + start + lanes, mask=in_block, other=0.0)
+    m = m.to(tl.float32)
+    second_column = d.COL_MAX_EXP_AVG_SQ if AMSGRAD else d.COL_EXP_AVG_SQ
+    second_moment = tl.load(d.load_pointer(row_ptr, second_column, MOMENT_DTYPE) + start + lanes,
+                            mask=in_block, other=0.0).to(tl.float32)
+    selected = d.magnitude_key(m, in_block) >= tl.load(select_state + row.to(tl.int64) * 2).to(tl.int32)
+    scale = 1.0
+    if SOFT_MASK_ON_UPDATE:
+        scale = d.load_soft_mask(row_ptr, start, lanes, in_block)
+    d.update_param(
+        row_ptr, start, lanes, in_block, store_mask, step_increment, tickets, m, second_moment, selected, scale,
+        lr_ptr, lr_hi, lr_lo, decay_factor, weight_decay_hi, weight_decay_lo, beta1_hi, beta1_lo,
+        beta2_hi, beta2_lo, eps, seed_ptr, PARAM_DTYPE, DECAY_SELECTED, SOFT_MASK_ON_UPDATE, LR_ON_DEVICE,
+        STOCHASTIC_ROUNDING, WRITE_SELECTION)
+
+
+def launch_exact_adamw(plan, scalars, flags) -> None:
+    """Run the seven launches of the exact path over ``plan`` (see :mod:`selopt.kernels.tables`)."""
+    (lr_ptr, lr_hi, lr_lo, decay_factor, weight_decay_hi, weight_decay_lo, beta1_hi, beta1_lo, beta2_hi,
+     beta2_lo, beta2, lerp_weight, one_minus_beta2, eps, grad_scale, found_inf, seed) = scalars
+    grid = (plan.num_programs,)
+    common = dict(CHUNK=CHUNK, SEARCH_STEPS=plan.search_steps, num_warps=_NUM_WARPS)
+    moment_flags = {k: flags[k] for k in ("PARAM_DTYPE", "MOMENT_DTYPE", "AMSGRAD", "MAXIMIZE", "SOFT_MASK",
+                                          "SOFT_MASK_ON_GRAD", "GRAD_SCALE", "FOUND_INF", "LERP_FROM_END")}
+    (shift, bits), *refinements = ROUNDS
+    _moments_histogram_kernel[grid](
+        plan.table, plan.histogram, plan.num_rows, beta2, lerp_weight, one_minus_beta2, grad_scale, found_inf,
+        BIN_SHIFT=shift, BIN_BITS=bits, **common, **moment_flags)
+    _select_bin_kernel[(plan.num_rows,)](plan.table, plan.histogram, plan.select_state,
+                                         FIRST_ROUND=True, BIN_BITS=bits, num_warps=_NUM_WARPS)
+    for shift, bits in refinements:
+        _refine_histogram_kernel[grid](plan.table, plan.histogram, plan.select_state, plan.num_rows,
+                                       BIN_SHIFT=shift, BIN_BITS=bits, MOMENT_DTYPE=flags["MOMENT_DTYPE"], **common)
+        _select_bin_kernel[(plan.num_rows,)](plan.table, plan.histogram, plan.select_state,
+                                             FIRST_ROUND=False, BIN_BITS=bits, num_warps=_NUM_WARPS)
+    update_flags = {k: flags[k] for k in ("PARAM_DTYPE", "MOMENT_DTYPE", "AMSGRAD", "DECAY_SELECTED", "SOFT_MASK",
+                                          "SOFT_MASK_ON_UPDATE", "LR_ON_DEVICE", "FOUND_INF",
+                                          "STOCHASTIC_ROUNDING", "WRITE_SELECTION")}
+    _exact_update_kernel[grid](
+        plan.table, plan.tickets, plan.select_state, plan.num_rows,
+        lr_ptr, lr_hi, lr_lo, decay_factor, weight_decay_hi, weight_decay_lo,
+        beta1_hi, beta1_lo, beta2_hi, beta2_lo, eps, found_inf, seed, **common, **update_flags)

@@ -1,0 +1,113 @@
+"""Host side of a launch: the segment table that lets one launch reach every tensor of a bucket.
+
+A *plan* holds the device tensors a launch needs (the table, the step-ticket
+counters and, for the exact path, the radix-select scratch). Plans are cached
+by the addresses and sizes they describe, so a training loop whose tensors
+stay put builds each one once: no host-to-device copy after the first step,
+which is what lets a step run under ``torch.cuda.set_sync_debug_mode("error")``
+and be captured in a CUDA graph (warm up once before capturing, as usual).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from selopt.kernels import _device as d
+from selopt.reference import block_k
+
+# Bins of each radix-select round (the first round's count), one row per segment.
+RADIX_BINS = 4096
+_CACHE_SIZE = 64
+_plans: OrderedDict[tuple, "Plan"] = OrderedDict()
+
+
+@dataclass(frozen=True)
+class Plan:
+    table: Tensor  # int64 [rows, NUM_COLUMNS]
+    tickets: Tensor  # int32 [tensors], zero between launches
+    num_rows: int
+    num_programs: int
+    search_steps: int  # levels of the first-program binary search
+    histogram: Tensor | None  # int64 [rows, RADIX_BINS], zero between launches (exact path)
+    select_state: Tensor | None  # int64 [rows, 2]: key prefix and rank left (exact path)
+
+
+def _address(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _to_device(rows: list[list[int]], device: torch.device) -> Tensor:
+    host = torch.tensor(rows, dtype=torch.int64).view(-1, d.NUM_COLUMNS.value)
+    if device.type == "cuda":
+        # Pinned + non_blocking: the copy is queued on the stream, the host does not wait.
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def plan_for(tensors: list[tuple], *, tile: int, segment: int | None, fraction: float, exact: bool) -> Plan:
+    """The (cached) plan for ``tensors``: tuples (p, g, m, v, vmax, mask, step, selection).
+
+    Each tensor is cut into segments of ``segment`` elements (None: the whole
+    tensor), each segment into programs of ``tile`` elements (at least one,
+    so that empty tensors still advance their step). The one-pass kernel
+    (``exact=False``) selects per tile; the exact path per segment. Selected
+    counts come from :func:`selopt.reference.block_k`, on the host, so every
+    backend agrees on them.
+    """
+    device = tensors[0][0].device
+    key = (exact, device, tile, segment, fraction, tuple(
+        (*(_address(t) for t in entry), entry[0].numel(), -1 if entry[5] is None else entry[5].numel())
+        for entry in tensors
+    ))
+    plan = _plans.get(key)
+    if plan is not None:
+        _plans.move_to_end(key)
+        return plan
+
+    rows = []
+    first_program = 0
+    for ticket, (p, g, m, v, vmax, mask, step, selection) in enumerate(tensors):
+        numel = p.numel()
+        mask_div = 0 if mask is None else max(numel // max(mask.numel(), 1), 1)
+        salt = (p.data_ptr() >> 4) & 0x7FFFFFFF
+        length = numel if segment is None else segment
+        starts = range(0, max(numel, 1), max(length, 1))
+        programs = [max(1, -(-min(length, numel - s) // tile)) for s in starts]
+        for start, count in zip(starts, programs):
+            n = min(length, numel - start)
+            row = [0] * d.NUM_COLUMNS.value
+            for column, t in ((d.COL_PARAM, p), (d.COL_GRAD, g), (d.COL_EXP_AVG, m), (d.COL_EXP_AVG_SQ, v),
+                              (d.COL_MAX_EXP_AVG_SQ, vmax), (d.COL_SELECTION, selection)):
+                row[column.value] = 0 if t is None else t.data_ptr() + start * t.element_size()
+            row[d.COL_SOFT_MASK.value] = _address(mask)
+            row[d.COL_STEP.value] = step.data_ptr()
+            row[d.COL_NUMEL.value] = n
+            row[d.COL_K_FULL.value] = block_k(fraction, n if exact else tile)
+            row[d.COL_K_TAIL.value] = block_k(fraction, n % tile or tile)
+            row[d.COL_MASK_DIV.value] = mask_div
+            row[d.COL_FIRST_PROGRAM.value] = first_program
+            row[d.COL_OFFSET.value] = start
+            row[d.COL_TICKET.value] = ticket
+            row[d.COL_TICKET_TARGET.value] = sum(programs)
+            row[d.COL_SALT.value] = salt
+            rows.append(row)
+            first_program += count
+
+    num_rows = len(rows)
+    plan = Plan(
+        table=_to_device(rows, device),
+        tickets=torch.zeros(len(tensors), dtype=torch.int32, device=device),
+        num_rows=num_rows,
+        num_programs=first_program,
+        search_steps=max(1, (num_rows - 1).bit_length()),
+        histogram=torch.zeros(num_rows, RADIX_BINS, dtype=torch.int64, device=device) if exact else None,
+        select_state=torch.zeros(num_rows, 2, dtype=torch.int64, device=device) if exact else None,
+    )
+    _plans[key] = plan
+    if len(_plans) > _CACHE_SIZE:
+        _plans.popitem(last=False)
+    return plan
