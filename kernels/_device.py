@@ -38,6 +38,13 @@ NOT_A_CANDIDATE = tl.constexpr(-1)
 
 
 @triton.jit
+def broadcast(scalar, like):
+    """``scalar`` as a block shaped like ``like``. Conditions are built on blocks, not scalars,
+    because Triton's interpreter cannot AND a block mask with a scalar condition."""
+    return tl.zeros(like.shape, scalar.dtype) + scalar
+
+
+@triton.jit
 def find_row(table, pid, num_rows, SEARCH_STEPS: tl.constexpr):
     """The segment that program ``pid`` works on: binary search of the first-program column.
 
@@ -220,7 +227,8 @@ def load_soft_mask(row_ptr, start, lanes, in_block):
     """The segment's soft-mask factor for each lane (1 where the tensor has no mask)."""
     mask_div = tl.load(row_ptr + COL_MASK_DIV)
     index = (tl.load(row_ptr + COL_OFFSET) + start + lanes) // tl.maximum(mask_div, 1)
-    return tl.load(load_pointer(row_ptr, COL_SOFT_MASK, tl.float32) + index, mask=in_block & (mask_div > 0), other=1.0)
+    has_mask = broadcast(mask_div, lanes) > 0
+    return tl.load(load_pointer(row_ptr, COL_SOFT_MASK, tl.float32) + index, mask=in_block & has_mask, other=1.0)
 
 
 @triton.jit
@@ -318,6 +326,6 @@ def tile_of(table, num_rows, found_inf_ptr, TILE: tl.constexpr, SEARCH_STEPS: tl
     step_increment = 1.0
     if FOUND_INF:
         found_inf = tl.load(found_inf_ptr).to(tl.float32)
-        store_mask = in_block & (found_inf == 0)
+        store_mask = in_block & (broadcast(found_inf, lanes) == 0)
         step_increment = 1.0 - found_inf
     return row, row_ptr, start, lanes, in_block, store_mask, step_increment

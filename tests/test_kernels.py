@@ -1,0 +1,342 @@
+"""Triton kernels against the torch reference (SPEC §5).
+
+Runs on CUDA when there is one, else on CPU under Triton's interpreter
+(``TRITON_INTERPRET=1``, as ``make test`` sets it); sizes stay small for the
+interpreter. Every output tensor is carved out of a buffer poisoned with NaN,
+so writes outside a tensor show up in its guards, and selection outputs start
+as random bits, so an unwritten entry shows up as a wrong mask.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from selopt import reference
+
+triton = pytest.importorskip("triton", reason="the kernel tests need Triton (pip install 'selopt[triton]')")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA device: run with TRITON_INTERPRET=1 to check the kernels on CPU", allow_module_level=True)
+
+from selopt import kernels  # noqa: E402  (after the skip: importing needs a usable Triton)
+from selopt.kernels import block, exact, tables  # noqa: E402
+
+GUARD = 64
+HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+# Relative size of one rounding of each parameter dtype; fp32 gets a few ulps.
+PARAM_RTOL = {torch.float32: 4e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}
+
+
+def guarded(shape, dtype, fill: torch.Tensor | None = None) -> torch.Tensor:
+    """A tensor of ``shape`` inside a NaN-poisoned buffer; ``fill`` gives its values."""
+    numel = int(torch.Size(shape).numel())
+    buffer = torch.full((numel + 2 * GUARD,), float("nan"), dtype=dtype, device=DEVICE)
+    inside = buffer[GUARD:GUARD + numel].view(shape)
+    if fill is not None:
+        inside.copy_(fill)
+    return inside
+
+
+def guards_intact(t: torch.Tensor) -> bool:
+    base = t.view(-1)
+    storage = torch.as_strided(base, (t.numel() + 2 * GUARD,), (1,), t.storage_offset() - GUARD)
+    return bool(storage[:GUARD].isnan().all() and storage[GUARD + t.numel():].isnan().all())
+
+
+class Bucket:
+    """Params, grads and state of several tensors, as the optimizer hands them to the kernels."""
+
+    def __init__(self, shapes, dtype=torch.float32, moment_dtype=torch.float32, *, amsgrad=False, seed=0,
+                 grad_fill=None, step=3.0):
+        gen = torch.Generator().manual_seed(seed)
+        self.shapes = shapes
+        self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs = [], [], [], [], []
+        for shape in shapes:
+            self.params.append(guarded(shape, dtype, torch.randn(shape, generator=gen)))
+            grad = torch.randn(shape, generator=gen) if grad_fill is None else grad_fill(shape, gen)
+            self.grads.append(guarded(shape, dtype, grad))
+            self.exp_avgs.append(guarded(shape, moment_dtype, 0.1 * torch.randn(shape, generator=gen)))
+            self.exp_avg_sqs.append(guarded(shape, moment_dtype, 0.1 * torch.rand(shape, generator=gen)))
+            if amsgrad:
+                self.max_exp_avg_sqs.append(guarded(shape, moment_dtype, 0.12 * torch.rand(shape, generator=gen)))
+        self.steps = [torch.tensor(step, device=DEVICE) for _ in shapes]
+        self.amsgrad = amsgrad
+        self.selections = [torch.randint(0, 2, s, generator=gen).bool().to(DEVICE) for s in shapes]
+        self.before = self.snapshot()
+
+    def snapshot(self):
+        return [[t.clone() for t in column] for column in (self.params, self.exp_avgs, self.exp_avg_sqs,
+                                                           self.max_exp_avg_sqs, self.steps)]
+
+    def step(self, soft_masks=None, **options):
+        kernels.multi_tensor_adamw_(
+            self.params, self.grads, self.exp_avgs, self.exp_avg_sqs,
+            self.max_exp_avg_sqs if self.amsgrad else None, self.steps, soft_masks,
+            selections=self.selections, **options)
+
+    def expected(self, index, soft_mask=None, grad_scale=None, **options) -> reference.StepResult:
+        """The reference step from the state before the kernel ran."""
+        p, m, v, vmax, step = (column[index] if column else None for column in self.before)
+        options = dict(options)
+        for name in ("beta1", "beta2"):
+            options.setdefault(name, HYPER[name])
+        lr = options.pop("lr")
+        return reference.adamw_math(
+            p, self.grads[index], m, v, vmax, step=float(step) + 1, lr=float(lr), amsgrad=self.amsgrad,
+            soft_mask=soft_mask, grad_scale=grad_scale, **options)
+
+    def check(self, soft_masks=None, grad_scale=None, **options):
+        """Masks equal the reference selection of the kernel's own m; values within one rounding."""
+        fraction, block_size = options.get("fraction", 1.0), options.get("block_size")
+        for i, shape in enumerate(self.shapes):
+            p, m, v = self.params[i], self.exp_avgs[i], self.exp_avg_sqs[i]
+            for t in (p, self.grads[i], m, v, *self.max_exp_avg_sqs[i:i + 1]):
+                assert guards_intact(t), f"tensor {i} {shape}: write outside the tensor"
+            selection = reference.selection_mask(m.float(), fraction, block_size)
+            assert torch.equal(self.selections[i], selection), f"tensor {i} {shape}: selection differs"
+            want = self.expected(i, None if soft_masks is None else soft_masks[i], grad_scale, **options)
+            # fp32: a few ulps of the operands (torch's CPU lerp may fuse a multiply-add).
+            moment_tol = dict(rtol=2**-8, atol=1e-8) if m.dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-8)
+            torch.testing.assert_close(m.float(), want.exp_avg.float(), equal_nan=True, **moment_tol)
+            torch.testing.assert_close(v.float(), want.exp_avg_sq.float(), equal_nan=True, **moment_tol)
+            if self.amsgrad:
+                torch.testing.assert_close(self.max_exp_avg_sqs[i].float(), want.max_exp_avg_sq.float(),
+                                           **moment_tol)
+            # The update is lr-sized: bf16 moments move it by up to ~2^-8 of lr.
+            update_atol = 1e-7 if m.dtype == torch.float32 else 2**-7 * HYPER["lr"]
+            if torch.equal(want.selected, selection):
+                torch.testing.assert_close(p.float(), want.param.to(p.dtype).float(), equal_nan=True,
+                                           rtol=PARAM_RTOL[p.dtype], atol=update_atol)
+            assert float(self.steps[i]) == float(self.before[4][i]) + 1
+
+
+ODD_SHAPES = [(1,), (0,), (255,), (256,), (257,), (3, 333), (2, 2, 129)]
+
+
+@pytest.mark.parametrize("block_size", [256, 1024, 8192])
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 1.0])
+def test_block_kernel_matches_reference_fp32(block_size, fraction):
+    bucket = Bucket(ODD_SHAPES + [(2 * block_size + 5,)], seed=block_size)
+    options = dict(HYPER, fraction=fraction, block_size=block_size)
+    bucket.step(**options)
+    bucket.check(**options)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("moment_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [512, None])
+def test_low_precision_matches_reference(dtype, moment_dtype, block_size):
+    bucket = Bucket([(1,), (300,), (5, 1001)], dtype, moment_dtype, seed=7)
+    options = dict(HYPER, fraction=0.2, block_size=block_size)
+    bucket.step(**options)
+    bucket.check(**options)
+
+
+@pytest.mark.parametrize("block_size", [None, 32768])
+@pytest.mark.parametrize("fraction", [0.03, 0.5])
+def test_exact_path_matches_reference(block_size, fraction):
+    # Straddles the exact path's chunks; 32768 is above the one-pass limit, so it is exact per block.
+    shapes = ODD_SHAPES + [(exact.CHUNK + 3,), (3, exact.CHUNK - 1)]
+    if block_size is not None:
+        shapes.append((block_size * 2 + 17,))
+    bucket = Bucket(shapes, seed=11)
+    options = dict(HYPER, fraction=fraction, block_size=block_size)
+    bucket.step(**options)
+    bucket.check(**options)
+
+
+@pytest.mark.parametrize("block_size", [256, None])
+def test_options_amsgrad_maximize_decay_selected_small_beta1(block_size):
+    bucket = Bucket([(7, 65), (1000,)], amsgrad=True, seed=3)
+    options = dict(HYPER, beta1=0.3, fraction=0.25, block_size=block_size, maximize=True, decay="selected")
+    bucket.step(**options)
+    bucket.check(**options)
+
+
+@pytest.mark.parametrize("block_size", [256, None])
+@pytest.mark.parametrize("mode", ["update", "grad"])
+@pytest.mark.parametrize("per_row", [True, False])
+def test_soft_masks(block_size, mode, per_row):
+    shapes = [(6, 70), (300,), (4, 9)]
+    bucket = Bucket(shapes, seed=5)
+    gen = torch.Generator().manual_seed(1)
+    masks = [torch.rand(s[:1] if per_row else s, generator=gen).to(DEVICE) for s in shapes]
+    masks[1] = None  # tensors without a mask share the launch
+    options = dict(HYPER, fraction=0.3, block_size=block_size, soft_mask_mode=mode)
+    bucket.step(soft_masks=masks, **options)
+    bucket.check(soft_masks=masks, **options)
+
+
+def ties(shape, gen):
+    # Few distinct magnitudes: many entries tie at every block's threshold.
+    return torch.randint(-2, 3, shape, generator=gen).float()
+
+
+def with_nans(shape, gen):
+    g = torch.randn(shape, generator=gen)
+    return g.masked_fill(torch.rand(shape, generator=gen) < 0.2, float("nan"))
+
+
+@pytest.mark.parametrize("grad_fill", [ties, with_nans])
+@pytest.mark.parametrize("block_size", [256, None])
+def test_ties_and_nans(grad_fill, block_size):
+    bucket = Bucket([(1000,), (3, 100), (5,)], grad_fill=grad_fill, seed=9)
+    for t in bucket.exp_avgs + bucket.exp_avg_sqs:
+        t.zero_()  # m = 0.1 * g: the ties survive, NaN grads give NaN moments
+    bucket.before = bucket.snapshot()
+    options = dict(HYPER, fraction=0.3, block_size=block_size)
+    bucket.step(**options)
+    bucket.check(**options)
+    assert not any(s[m.isnan()].any() for s, m in zip(bucket.selections, bucket.exp_avgs))
+
+
+def test_all_nan_block_selects_nothing_but_tail_selects_its_k():
+    # A block of NaN moments has no candidate; the reference then selects no entry of it.
+    bucket = Bucket([(512 + 3,)], seed=2)
+    bucket.grads[0][:512] = float("nan")
+    bucket.exp_avgs[0][:512] = float("nan")
+    bucket.before = bucket.snapshot()
+    options = dict(HYPER, fraction=0.5, block_size=512)
+    bucket.step(**options)
+    bucket.check(**options)
+    assert not bucket.selections[0][:512].any() and int(bucket.selections[0][512:].sum()) == 1
+
+
+@pytest.mark.parametrize("block_size", [256, None])
+def test_grad_scale_and_lr_tensor(block_size):
+    bucket = Bucket([(700,), (3, 31)], seed=4)
+    for g in bucket.grads:
+        g.mul_(1024.0)
+    scale = torch.tensor(1024.0, device=DEVICE)
+    lr = torch.tensor(HYPER["lr"], device=DEVICE)
+    options = dict(HYPER, fraction=0.4, block_size=block_size)
+    bucket.step(grad_scale=scale, found_inf=torch.zeros((), device=DEVICE), **{**options, "lr": lr})
+    bucket.check(grad_scale=scale, **options)
+
+
+@pytest.mark.parametrize("block_size", [256, None])
+def test_found_inf_changes_nothing(block_size):
+    bucket = Bucket([(700,), (3, 31)], amsgrad=True, seed=6)
+    bucket.step(found_inf=torch.ones((), device=DEVICE), fraction=0.4, block_size=block_size, **HYPER)
+    for before, after in zip(bucket.before, bucket.snapshot()):
+        for b, a in zip(before, after):
+            assert torch.equal(b.view(torch.uint8) if b.dim() else b, a.view(torch.uint8) if a.dim() else a)
+
+
+@pytest.mark.parametrize("block_size", [256, None])
+def test_several_steps_match_reference_step(block_size):
+    # Steps, bias corrections and the cached launch plan across calls.
+    bucket = Bucket([(600,), (2, 50)], seed=8, step=0.0)
+    states = [{"step": torch.tensor(0.0), "exp_avg": m.clone(), "exp_avg_sq": v.clone()}
+              for m, v in zip(bucket.exp_avgs, bucket.exp_avg_sqs)]
+    params = [p.clone() for p in bucket.params]
+    options = dict(HYPER, fraction=0.2, block_size=block_size)
+    for _ in range(3):
+        bucket.step(**options)
+        for p, g, state in zip(params, bucket.grads, states):
+            reference.adamw_step_(p, g, state, **options)
+    for p, want, state, m, step in zip(bucket.params, params, states, bucket.exp_avgs, bucket.steps):
+        torch.testing.assert_close(p, want, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(m, state["exp_avg"], rtol=1e-6, atol=1e-9)
+        assert float(step) == 3.0
+
+
+def test_launch_plan_is_cached():
+    bucket = Bucket([(300,)], seed=1)
+    bucket.step(fraction=0.5, block_size=256, **HYPER)
+    cached = len(tables._plans)
+    bucket.step(fraction=0.5, block_size=256, **HYPER)
+    assert len(tables._plans) == cached
+
+
+def test_stochastic_rounding_is_unbiased():
+    # 1 - lr lies between two bf16 values; each entry rounds up or down at random, the mean is exact.
+    n, lr = 8192, 3e-3
+    p = torch.ones(n, dtype=torch.bfloat16, device=DEVICE)
+    g = torch.ones(n, dtype=torch.bfloat16, device=DEVICE)
+    m, v = torch.zeros(n, device=DEVICE), torch.zeros(n, device=DEVICE)
+    step = torch.zeros((), device=DEVICE)
+    kernels.multi_tensor_adamw_([p], [g], [m], [v], None, [step], lr=lr, beta1=0.9, beta2=0.999, eps=1e-8,
+                                weight_decay=0.0, block_size=4096, fraction=1.0, stochastic_rounding=True)
+    exact_value = 1.0 - lr  # first Adam step: m_hat / sqrt(v_hat) = 1
+    low, high = 1.0 - 2**-8, 1.0
+    assert set(p.float().unique().tolist()) <= {low, high}
+    up = (high - exact_value) / (high - low)
+    sigma = (high - low) * (up * (1 - up) / n) ** 0.5
+    assert abs(p.float().mean().item() - exact_value) < 5 * sigma
+
+
+def test_non_contiguous_params_go_through_a_copy():
+    base = Bucket([(40, 30)], seed=12)
+    strided = Bucket([(30, 40)], seed=12)
+    for column_t, column_b in zip((strided.params, strided.grads, strided.exp_avgs, strided.exp_avg_sqs),
+                                  (base.params, base.grads, base.exp_avgs, base.exp_avg_sqs)):
+        column_t[0] = column_b[0].detach().clone().t().contiguous().t()
+    options = dict(HYPER, fraction=0.2, block_size=None)
+    base.step(**options)
+    strided.selections = [torch.zeros(40, 30, dtype=torch.bool, device=DEVICE)]
+    kernels.multi_tensor_adamw_(strided.params, strided.grads, strided.exp_avgs, strided.exp_avg_sqs, None,
+                                strided.steps, None, **options)
+    assert not strided.params[0].is_contiguous()
+    torch.testing.assert_close(strided.params[0], base.params[0], rtol=0, atol=0)
+
+
+def test_bad_input_raises_before_anything_changes():
+    bucket = Bucket([(10,)], seed=0)
+    with pytest.raises(ValueError, match="fraction"):
+        bucket.step(fraction=0.0, **HYPER)
+    with pytest.raises(ValueError, match="block_size"):
+        bucket.step(block_size=300, **HYPER)
+    with pytest.raises(ValueError, match="grads"):
+        kernels.multi_tensor_adamw_(bucket.params, [], bucket.exp_avgs, bucket.exp_avg_sqs, None, bucket.steps,
+                                    **HYPER)
+    with pytest.raises(TypeError, match="params"):
+        p = torch.zeros(3, dtype=torch.float64, device=DEVICE)
+        kernels.multi_tensor_adamw_([p], [p], [p], [p], None, [torch.zeros((), device=DEVICE)], **HYPER)
+    assert torch.equal(bucket.params[0], bucket.before[0][0])
+
+
+@pytest.mark.parametrize("block_size", [512, None])
+def test_optimizer_triton_backend_matches_torch_backend(block_size):
+    import selopt
+
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(40, 33), torch.nn.Linear(33, 3)).to(DEVICE) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [selopt.MoFO(model.parameters(), lr=1e-2, fraction=0.2, block_size=block_size, backend=backend)
+            for model, backend in zip(models, ("torch", "triton"))]
+    x = torch.randn(16, 40, device=DEVICE)
+    for _ in range(3):
+        for model, opt in zip(models, opts):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_triton_backend_without_triton_says_how_to_install(monkeypatch):
+    import selopt
+    from selopt import optim
+
+    monkeypatch.setattr(optim, "triton_available", lambda: False)
+    layer = torch.nn.Linear(3, 2).to(DEVICE)
+    with pytest.raises(ImportError, match="pip install"):
+        opt = selopt.AdamW(layer.parameters(), backend="triton")
+        layer(torch.randn(1, 3, device=DEVICE)).sum().backward()
+        opt.step()
+
+
+def test_block_sizes_every_power_of_two_run():
+    # All powers of two from 1 to the one-pass limit take the one-pass kernel; small and odd tails.
+    for block_size in [2**i for i in range(0, 15)]:
+        n = min(3 * block_size + 1, 20000)
+        bucket = Bucket([(n,)], seed=block_size)
+        options = dict(HYPER, fraction=0.3, block_size=block_size)
+        bucket.step(**options)
+        bucket.check(**options)
+    assert block.MAX_BLOCK == 2**14
