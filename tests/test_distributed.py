@@ -85,19 +85,24 @@ def _moved(before: list[torch.Tensor], after: list[torch.Tensor]) -> list[torch.
 
 
 def _full(params) -> list[torch.Tensor]:
-    return [p.full_tensor() if distributed.is_dtensor(p) else p.detach().clone() for p in params]
+    # full_tensor() of an already replicated DTensor is its local tensor itself, not a copy.
+    return [(p.full_tensor() if distributed.is_dtensor(p) else p).detach().clone() for p in params]
 
 
-def _dtensor_run(shapes, placements, dtype, make_opt, grad_fn, soft_masks=None):
-    """STEPS steps of make_opt on DTensor params and on the same whole tensors in one process."""
+def _dtensor_run(shapes, placements, dtype, make_opt, grad_fn, soft_masks=None, mesh_shape=(WORLD,)):
+    """STEPS steps of make_opt on DTensor params and on the same whole tensors in one process.
+
+    ``placements[i]`` is one placement (1-D mesh) or a tuple, one per mesh dim.
+    """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import distribute_tensor
 
-    mesh = init_device_mesh("cpu", (WORLD,))
+    mesh = init_device_mesh("cpu", mesh_shape)
     gen = torch.Generator().manual_seed(0)
-    inits = [torch.randn(shape, generator=gen, dtype=dtype) for shape in shapes]
+    inits = [torch.randn(shape, generator=gen).to(dtype) for shape in shapes]
     single = [torch.nn.Parameter(t.clone()) for t in inits]
-    sharded = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [pl])) for t, pl in zip(inits, placements)]
+    placements = [pl if isinstance(pl, tuple) else (pl,) for pl in placements]
+    sharded = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, pl)) for t, pl in zip(inits, placements)]
     opt_single, opt_sharded = make_opt(single), make_opt(sharded)
     for i, mask in (soft_masks or {}).items():
         opt_single.set_soft_mask(single[i], mask)
@@ -129,7 +134,7 @@ def _tie_heavy_grad(step, i, shape, dtype):
     if i % 2:
         grad = torch.randint(-3, 4, shape, generator=gen).to(dtype) * 0.5  # many |m| ties
     else:
-        grad = torch.randn(shape, generator=gen, dtype=dtype)
+        grad = torch.randn(shape, generator=gen).to(dtype)
     if i == 0 and step == 1 and grad.numel() > 2:
         grad.view(-1)[2] = float("nan")  # that entry's m stays NaN: never selected again
     return grad
@@ -143,7 +148,7 @@ def _scenario_dtensor_exact(tmp):
     shapes = [(7, 3), (1, 5), (5,), (2, 3, 5), (3, 7), (256, 96)]
     placements = [Shard(0), Shard(0), Shard(0), Shard(0), Shard(1), Shard(0)]
     report = {}
-    for dtype in (torch.float64, torch.float32):
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
         for amsgrad in (False, True):
             distributed.traffic.reset()
             opt, params = _dtensor_run(
@@ -156,6 +161,8 @@ def _scenario_dtensor_exact(tmp):
             assert per_step == len(shapes) * rounds * 256 * 8
             assert distributed.traffic.bytes == STEPS * per_step
             assert distributed.traffic.all_reduces == STEPS * rounds  # one per round for the whole group
+            if dtype == torch.bfloat16:
+                continue
             big = params[-1]
             report[str(dtype)] = dict(bytes_per_step=per_step, per_tensor=per_step // len(shapes),
                                       big_param_bytes=big.numel() * big.element_size())
@@ -168,9 +175,35 @@ def _scenario_dtensor_dense(tmp):
 
     shapes = [(7, 3), (1, 5), (3, 7)]
     distributed.traffic.reset()
-    _dtensor_run(shapes, [Shard(0), Shard(0), Shard(1)], torch.float32,
-                 lambda ps: selopt.AdamW(ps, lr=0.05, weight_decay=0.1), _tie_heavy_grad)
+    _, params = _dtensor_run(shapes, [Shard(0), Shard(0), Shard(1)], torch.float32,
+                             lambda ps: selopt.AdamW(ps, lr=0.05, weight_decay=0.1), _tie_heavy_grad)
     assert distributed.traffic.bytes == 0
+
+    before = params[0].to_local().clone()
+    opt = selopt.AdamW(params, backend="triton")
+    try:
+        opt.step()
+    except ValueError as error:
+        assert "backend='triton'" in str(error) and "DTensor" in str(error)
+    else:
+        raise AssertionError("backend='triton' took DTensor params")
+    assert not opt.state and _same(params[0].to_local(), before)
+
+
+def _scenario_hsdp_meshes(tmp):
+    from torch.distributed.tensor import Replicate, Shard
+
+    # 2-D meshes as HSDP builds them (replicate dim, shard dim): the histogram is summed over
+    # the shard dim only, whether the ranks sit on it (1, 2) or on the replicate dim (2, 1).
+    shapes = [(7, 3), (1, 5), (256, 9)]
+    for mesh_shape in ((1, WORLD), (WORLD, 1)):
+        distributed.traffic.reset()
+        opt, _ = _dtensor_run(shapes, [(Replicate(), Shard(0))] * 3, torch.float32,
+                              lambda ps: selopt.MoFO(ps, lr=0.05, weight_decay=0.0, fraction=0.3),
+                              _tie_heavy_grad, mesh_shape=mesh_shape)
+        sharded_over = mesh_shape[1] > 1
+        assert distributed.selection_bytes_per_step(opt) == (len(shapes) * 4 * 256 * 8 if sharded_over else 0)
+        assert distributed.traffic.bytes == STEPS * distributed.selection_bytes_per_step(opt)
 
 
 def _scenario_dtensor_soft_mask(tmp):
