@@ -151,7 +151,7 @@ def selection_bytes_per_step(optimizer: torch.optim.Optimizer) -> int:
             n_groups = len(shard_groups(p))
             if n_groups:
                 rounds = 8 * reference.compute_dtype(p.dtype).itemsize // RADIX_BITS
-                total += n_groups * rounds * BINS * torch.tensor([], dtype=COUNT_DTYPE).element_size()
+                total += n_groups * rounds * BINS * COUNT_DTYPE.itemsize
     return total
 
 
