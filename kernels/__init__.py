@@ -5,6 +5,6 @@ tensors: the one-pass block kernel (:mod:`.block`) or the exact per-tensor
 radix select (:mod:`.exact`).
 """
 
-from selopt.kernels.adamw import multi_tensor_adamw_
+from selopt.kernels.adamw import MOMENT_DTYPES, PARAM_DTYPES, multi_tensor_adamw_
 
-__all__ = ["multi_tensor_adamw_"]
+__all__ = ["MOMENT_DTYPES", "PARAM_DTYPES", "multi_tensor_adamw_"]

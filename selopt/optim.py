@@ -287,7 +287,11 @@ class AdamW(torch.optim.Optimizer):
         for p in params:
             buckets[(p.device, p.dtype, self.state[p]["exp_avg"].dtype)].append(p)
         beta1, beta2 = group["betas"]
-        for bucket in buckets.values():
+        for (_, param_dtype, state_dtype), bucket in buckets.items():
+            if param_dtype not in kernels.PARAM_DTYPES or state_dtype not in kernels.MOMENT_DTYPES:
+                # fp64 has no kernel: the reference runs it (reading the step back to the host).
+                self._torch_step(group, bucket, grad_scale, found_inf)
+                continue
             states = [self.state[p] for p in bucket]
             kernels.multi_tensor_adamw_(
                 bucket,

@@ -340,3 +340,19 @@ def test_block_sizes_every_power_of_two_run():
         bucket.step(**options)
         bucket.check(**options)
     assert block.MAX_BLOCK == 2**14
+
+
+def test_optimizer_float64_params_fall_back_to_the_reference():
+    import selopt
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(5, 4).double().to(DEVICE) for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    opts = [selopt.MoFO(layer.parameters(), lr=1e-2, fraction=0.5, backend=backend)
+            for layer, backend in zip(layers, ("torch", "triton"))]
+    x = torch.randn(3, 5, dtype=torch.float64, device=DEVICE)
+    for layer, opt in zip(layers, opts):
+        layer(x).sum().backward()
+        opt.step()
+    for a, b in zip(layers[0].parameters(), layers[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
