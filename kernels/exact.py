@@ -4,11 +4,13 @@ A block of millions of entries does not fit in one program, so the k-th
 largest ``|m|`` of each segment is found in rounds over the 31 value bits of
 its key (the fp32 bit pattern of ``|m|``, see :func:`_device.magnitude_key`):
 
-1. moments + histogram of the top 12 key bits, per segment (atomics);
+1. moments + histogram of the top 10 key bits, per segment (a register
+   histogram per tile, then one atomic per non-empty bin);
 2. per segment, the boundary bin: the bin holding the k-th largest, and the
    rank still to find inside it;
-3. histogram of the next 11 bits among keys in that bin, then select again;
-4. the same for the last 8 bits: the exact threshold;
+3. histogram of the next 11 bits among the keys in that bin (one atomic per
+   such key: they are few), then select again;
+4. the same for the last 10 bits: the exact threshold;
 5. the masked update, as the one-pass kernel's.
 
 Seven launches for the whole bucket and no host synchronisation; scratch is a
@@ -25,18 +27,26 @@ from selopt.kernels.tables import RADIX_BINS
 
 CHUNK = 4096
 # (lowest key bit, number of bits) of each round, most significant first; together bits 30..0.
-ROUNDS = ((19, 12), (8, 11), (0, 8))
+# The first round sees every key and uses a register histogram (8 exponent bits + 2 mantissa
+# bits: its cost grows with the bins, so few); the others see only the boundary bin's keys.
+ROUNDS = ((21, 10), (10, 11), (0, 10))
 _NUM_WARPS = 8
 
 
 @triton.jit
-def _accumulate_histogram(histogram_row_ptr, key, prefix, BIN_SHIFT: tl.constexpr, BIN_BITS: tl.constexpr):
+def _accumulate_histogram(histogram_row_ptr, key, prefix, BIN_SHIFT: tl.constexpr, BIN_BITS: tl.constexpr,
+                          SPARSE: tl.constexpr):
     # Only keys whose bits above this round equal the prefix found so far take part.
     candidate = (key >= 0) & ((key >> (BIN_SHIFT + BIN_BITS)) == prefix)
     bins = tl.where(candidate, (key >> BIN_SHIFT) & ((1 << BIN_BITS) - 1), 0)
-    counts = tl.histogram(bins, 1 << BIN_BITS, mask=candidate)
-    # One atomic per non-empty bin of the tile, not per element: |m| of a tile spans few bins.
-    tl.atomic_add(histogram_row_ptr + tl.arange(0, 1 << BIN_BITS), counts.to(tl.int64), mask=counts > 0)
+    if SPARSE:
+        # Refinement rounds: only the few keys inside the boundary bin count, so one atomic per
+        # candidate is cheaper than a register histogram, whose cost grows with the bin count.
+        tl.atomic_add(histogram_row_ptr + bins, tl.full(bins.shape, 1, tl.int64), mask=candidate)
+    else:
+        counts = tl.histogram(bins, 1 << BIN_BITS, mask=candidate)
+        # One atomic per non-empty bin of the tile, not per element: |m| of a tile spans few bins.
+        tl.atomic_add(histogram_row_ptr + tl.arange(0, 1 << BIN_BITS), counts.to(tl.int64), mask=counts > 0)
 
 
 @triton.jit
@@ -53,7 +63,8 @@ def _moments_histogram_kernel(
                                 GRAD_SCALE, MAXIMIZE, SOFT_MASK, SOFT_MASK_ON_GRAD)
     m, _ = d.update_moments(row_ptr, start, lanes, in_block, store_mask, g, lerp_weight, beta2,
                             one_minus_beta2, AMSGRAD, LERP_FROM_END, MOMENT_DTYPE)
-    _accumulate_histogram(histogram + row.to(tl.int64) * RADIX_BINS, d.magnitude_key(m, in_block), 0, BIN_SHIFT, BIN_BITS)
+    key = d.magnitude_key(m, in_block)
+    _accumulate_histogram(histogram + row.to(tl.int64) * RADIX_BINS, key, 0, BIN_SHIFT, BIN_BITS, SPARSE=False)
 
 
 @triton.jit
@@ -66,7 +77,7 @@ def _refine_histogram_kernel(
     prefix = tl.load(select_state + row.to(tl.int64) * 2)
     m = tl.load(d.load_pointer(row_ptr, d.COL_EXP_AVG, MOMENT_DTYPE) + start + lanes, mask=in_block, other=0.0)
     key = d.magnitude_key(m.to(tl.float32), in_block)
-    _accumulate_histogram(histogram + row.to(tl.int64) * RADIX_BINS, key, prefix, BIN_SHIFT, BIN_BITS)
+    _accumulate_histogram(histogram + row.to(tl.int64) * RADIX_BINS, key, prefix, BIN_SHIFT, BIN_BITS, SPARSE=True)
 
 
 @triton.jit

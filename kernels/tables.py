@@ -20,7 +20,7 @@ from selopt.kernels import _device as d
 from selopt.reference import block_k
 
 # Bins of each radix-select round (the first round's count), one row per segment.
-RADIX_BINS = 4096
+RADIX_BINS = 2048
 _CACHE_SIZE = 64
 _plans: OrderedDict[tuple, "Plan"] = OrderedDict()
 
