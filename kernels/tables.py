@@ -59,7 +59,7 @@ def plan_for(tensors: list[tuple], *, tile: int, segment: int | None, fraction: 
     backend agrees on them.
     """
     device = tensors[0][0].device
-    key = (exact, device, tile, segment, fraction, tuple(
+    key = (exact, device, tensors[0][0].dtype, tensors[0][2].dtype, tile, segment, fraction, tuple(
         (*(_address(t) for t in entry), entry[0].numel(), -1 if entry[5] is None else entry[5].numel())
         for entry in tensors
     ))
