@@ -27,7 +27,7 @@ endif
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m bench.demo
+	$(PY) -m bench.forgetting
 
 # Without a GPU the kernels are checked on CPU by Triton's interpreter and the
 # GPU-only tests skip; with one, the kernels are compiled and run for real.
