@@ -279,9 +279,13 @@ def plot(results: dict, task_a_before: float, task_b_before: float, task_b: str,
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
     ax.axhline(task_a_before, color="grey", linestyle="--", linewidth=1, label=f"task A before fine-tuning ({task_a_before:.2f})")
     ax.scatter([task_b_before], [task_a_before], marker="*", s=140, color="black", label=f"pre-trained (task B {task_b_before:.2f})")
+    # Methods that land on the same point (torch and selopt AdamW) share one label.
+    points: dict[tuple[float, float], list[str]] = {}
     for name, row in results.items():
-        ax.scatter(row["task_b"], row["task_a_after"], s=50)
-        ax.annotate(name, (row["task_b"], row["task_a_after"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        points.setdefault((round(row["task_b"], 4), round(row["task_a_after"], 4)), []).append(name)
+    for (task_b_score, task_a_score), names in points.items():
+        ax.scatter(task_b_score, task_a_score, s=50)
+        ax.annotate(" = ".join(names), (task_b_score, task_a_score), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xlabel(f"task B accuracy (new skill: {task_b})")
     ax.set_ylabel("task A accuracy after fine-tuning (fact recall)")
     ax.set_title("Forgetting: what each method learns and keeps")
@@ -380,8 +384,8 @@ def main(argv=None) -> dict:
         "n_params": n_params,
         "task_b_before": task_b_before,
         "pretrain_seconds": pretrain_seconds,
-        "task_a": "fact recall: accuracy of the value token after 'entity relation', over all facts",
-        "task_b": (
+        "task_a_description": "fact recall: accuracy of the value token after 'entity relation', over all facts",
+        "task_b_description": (
             f"add two value tokens mod {args.modulus}: accuracy of the sum token" if args.task_b == "add"
             else f"reverse {args.reverse_length} value tokens: token accuracy"
         ) + " over 512 held-out sequences",
