@@ -3,8 +3,10 @@
 Phase 1 trains a small Llama-style decoder (:mod:`bench.tiny_llama`) from
 scratch on task A, its "pre-training": a synthetic language of facts
 ``entity relation -> value`` to recall. Phase 2 fine-tunes a copy of it on
-task B, a new skill (reversing a sequence of value tokens), once per method,
-with the same learning rate, steps and batches for all:
+task B, a new skill (by default addition mod 16 written with the same value
+tokens, in the same "x y -> z" shape as a fact; ``--task-b reverse`` reverses
+a sequence instead), once per method, with the same learning rate (1e-3, no
+weight decay), steps (300) and batches for all:
 
 - ``adamw_torch``: ``torch.optim.AdamW``, full fine-tuning;
 - ``selopt_adamw``: ``selopt.AdamW`` (dense, must match the above);
@@ -20,7 +22,7 @@ parameter entries changed, the L2 distance from the pre-trained weights and
 the wall time; written: ``bench/results/forgetting.json`` and a plot of task A
 against task B, ``bench/results/forgetting.png``.
 
-    python -m bench.forgetting                # default size, ~4 min on 2 CPU cores
+    python -m bench.forgetting                # default size, ~3.5 min on 2 CPU cores
     python -m bench.forgetting --tiny         # CI smoke run
     python -m bench.forgetting --device cuda --layers 8 --dim 256 --finetune-steps 1000
 """
