@@ -61,6 +61,13 @@ def test_quick_run_covers_every_variant_and_dtype(quick_result):
     assert hft and all(0 < r["numel_stepped"] < r["numel"] for r in hft)
 
 
+def test_markdown_tables_list_every_record(quick_result):
+    text = speed.markdown_tables(quick_result)
+    for record in quick_result["records"]:
+        assert f"| {record['variant']}" in text
+    assert text.count("\n| single |") + text.count("\n| llama-mini") == len(quick_result["records"])
+
+
 @pytest.mark.parametrize("dtype, moments, expected", [
     (torch.float32, torch.float32, 28),
     (torch.bfloat16, torch.float32, 22),
