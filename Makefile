@@ -32,7 +32,7 @@ demo: $(STAMP)
 # Without a GPU the kernels are checked on CPU by Triton's interpreter and the
 # GPU-only tests skip; with one, the kernels are compiled and run for real.
 test: $(STAMP)
-	TRITON_INTERPRET=$(if $(HAS_GPU_TORCH),0,1) $(PY) -m pytest -q tests
+	TRITON_INTERPRET=$(if $(HAS_GPU_TORCH),0,1) $(PY) -m pytest -q --doctest-modules selopt tests
 
 bench: $(STAMP)
 	$(PY) -m bench.speed

@@ -123,7 +123,10 @@ def freeze_coarse(
         modules of each layer in the span.
 
     Example:
+        >>> model = tiny_llama(layers=8)
         >>> report = freeze_coarse(model, layers="bottom2", modules=("up_proj", "down_proj"))
+        >>> report.trainable
+        ['model.layers.2.mlp.up_proj.weight', 'model.layers.2.mlp.down_proj.weight', 'model.layers.3.mlp.up_proj.weight', 'model.layers.3.mlp.down_proj.weight']
         >>> opt = selopt.AdamW(p for p in model.parameters() if p.requires_grad)
     """
     modules = _check_module_names(modules)
@@ -209,8 +212,13 @@ def search(
             scores should be on the same scale (e.g. accuracies).
 
     Example:
+        >>> def finetune_and_eval(config):  # yours: train with freeze_coarse(model, **config), score the new task
+        ...     return (1.0 if config["layers"] == "top" else 0.5), config
+        >>> def eval_general(trained):      # yours: score general ability of what finetune_and_eval returned
+        ...     return 0.9 if trained["layers"] == "bottom2" else 0.2
         >>> ranked = search(candidate_grid(), finetune_and_eval, eval_general)
-        >>> best = ranked[0].config   # then: freeze_coarse(model, **best)
+        >>> ranked[0].config["layers"]  # then: freeze_coarse(model, **ranked[0].config)
+        'bottom2'
     """
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
         raise ValueError(f"weight must be in [0, 1], got {weight!r}")
@@ -380,8 +388,11 @@ def importance(
             projection, the FFN output projection and the attention output.
 
     Example:
-        >>> scores = importance(model, [batch1, batch2])
-        >>> scores.ffn[0].shape       # (intermediate,) for layer 0
+        >>> model = tiny_llama()
+        >>> batches = [torch.randint(0, 32, (2, 8)) for _ in range(2)]
+        >>> scores = importance(model, batches)
+        >>> scores.ffn[0].shape, scores.hidden[0].shape, scores.heads[0].shape  # layer 0
+        (torch.Size([24]), torch.Size([16]), torch.Size([2]))
     """
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
@@ -506,8 +517,10 @@ def attach_soft_masks(
     constant factor cancels between ``m`` and ``sqrt(v)`` except through eps).
 
     Example:
-        >>> opt = selopt.AdamW(p for p in model.parameters() if p.requires_grad)
-        >>> attach_soft_masks(opt, model, importance(model, general_batches))
+        >>> model = tiny_llama(layers=1)
+        >>> opt = selopt.AdamW(model.parameters())
+        >>> attach_soft_masks(opt, model, importance(model, [torch.randint(0, 32, (2, 8))]))
+        ['model.layers.0.mlp.up_proj.weight', 'model.layers.0.mlp.down_proj.weight']
     """
     if mode not in SOFT_MASK_MODES:
         raise ValueError(f"mode must be one of {SOFT_MASK_MODES}, got {mode!r}")

@@ -196,10 +196,15 @@ def freeze_half(
         ValueError: if no parameter matches the patterns.
 
     Example:
+        >>> model = tiny_llama(layers=2)
         >>> report = freeze_half(model, seed=0)   # stage 1 (SFT)
         >>> print(report)
+        12 trainable / 21 tensors, 59.5% of entries, 59.5% of bytes
+          layer 0: attention: q_proj, k_proj; ffn: up_proj; norm: input_layernorm
+          layer 1: attention: k_proj, o_proj; ffn: gate_proj, up_proj; norm: input_layernorm
         >>> opt = selopt.AdamW(selopt.param_groups(model))
-        >>> report = freeze_half(model, seed=1)   # stage 2 (DPO): a new draw
+        >>> freeze_half(model, seed=1).layers != report.layers   # stage 2 (DPO): a new draw
+        True
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
