@@ -115,3 +115,56 @@ def test_bad_flags_are_refused(argv, capsys):
     with pytest.raises(SystemExit):
         speed.parse_args(argv)
     assert argv[0] in capsys.readouterr().err
+
+
+def _record(variant, time_ms, ratio, dtype="fp32", numel=1 << 20, block_size=None):
+    return dict(variant=variant, time_ms=time_ms, ratio_vs_torch_fused=ratio, dtype=dtype, numel=numel,
+                case="single", block_size=block_size)
+
+
+def test_targets_pass_only_when_every_case_meets_them():
+    records = [
+        _record("torch_adamw_fused", 1.0, 1.0), _record("torch_adamw_fused", 4.0, 1.0, numel=1 << 22),
+        _record("selopt_adamw", 0.9, 0.9), _record("selopt_adamw", 4.4, 1.1, numel=1 << 22),
+        _record("selopt_mofo_block", 1.05, 1.05, block_size=1024),
+        _record("selopt_mofo_exact", 1.4, 1.4), _record("official_mofo", 20.0, 20.0),
+    ]
+    rows = {row["target"]: row for row in speed.evaluate_targets(records)}
+    dense = rows["dense AdamW <= 1.0x torch fused"]
+    assert (dense["status"], dense["passed"], dense["measured"], dense["worst"]) == ("MISS", 1, 2, 1.1)
+    assert rows["one-pass MoFO <= 1.1x torch fused"]["status"] == "PASS"
+    assert rows["exact MoFO <= 1.5x torch fused"]["status"] == "PASS"
+    speedup = rows["exact MoFO >= 10x faster than official_mofo"]
+    assert speedup["status"] == "PASS" and speedup["worst"] == pytest.approx(20.0 / 1.4)
+    text = speed.format_targets(speed.evaluate_targets(records))
+    assert "MISS" in text and "PASS" in text
+
+
+def test_targets_without_measurements_say_so():
+    rows = speed.evaluate_targets([_record("torch_adamw_fused", 1.0, 1.0)])
+    assert {row["status"] for row in rows} == {"NOT MEASURED"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_llama_layers_fit_the_memory_budget(dtype):
+    per_layer = common.llama_layer_numel() * (common.resident_bytes_per_element(dtype) + 4)
+    assert speed.llama_layers_that_fit(dtype, 1 << 30, embeddings=True) == 1  # never fewer than one
+    assert speed.llama_layers_that_fit(dtype, 1 << 50, embeddings=True) == 32  # never more than the model
+    budget = 48 << 30
+    layers = speed.llama_layers_that_fit(dtype, budget, embeddings=False)
+    assert 1 < layers < 32 and layers * per_layer <= budget < (layers + 2) * per_layer
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="times CUDA events and prints the targets: needs a GPU")
+def test_quick_run_on_cuda_prints_targets(tmp_path):
+    out = tmp_path / "cuda.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.speed", "--quick", "--device", "cuda", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "SPEC targets" in run.stdout
+    result = json.loads(out.read_text())
+    assert result["device"] == common.slug(torch.cuda.get_device_name(0))
+    assert result["targets"] and all(r["time_ms"] > 0 for r in result["records"])
