@@ -19,6 +19,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float = 1e-2, fraction: f
     [(1, 0.1, 0.2), (3, 0.0, 1.0)]
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
-    selective = {"params": [p for p in trainable if p.dim() >= 2], "weight_decay": weight_decay, "fraction": fraction, **options}
-    dense = {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0, "fraction": 1.0}
-    return [g for g in (selective, dense) if g["params"]]
+    return two_groups(
+        [p for p in trainable if p.dim() >= 2], [p for p in trainable if p.dim() < 2], weight_decay, fraction, **options
+    )
+
+
+def two_groups(selective: list, dense: list, weight_decay: float, fraction: float, **options) -> list[dict]:
+    """The selective group (decay, ``fraction``, ``options``) and the dense one (no decay); empty ones dropped."""
+    groups = (
+        {"params": selective, "weight_decay": weight_decay, "fraction": fraction, **options},
+        {"params": dense, "weight_decay": 0.0, "fraction": 1.0},
+    )
+    return [g for g in groups if g["params"]]

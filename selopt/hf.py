@@ -24,6 +24,8 @@ import re
 
 import torch
 
+from selopt.groups import two_groups
+
 # Trainer's name rule (lower-cased full parameter names): biases and parameters under a module
 # named like a norm (``input_layernorm``, ``post_attention_layernorm``, ``model.norm``, ``ln_norm``).
 _NO_DECAY_NAME = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
@@ -77,9 +79,8 @@ def trainer_param_groups(
     """
     no_decay = no_decay_parameter_names(model)
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    selective = {
-        "params": [p for name, p in trainable if name not in no_decay],
-        "weight_decay": weight_decay, "fraction": fraction, **options,
-    }
-    dense = {"params": [p for name, p in trainable if name in no_decay], "weight_decay": 0.0, "fraction": 1.0}
-    return [group for group in (selective, dense) if group["params"]]
+    return two_groups(
+        [p for name, p in trainable if name not in no_decay],
+        [p for name, p in trainable if name in no_decay],
+        weight_decay, fraction, **options,
+    )
