@@ -23,6 +23,7 @@ from selopt.reference import block_k
 RADIX_BINS = 2048
 _CACHE_SIZE = 64
 _plans: OrderedDict[tuple, "Plan"] = OrderedDict()
+_radix_scratch: dict[tuple, tuple[Tensor, Tensor]] = {}
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,20 @@ def _to_device(rows: list[list[int]], device: torch.device) -> Tensor:
         # Pinned + non_blocking: the copy is queued on the stream, the host does not wait.
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)
+
+
+def _radix_scratch_for(device: torch.device, num_rows: int) -> tuple[Tensor, Tensor]:
+    # Shared by every plan of this many segments: the kernels leave it zeroed and run in stream
+    # order, so one copy serves them all. With gradients reallocated each step (zero_grad's
+    # default), each new address set is a new plan; per-plan histograms (16 KiB a segment) would
+    # pile up to _CACHE_SIZE copies. Never freed, so a captured CUDA graph can keep pointing at it.
+    key = (device, num_rows)
+    if key not in _radix_scratch:
+        _radix_scratch[key] = (
+            torch.zeros(num_rows, RADIX_BINS, dtype=torch.int64, device=device),
+            torch.zeros(num_rows, 2, dtype=torch.int64, device=device),
+        )
+    return _radix_scratch[key]
 
 
 def plan_for(tensors: list[tuple], *, tile: int, segment: int | None, fraction: float, exact: bool) -> Plan:
@@ -98,14 +113,15 @@ def plan_for(tensors: list[tuple], *, tile: int, segment: int | None, fraction: 
             first_program += count
 
     num_rows = len(rows)
+    histogram, select_state = _radix_scratch_for(device, num_rows) if exact else (None, None)
     plan = Plan(
         table=_to_device(rows, device),
         tickets=torch.zeros(len(tensors), dtype=torch.int32, device=device),
         num_rows=num_rows,
         num_programs=first_program,
         search_steps=max(1, (num_rows - 1).bit_length()),
-        histogram=torch.zeros(num_rows, RADIX_BINS, dtype=torch.int64, device=device) if exact else None,
-        select_state=torch.zeros(num_rows, 2, dtype=torch.int64, device=device) if exact else None,
+        histogram=histogram,
+        select_state=select_state,
     )
     _plans[key] = plan
     if len(_plans) > _CACHE_SIZE:
