@@ -24,6 +24,7 @@ from torch import Tensor
 import triton.language as tl
 
 from selopt.kernels import block, exact, tables
+from selopt.reference import DECAY_MODES, SOFT_MASK_MODES
 
 PARAM_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 MOMENT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
@@ -115,10 +116,10 @@ def multi_tensor_adamw_(
         raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
     if block_size is not None and (block_size <= 0 or block_size & (block_size - 1)):
         raise ValueError(f"block_size must be None or a positive power of two, got {block_size!r}")
-    if decay not in ("all", "selected"):
-        raise ValueError(f"decay must be 'all' or 'selected', got {decay!r}")
-    if soft_mask_mode not in ("update", "grad"):
-        raise ValueError(f"soft_mask_mode must be 'update' or 'grad', got {soft_mask_mode!r}")
+    if decay not in DECAY_MODES:
+        raise ValueError(f"decay must be one of {DECAY_MODES}, got {decay!r}")
+    if soft_mask_mode not in SOFT_MASK_MODES:
+        raise ValueError(f"soft_mask_mode must be one of {SOFT_MASK_MODES}, got {soft_mask_mode!r}")
     _check_same("params", params, params, param_dtype)
     _check_same("grads", grads, params, param_dtype)
     _check_same("exp_avgs", exp_avgs, params, moment_dtype)
