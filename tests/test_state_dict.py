@@ -36,6 +36,22 @@ def assert_same_params(a, b):
         assert torch.equal(x, y)
 
 
+def assert_resume_continues_the_run(make_first, make_second, steps):
+    """Train with make_first, checkpoint, go on; a resume with make_second from the checkpoint must match bit for bit."""
+    uninterrupted = make_model()
+    opt = make_first(uninterrupted.parameters())
+    train(uninterrupted, opt, steps, seed=1)
+    model_ckpt, opt_ckpt = through_bytes(uninterrupted.state_dict()), through_bytes(opt.state_dict())
+    train(uninterrupted, opt, steps, seed=2)
+
+    resumed = make_model(seed=99)
+    resumed.load_state_dict(model_ckpt)
+    resumed_opt = make_second(resumed.parameters())
+    resumed_opt.load_state_dict(opt_ckpt)
+    train(resumed, resumed_opt, steps, seed=2)
+    assert_same_params(resumed, uninterrupted)
+
+
 @pytest.mark.parametrize(
     "make_opt",
     [
@@ -46,18 +62,7 @@ def assert_same_params(a, b):
     ids=["mofo-amsgrad", "mofo-block", "adamw"],
 )
 def test_resume_equals_uninterrupted_run_bit_for_bit(make_opt):
-    uninterrupted = make_model()
-    opt = make_opt(uninterrupted.parameters())
-    train(uninterrupted, opt, 6, seed=1)
-    model_ckpt, opt_ckpt = through_bytes(uninterrupted.state_dict()), through_bytes(opt.state_dict())
-    train(uninterrupted, opt, 6, seed=2)
-
-    resumed = make_model(seed=99)
-    resumed.load_state_dict(model_ckpt)
-    resumed_opt = make_opt(resumed.parameters())
-    resumed_opt.load_state_dict(opt_ckpt)
-    train(resumed, resumed_opt, 6, seed=2)
-    assert_same_params(resumed, uninterrupted)
+    assert_resume_continues_the_run(make_opt, make_opt, steps=6)
 
 
 @pytest.mark.parametrize("direction", ["torch->selopt", "selopt->torch"])
@@ -67,18 +72,7 @@ def test_state_dict_moves_between_torch_adamw_and_selopt(direction):
     make_selopt = lambda ps: selopt.AdamW(ps, **options)
     first, second = (make_torch, make_selopt) if direction == "torch->selopt" else (make_selopt, make_torch)
 
-    reference_model = make_model()
-    reference_opt = first(reference_model.parameters())
-    train(reference_model, reference_opt, 5, seed=1)
-    saved_model, saved_opt = through_bytes(reference_model.state_dict()), through_bytes(reference_opt.state_dict())
-    train(reference_model, reference_opt, 5, seed=2)
-
-    moved = make_model(seed=5)
-    moved.load_state_dict(saved_model)
-    moved_opt = second(moved.parameters())
-    moved_opt.load_state_dict(saved_opt)
-    train(moved, moved_opt, 5, seed=2)
-    assert_same_params(moved, reference_model)
+    assert_resume_continues_the_run(first, second, steps=5)
 
 
 def test_torch_state_dict_gets_selopt_defaults_for_missing_group_keys():
