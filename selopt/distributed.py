@@ -253,13 +253,7 @@ def sharded_step_(
     (fp64) copy of the group's local ``|m|`` bits at a time. Every rank of the
     mesh must step the same param groups.
     """
-    beta1, beta2 = group["betas"]
-    options = dict(
-        lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-        amsgrad=group["amsgrad"], maximize=group["maximize"], fraction=group["fraction"],
-        block_size=group["block_size"], decay=group["decay"], soft_mask_mode=group["soft_mask_mode"],
-        grad_scale=grad_scale,
-    )
+    options = reference.group_options(group)
     grads = []
     for p in params:
         grad = p.grad
@@ -284,7 +278,7 @@ def sharded_step_(
                 g = reference.effective_grad(p_local, grads[i], maximize=group["maximize"], soft_mask=masks[i],
                                              soft_mask_mode=group["soft_mask_mode"], grad_scale=grad_scale)
                 # The same lerp as reference.adamw_math, so the threshold is taken on the very m it selects on.
-                bits.append(magnitude_bits(local_states[i]["exp_avg"].to(g.dtype).lerp(g, 1 - beta1)))
+                bits.append(magnitude_bits(local_states[i]["exp_avg"].to(g.dtype).lerp(g, 1 - options["beta1"])))
             ks = [reference.block_k(group["fraction"], params[i].numel()) for i in indices]
             for i, threshold in zip(indices, global_thresholds(bits, ks, groups)):
                 thresholds[i] = threshold
@@ -292,5 +286,5 @@ def sharded_step_(
     for p, grad, state, mask, threshold in zip(params, grads, local_states, masks, thresholds):
         reference.adamw_step_(
             local(p), grad, state, found_inf=found_inf, stochastic_rounding=group["stochastic_rounding"],
-            soft_mask=mask, threshold=threshold, **options,
+            soft_mask=mask, threshold=threshold, grad_scale=grad_scale, **options,
         )

@@ -268,16 +268,12 @@ class AdamW(torch.optim.Optimizer):
         return loss
 
     def _torch_step(self, group: dict, params: list[Tensor], grad_scale, found_inf) -> None:
-        beta1, beta2 = group["betas"]
-        lr = group["lr"]
+        options = reference.group_options(group)
         for p in params:
             reference.adamw_step_(
                 p, p.grad, self.state[p],
                 found_inf=found_inf, stochastic_rounding=group["stochastic_rounding"],
-                lr=float(lr), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                amsgrad=group["amsgrad"], maximize=group["maximize"], fraction=group["fraction"],
-                block_size=group["block_size"], decay=group["decay"], soft_mask=self._soft_masks.get(p),
-                soft_mask_mode=group["soft_mask_mode"], grad_scale=grad_scale,
+                soft_mask=self._soft_masks.get(p), grad_scale=grad_scale, **options,
             )
 
     def _triton_step(self, group: dict, params: list[Tensor], grad_scale, found_inf) -> None:

@@ -123,6 +123,22 @@ def effective_grad(
     return g
 
 
+def group_options(group: dict) -> dict:
+    """The keywords of :func:`adamw_math` that a param group sets (all but the per-tensor ones).
+
+    >>> group_options({"lr": 0.1, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False,
+    ...                "maximize": False, "fraction": 0.5, "block_size": None, "decay": "all",
+    ...                "soft_mask_mode": "update"})["beta2"]
+    0.99
+    """
+    beta1, beta2 = group["betas"]
+    return dict(
+        lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+        amsgrad=group["amsgrad"], maximize=group["maximize"], fraction=group["fraction"],
+        block_size=group["block_size"], decay=group["decay"], soft_mask_mode=group["soft_mask_mode"],
+    )
+
+
 class StepResult(NamedTuple):
     """New values of one parameter's tensors, in the compute dtype."""
 
