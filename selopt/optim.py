@@ -166,7 +166,12 @@ class AdamW(torch.optim.Optimizer):
         options = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         _check_options(options)
         params = param_group["params"]
-        for p in [params] if isinstance(params, Tensor) else list(params):
+        if isinstance(params, Tensor):
+            params = [params]
+        elif not isinstance(params, set):  # torch refuses sets itself, with its own message
+            # A generator (model.parameters()) can be read only once: keep the list for torch.
+            params = param_group["params"] = list(params)
+        for p in params:
             if isinstance(p, Tensor) and not p.is_floating_point():
                 raise TypeError(f"params must be floating-point tensors, got one of dtype {p.dtype}")
         super().add_param_group(param_group)
