@@ -32,6 +32,9 @@ COL_TICKET_TARGET = tl.constexpr(15)  # programs of that tensor, over all its se
 COL_SALT = tl.constexpr(16)  # per-tensor constant that keeps random streams apart
 NUM_COLUMNS = tl.constexpr(17)
 
+# Counters per segment in the exact path's histogram (the widest radix round, 2^11 bins).
+RADIX_BINS = tl.constexpr(2048)
+
 # |m| keys are the int32 bit patterns of non-negative floats: same order as the values.
 # NaN (and padding) gets this key, below every number, so it is never selected.
 NOT_A_CANDIDATE = tl.constexpr(-1)
@@ -144,9 +147,19 @@ def sqrt_f64(x):
 
 
 @triton.jit
+def as_tensor(x, dtype: tl.constexpr):
+    """A float kernel argument as a ``dtype`` scalar tensor.
+
+    Compiled kernels receive float arguments as fp32 tensors, the interpreter as
+    Python floats; adding a zero of ``dtype`` converts both (exactly, when
+    widening). Not ``tl.to_tensor``: Triton 3.6 does not have it.
+    """
+    return tl.zeros((), dtype) + x
+
+
+@triton.jit
 def _join_double(hi, lo):
-    # to_tensor: the interpreter passes float arguments as Python floats.
-    return tl.to_tensor(hi).to(tl.float64) + tl.to_tensor(lo).to(tl.float64)
+    return as_tensor(hi, tl.float64) + as_tensor(lo, tl.float64)
 
 
 @triton.jit
@@ -168,7 +181,7 @@ def step_scalars(
         decay = (1.0 - lr * _join_double(weight_decay_hi, weight_decay_lo)).to(tl.float32)
     else:
         lr = _join_double(lr_hi, lr_lo)
-        decay = tl.to_tensor(decay_factor).to(tl.float32)
+        decay = as_tensor(decay_factor, tl.float32)
     step_size = (lr / (1.0 - power(beta1, count))).to(tl.float32)
     bias_correction2_sqrt = sqrt_f64(1.0 - power(beta2, count)).to(tl.float32)
     return step_size, bias_correction2_sqrt, decay

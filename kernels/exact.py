@@ -14,7 +14,7 @@ its key (the fp32 bit pattern of ``|m|``, see :func:`_device.magnitude_key`):
 5. the masked update, as the one-pass kernel's.
 
 Seven launches for the whole bucket and no host synchronisation; scratch is a
-histogram of ``RADIX_BINS`` counters and two scalars per segment, never per
+histogram of ``d.RADIX_BINS`` counters and two scalars per segment, never per
 element. Bytes per fp32 element: 20 (moments) + 4 + 4 (two rereads of m) +
 16 (update) = 44, against 28 for AdamW.
 """
@@ -23,7 +23,6 @@ import triton
 import triton.language as tl
 
 from selopt.kernels import _device as d
-from selopt.kernels.tables import RADIX_BINS
 
 CHUNK = 4096
 # (lowest key bit, number of bits) of each round, most significant first; together bits 30..0.
@@ -64,7 +63,7 @@ def _moments_histogram_kernel(
     m, _ = d.update_moments(row_ptr, start, lanes, in_block, store_mask, g, lerp_weight, beta2,
                             one_minus_beta2, AMSGRAD, LERP_FROM_END, MOMENT_DTYPE)
     key = d.magnitude_key(m, in_block)
-    _accumulate_histogram(histogram + row.to(tl.int64) * RADIX_BINS, key, 0, BIN_SHIFT, BIN_BITS, SPARSE=False)
+    _accumulate_histogram(histogram + row.to(tl.int64) * d.RADIX_BINS, key, 0, BIN_SHIFT, BIN_BITS, SPARSE=False)
 
 
 @triton.jit
@@ -77,7 +76,7 @@ def _refine_histogram_kernel(
     prefix = tl.load(select_state + row.to(tl.int64) * 2)
     m = tl.load(d.load_pointer(row_ptr, d.COL_EXP_AVG, MOMENT_DTYPE) + start + lanes, mask=in_block, other=0.0)
     key = d.magnitude_key(m.to(tl.float32), in_block)
-    _accumulate_histogram(histogram + row.to(tl.int64) * RADIX_BINS, key, prefix, BIN_SHIFT, BIN_BITS, SPARSE=True)
+    _accumulate_histogram(histogram + row.to(tl.int64) * d.RADIX_BINS, key, prefix, BIN_SHIFT, BIN_BITS, SPARSE=True)
 
 
 @triton.jit
@@ -85,7 +84,7 @@ def _select_bin_kernel(table, histogram, select_state, FIRST_ROUND: tl.constexpr
     """One program per segment: the bin that holds the k-th largest key, then clear the histogram."""
     row = tl.program_id(0).to(tl.int64)
     bins = tl.arange(0, 1 << BIN_BITS)
-    counts = tl.load(histogram + row.to(tl.int64) * RADIX_BINS + bins)
+    counts = tl.load(histogram + row.to(tl.int64) * d.RADIX_BINS + bins)
     if FIRST_ROUND:
         rank = tl.load(table + row * d.NUM_COLUMNS + d.COL_K_FULL)
         prefix = rank * 0
@@ -99,7 +98,7 @@ def _select_bin_kernel(table, histogram, select_state, FIRST_ROUND: tl.constexpr
     above = tl.sum(tl.where(bins > boundary, counts, 0), axis=0)
     tl.store(select_state + row.to(tl.int64) * 2, (prefix << BIN_BITS) | boundary)
     tl.store(select_state + row.to(tl.int64) * 2 + 1, rank - above)
-    tl.store(histogram + row.to(tl.int64) * RADIX_BINS + bins, tl.zeros_like(counts))
+    tl.store(histogram + row.to(tl.int64) * d.RADIX_BINS + bins, tl.zeros_like(counts))
 
 
 @triton.jit

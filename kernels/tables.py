@@ -19,8 +19,6 @@ from torch import Tensor
 from selopt.kernels import _device as d
 from selopt.reference import block_k
 
-# Bins of each radix-select round (the first round's count), one row per segment.
-RADIX_BINS = 2048
 _CACHE_SIZE = 64
 _plans: OrderedDict[tuple, "Plan"] = OrderedDict()
 _radix_scratch: dict[tuple, tuple[Tensor, Tensor]] = {}
@@ -33,7 +31,7 @@ class Plan:
     num_rows: int
     num_programs: int
     search_steps: int  # levels of the first-program binary search
-    histogram: Tensor | None  # int64 [rows, RADIX_BINS], zero between launches (exact path)
+    histogram: Tensor | None  # int64 [rows, d.RADIX_BINS], zero between launches (exact path)
     select_state: Tensor | None  # int64 [rows, 2]: key prefix and rank left (exact path)
 
 
@@ -57,7 +55,7 @@ def _radix_scratch_for(device: torch.device, num_rows: int) -> tuple[Tensor, Ten
     key = (device, num_rows)
     if key not in _radix_scratch:
         _radix_scratch[key] = (
-            torch.zeros(num_rows, RADIX_BINS, dtype=torch.int64, device=device),
+            torch.zeros(num_rows, d.RADIX_BINS.value, dtype=torch.int64, device=device),
             torch.zeros(num_rows, 2, dtype=torch.int64, device=device),
         )
     return _radix_scratch[key]
