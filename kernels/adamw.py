@@ -24,6 +24,7 @@ from torch import Tensor
 import triton.language as tl
 
 from selopt.kernels import block, exact, tables
+from selopt.kernels.launch import run_launches
 from selopt.reference import DECAY_MODES, SOFT_MASK_MODES
 
 PARAM_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -179,10 +180,11 @@ def multi_tensor_adamw_(
     if one_pass:
         tile = block.DENSE_TILE if dense_step else block_size
         plan = tables.plan_for(entries, tile=tile, segment=None, fraction=fraction, exact=False)
-        block.launch_block_adamw(plan, scalars, flags, tile, dense_step)
+        launches = block.block_adamw_launches(plan, scalars, flags, tile, dense_step)
     else:
         plan = tables.plan_for(entries, tile=exact.CHUNK, segment=block_size, fraction=fraction, exact=True)
-        exact.launch_exact_adamw(plan, scalars, flags)
+        launches = exact.exact_adamw_launches(plan, scalars, flags)
+    run_launches(launches, device)
 
     for index in (0, 2, 3, 4):  # params and moments: what the step writes
         for original, copy in zip(columns[index], work[index]):

@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from selopt.kernels import _device as d
+from selopt.kernels.launch import Launch
 
 # Blocks above this size would spill registers; larger blocks take the exact path.
 MAX_BLOCK = 16384
@@ -55,10 +56,9 @@ def _block_adamw_kernel(
         STOCHASTIC_ROUNDING, WRITE_SELECTION)
 
 
-def launch_block_adamw(plan, scalars, flags, block: int, dense: bool) -> None:
-    """Launch the one-pass kernel over every block of ``plan`` (see :mod:`selopt.kernels.tables`)."""
-    _block_adamw_kernel[(plan.num_programs,)](
-        plan.table, plan.tickets, plan.num_rows, *scalars,
-        BLOCK=block, SEARCH_STEPS=plan.search_steps, DENSE=dense, **flags,
-        num_warps=num_warps_for(block),
-    )
+def block_adamw_launches(plan, scalars, flags, block: int, dense: bool) -> list[Launch]:
+    """The one launch of the one-pass kernel over every block of ``plan`` (see :mod:`selopt.kernels.tables`)."""
+    return [Launch(
+        _block_adamw_kernel, (plan.num_programs,), (plan.table, plan.tickets, plan.num_rows, *scalars),
+        dict(BLOCK=block, SEARCH_STEPS=plan.search_steps, DENSE=dense, **flags, num_warps=num_warps_for(block)),
+    )]

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from selopt.kernels import _device as d
+from selopt.kernels.launch import Launch
 
 CHUNK = 4096
 # (lowest key bit, number of bits) of each round, most significant first; together bits 30..0.
@@ -130,29 +131,36 @@ def _exact_update_kernel(
         STOCHASTIC_ROUNDING, WRITE_SELECTION)
 
 
-def launch_exact_adamw(plan, scalars, flags) -> None:
-    """Run the seven launches of the exact path over ``plan`` (see :mod:`selopt.kernels.tables`)."""
+def exact_adamw_launches(plan, scalars, flags) -> list[Launch]:
+    """The seven launches of the exact path over ``plan`` (see :mod:`selopt.kernels.tables`)."""
     (lr_ptr, lr_hi, lr_lo, decay_factor, weight_decay_hi, weight_decay_lo, beta1_hi, beta1_lo, beta2_hi,
      beta2_lo, beta2, lerp_weight, one_minus_beta2, eps, grad_scale, found_inf, seed) = scalars
-    grid = (plan.num_programs,)
+    grid, per_segment = (plan.num_programs,), (plan.num_rows,)
     common = dict(CHUNK=CHUNK, SEARCH_STEPS=plan.search_steps, num_warps=_NUM_WARPS)
     moment_flags = {k: flags[k] for k in ("PARAM_DTYPE", "MOMENT_DTYPE", "AMSGRAD", "MAXIMIZE", "SOFT_MASK",
                                           "SOFT_MASK_ON_GRAD", "GRAD_SCALE", "FOUND_INF", "LERP_FROM_END")}
-    (shift, bits), *refinements = ROUNDS
-    _moments_histogram_kernel[grid](
-        plan.table, plan.histogram, plan.num_rows, beta2, lerp_weight, one_minus_beta2, grad_scale, found_inf,
-        BIN_SHIFT=shift, BIN_BITS=bits, **common, **moment_flags)
-    _select_bin_kernel[(plan.num_rows,)](plan.table, plan.histogram, plan.select_state,
-                                         FIRST_ROUND=True, BIN_BITS=bits, num_warps=_NUM_WARPS)
-    for shift, bits in refinements:
-        _refine_histogram_kernel[grid](plan.table, plan.histogram, plan.select_state, plan.num_rows,
-                                       BIN_SHIFT=shift, BIN_BITS=bits, MOMENT_DTYPE=flags["MOMENT_DTYPE"], **common)
-        _select_bin_kernel[(plan.num_rows,)](plan.table, plan.histogram, plan.select_state,
-                                             FIRST_ROUND=False, BIN_BITS=bits, num_warps=_NUM_WARPS)
     update_flags = {k: flags[k] for k in ("PARAM_DTYPE", "MOMENT_DTYPE", "AMSGRAD", "DECAY_SELECTED", "SOFT_MASK",
                                           "SOFT_MASK_ON_UPDATE", "LR_ON_DEVICE", "FOUND_INF",
                                           "STOCHASTIC_ROUNDING", "WRITE_SELECTION")}
-    _exact_update_kernel[grid](
-        plan.table, plan.tickets, plan.select_state, plan.num_rows,
-        lr_ptr, lr_hi, lr_lo, decay_factor, weight_decay_hi, weight_decay_lo,
-        beta1_hi, beta1_lo, beta2_hi, beta2_lo, eps, found_inf, seed, **common, **update_flags)
+    selection_args = (plan.table, plan.histogram, plan.select_state)
+    (shift, bits), *refinements = ROUNDS
+    launches = [
+        Launch(_moments_histogram_kernel, grid,
+               (plan.table, plan.histogram, plan.num_rows, beta2, lerp_weight, one_minus_beta2, grad_scale, found_inf),
+               dict(BIN_SHIFT=shift, BIN_BITS=bits, **common, **moment_flags)),
+        Launch(_select_bin_kernel, per_segment, selection_args,
+               dict(FIRST_ROUND=True, BIN_BITS=bits, num_warps=_NUM_WARPS)),
+    ]
+    for shift, bits in refinements:
+        launches += [
+            Launch(_refine_histogram_kernel, grid, (*selection_args, plan.num_rows),
+                   dict(BIN_SHIFT=shift, BIN_BITS=bits, MOMENT_DTYPE=flags["MOMENT_DTYPE"], **common)),
+            Launch(_select_bin_kernel, per_segment, selection_args,
+                   dict(FIRST_ROUND=False, BIN_BITS=bits, num_warps=_NUM_WARPS)),
+        ]
+    launches.append(Launch(
+        _exact_update_kernel, grid,
+        (plan.table, plan.tickets, plan.select_state, plan.num_rows, lr_ptr, lr_hi, lr_lo, decay_factor,
+         weight_decay_hi, weight_decay_lo, beta1_hi, beta1_lo, beta2_hi, beta2_lo, eps, found_inf, seed),
+        dict(**common, **update_flags)))
+    return launches

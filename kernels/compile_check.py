@@ -1,0 +1,236 @@
+"""Compile every kernel specialization selopt can launch for real NVIDIA GPUs, with no GPU.
+
+Triton's interpreter (``TRITON_INTERPRET=1``) runs the kernels on CPU but
+enforces none of the compiler's rules, so a kernel green under it can still
+fail to compile for a GPU. This module closes that gap: :func:`compile_only`
+makes Triton's active driver a stand-in that reports a CUDA target and turns
+every launch into a compile, and :func:`main` drives the library's own
+:func:`~selopt.kernels.multi_tensor_adamw_` on CPU tensors through a matrix of
+configurations. Each kernel is therefore compiled (to SASS, by ptxas) with
+exactly the constexprs and argument specialization a real launch has.
+
+Run it with ``TRITON_INTERPRET`` unset::
+
+    python -m selopt.kernels.compile_check --arch 80 90 100 120
+
+It exits non-zero if any kernel fails, naming the kernel, the configuration
+and the innermost compiler error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import multiprocessing
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.driver import DriverBase
+from triton.runtime.driver import driver
+from triton.runtime.jit import JITFunction
+
+from selopt.kernels import block
+from selopt.kernels.adamw import multi_tensor_adamw_
+from selopt.kernels.launch import KernelCompileError
+
+
+class CompileOnlyDriver(DriverBase):
+    """Triton driver that reports ``sm_<arch>`` and owns no device: kernels compile, nothing launches."""
+
+    def __init__(self, arch: int):
+        super().__init__()
+        self.target = GPUTarget("cuda", arch, 32)
+
+    @classmethod
+    def is_active(cls) -> bool:
+        return False  # never picked by Triton itself; only installed by compile_only()
+
+    def map_python_to_cpp_type(self, ty: str) -> str:
+        raise NotImplementedError("the compile-only driver builds no launcher")
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def get_benchmarker(self):
+        raise NotImplementedError("the compile-only driver cannot time kernels")
+
+    def get_current_device(self) -> str:
+        # Triton keeps its compiled kernels per device: one key per target keeps them apart.
+        return f"compile-only-sm_{self.target.arch}"
+
+    def get_current_stream(self, device) -> int:
+        return 0
+
+
+@contextlib.contextmanager
+def compile_only(arch: int) -> Iterator[list]:
+    """Within the block, launches compile for ``sm_<arch>`` instead of running.
+
+    Yields the list of compiled kernels (Triton ``CompiledKernel`` objects,
+    with ``asm["cubin"]`` and ``asm["ptx"]``), one per distinct specialization.
+
+    Example (``TRITON_INTERPRET`` unset):
+        >>> p = torch.zeros(10)
+        >>> with compile_only(90) as compiled:
+        ...     multi_tensor_adamw_([p], [p.clone()], [p.clone()], [p.clone()], None, [torch.zeros(())],
+        ...                         lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+        >>> [kernel.name for kernel in compiled]
+        ['_block_adamw_kernel']
+    """
+    compiled: list = []
+    jit_run = JITFunction.run
+
+    def run_as_compile(self, *args, grid, warmup, **kwargs):
+        kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
+        if all(kernel is not seen for seen in compiled):
+            compiled.append(kernel)
+        return kernel
+
+    # Read the private slot, not driver.active: on a machine without a GPU the public property
+    # tries to create a CUDA driver and raises.
+    previous = driver._active
+    driver.set_active(CompileOnlyDriver(arch))
+    JITFunction.run = run_as_compile
+    try:
+        yield compiled
+    finally:
+        JITFunction.run = jit_run
+        driver._active = previous
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One call of ``multi_tensor_adamw_``: a bucket of tensors and the step's options."""
+
+    name: str
+    block_size: int | None
+    fraction: float = 0.25
+    param_dtype: torch.dtype = torch.float32
+    moment_dtype: torch.dtype = torch.float32
+    tensors: int = 16
+    options: frozenset = field(default_factory=frozenset)
+
+
+# The paths the dispatcher can take: dense, every one-pass block size, the exact path per tensor
+# and over segments longer than the largest one-pass block.
+PATHS = {
+    "dense": (None, 1.0),
+    **{f"block {size}": (size, 0.25) for size in (2**i for i in range(block.MAX_BLOCK.bit_length()))},
+    "exact": (None, 0.25),
+    "exact segments": (2 * block.MAX_BLOCK, 0.25),
+}
+DTYPE_PAIRS = [(p, m) for p in (torch.float32, torch.bfloat16, torch.float16) for m in (torch.float32, torch.bfloat16)]
+OPTIONS = ("amsgrad", "maximize", "decay_selected", "soft_mask_rows_update", "soft_mask_rows_grad",
+           "soft_mask_full_update", "soft_mask_full_grad", "lr_on_device", "grad_scale", "found_inf",
+           "stochastic_rounding", "selections", "beta1_below_half")
+
+
+def configurations() -> list[Configuration]:
+    """Every path with defaults; each dtype pair and each option alone on the main paths; all together."""
+    configs = [Configuration(path, *PATHS[path]) for path in PATHS]
+    main_paths = ("dense", "block 1024", f"block {block.MAX_BLOCK}", "exact")
+    for path in main_paths:
+        size, fraction = PATHS[path]
+        for param_dtype, moment_dtype in DTYPE_PAIRS:
+            configs.append(Configuration(f"{path} {param_dtype} params, {moment_dtype} moments", size, fraction,
+                                         param_dtype, moment_dtype))
+        for option in OPTIONS:
+            param_dtype = torch.bfloat16 if option == "stochastic_rounding" else torch.float32
+            configs.append(Configuration(f"{path} {option}", size, fraction, param_dtype,
+                                         options=frozenset({option})))
+        for param_dtype, moment_dtype in ((torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)):
+            for soft_mask in ("rows", "full"):
+                every = frozenset(o for o in OPTIONS if not o.startswith("soft_mask")) | {f"soft_mask_{soft_mask}_update"}
+                configs.append(Configuration(f"{path} all options ({soft_mask} mask) {param_dtype}/{moment_dtype}",
+                                             size, fraction, param_dtype, moment_dtype, options=every))
+        configs.append(Configuration(f"{path} one tensor", size, fraction, tensors=1))
+    return configs
+
+
+def run_configuration(config: Configuration) -> None:
+    """Call ``multi_tensor_adamw_`` on CPU tensors for ``config`` (under :func:`compile_only`, a compile)."""
+    opts = config.options
+    shape = (40, 130)  # 5200 entries: more than one dense tile and exact chunk, not a multiple of either
+    params = [torch.zeros(shape, dtype=config.param_dtype) for _ in range(config.tensors)]
+    state = [[torch.zeros(shape, dtype=config.moment_dtype) for _ in params] for _ in range(3)]
+    soft_masks = None
+    for rows_or_full in ("rows", "full"):
+        for mode in ("update", "grad"):
+            if f"soft_mask_{rows_or_full}_{mode}" in opts:
+                soft_masks = [torch.ones(shape[:1] if rows_or_full == "rows" else shape) for _ in params]
+                soft_mask_mode = mode
+    multi_tensor_adamw_(
+        params, [torch.zeros_like(p) for p in params], state[0], state[1],
+        state[2] if "amsgrad" in opts else None, [torch.zeros(()) for _ in params], soft_masks,
+        lr=torch.tensor(1e-3) if "lr_on_device" in opts else 1e-3,
+        beta1=0.3 if "beta1_below_half" in opts else 0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
+        maximize="maximize" in opts, fraction=config.fraction, block_size=config.block_size,
+        decay="selected" if "decay_selected" in opts else "all",
+        soft_mask_mode=soft_mask_mode if soft_masks else "update",
+        stochastic_rounding="stochastic_rounding" in opts,
+        grad_scale=torch.tensor(1.0) if "grad_scale" in opts else None,
+        found_inf=torch.tensor(0.0) if "found_inf" in opts else None,
+        selections=[torch.zeros(shape, dtype=torch.bool) for _ in params] if "selections" in opts else None,
+    )
+
+
+def check_arch(arch: int, only: str = "") -> tuple[list[str], str]:
+    """Compile every configuration whose name contains ``only`` for ``sm_<arch>``.
+
+    Returns (one message per failure, the report). Uses a fresh Triton cache:
+    Triton's cache key ignores ``TRITON_ALLOW_NON_CONSTEXPR_GLOBALS``, so a cached
+    binary could hide a kernel that no longer compiles under the strict default
+    enforced here.
+    """
+    triton.knobs.cache.dir = tempfile.mkdtemp(prefix=f"selopt-compile-check-sm_{arch}-")
+    triton.knobs.compilation.allow_non_constexpr_globals = False
+    configs = [c for c in configurations() if only in c.name]
+    failures, start, kernels = [], time.perf_counter(), 0
+    for config in configs:
+        try:
+            with compile_only(arch) as compiled:
+                run_configuration(config)
+            kernels += len(compiled)
+        except KernelCompileError as error:
+            failures.append(f"FAIL sm_{arch} [{config.name}] {error}")
+    report = "\n".join([*failures, f"sm_{arch}: {len(configs)} configurations, {kernels} kernels compiled, "
+                                    f"{len(failures)} failures, {time.perf_counter() - start:.0f} s"])
+    return failures, report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90],
+                        help="compute capabilities to compile for, e.g. 80 90 100 120")
+    parser.add_argument("--only", default="", help="only the configurations whose name contains this text")
+    parser.add_argument("--jobs", type=int, default=1, help="targets compiled in parallel, one process each")
+    args = parser.parse_args(argv)
+    if not isinstance(block._block_adamw_kernel, JITFunction):
+        parser.error("the kernels were loaded by Triton's interpreter: run with TRITON_INTERPRET unset")
+    print(f"Triton {triton.__version__}, torch {torch.__version__}: compiling "
+          f"{sum(args.only in c.name for c in configurations())} configurations for "
+          f"{', '.join(f'sm_{a}' for a in args.arch)}", flush=True)
+    failures = []
+    # spawn, not fork: each worker starts with its own Triton state and driver.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
+        for arch_failures, report in pool.map(check_arch, args.arch, [args.only] * len(args.arch)):
+            failures += arch_failures
+            print(report, flush=True)
+    print("FAILED" if failures else "all kernels compiled", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

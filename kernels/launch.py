@@ -1,0 +1,116 @@
+"""Kernel launches as data: compile every kernel of a step before the first one runs.
+
+A step is a short list of :class:`Launch` records (one for the one-pass
+kernel, seven for the exact path). :func:`run_launches` compiles all of them
+before launching any, so a kernel that cannot compile for this GPU or this
+Triton raises :class:`KernelCompileError` while every tensor is still
+untouched, and the optimizer can fall back to the reference for that bucket.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import triton
+from triton.runtime.jit import JITFunction
+
+
+# No FMA contraction: the kernels spell out torch's order of operations so that fp32 results match
+# the reference (and torch.optim.AdamW) to the bit; a fused multiply-add rounds differently. Passing
+# it explicitly also keeps the choice the same on every Triton (3.10 changes the default).
+_COMPILE_OPTIONS = dict(enable_fp_fusion=False)
+
+
+class KernelCompileError(RuntimeError):
+    """A selopt kernel failed to compile; raised before any tensor of the step was written."""
+
+    def __init__(self, kernel: str, config: dict, target: Any, error: BaseException):
+        self.kernel, self.config, self.target, self.error = kernel, config, target, error
+        settings = ", ".join(f"{k}={_show(v)}" for k, v in config.items())
+        # The innermost error's last line is the reason; the lines above it quote kernel source.
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+        super().__init__(
+            f"selopt kernel {kernel} failed to compile for {target} (Triton {triton.__version__}) "
+            f"with {settings}: {type(error).__name__}: {reason}"
+        )
+
+
+def _show(value: Any) -> str:
+    return value.name if hasattr(value, "name") else repr(value)
+
+
+def _innermost(error: BaseException) -> BaseException:
+    # Triton wraps the failure of a nested @jit function in CompilationErrors, one per call level.
+    while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def _argument_key(value: Any) -> Any:
+    # What Triton specializes a non-constexpr argument on: None, an integer equal to 1 or
+    # divisible by 16, a pointer's dtype and 16-byte alignment.
+    if value is None or isinstance(value, (bool, float)):
+        return value if value is None else type(value)
+    if isinstance(value, int):
+        return (value == 1, value % 16 == 0)
+    if isinstance(value, Tensor):
+        return (value.dtype, value.data_ptr() % 16 == 0)
+    return type(value)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: ``kernel[grid](*args, **options)``."""
+
+    kernel: Any  # a JITFunction (or Triton's interpreter's stand-in for one)
+    grid: tuple[int, ...]
+    args: tuple
+    options: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__
+
+    def specialization(self) -> tuple:
+        """What picks the compiled binary: the kernel, its constexprs and how its arguments specialize."""
+        return (self.name, tuple(sorted(self.options.items())), tuple(_argument_key(a) for a in self.args))
+
+    def compile(self, target: Any = None) -> Any:
+        """Compile without launching (Triton's warmup); failures become :class:`KernelCompileError`."""
+        try:
+            return self.kernel.run(*self.args, grid=self.grid, warmup=True, **self.options, **_COMPILE_OPTIONS)
+        except Exception as error:  # noqa: BLE001 - any compiler failure, reported with its cause
+            raise KernelCompileError(self.name, self.options, target, _innermost(error)) from error
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.options, **_COMPILE_OPTIONS)
+
+
+# Outcome of compiling each specialization, per (device, target): a kernel compiles once per
+# process, and one that failed is not retried on every step (Triton compiles are seconds).
+_compiled: dict[tuple, KernelCompileError | None] = {}
+
+
+def run_launches(launches: list[Launch], device: torch.device) -> None:
+    """Compile every launch that has not been compiled for this device yet, then run them all in order.
+
+    Under ``TRITON_INTERPRET=1`` nothing is compiled: the interpreter runs the Python source.
+    """
+    if launches and isinstance(launches[0].kernel, JITFunction):
+        target = triton.runtime.driver.active.get_current_target()
+        for launch in launches:
+            key = (device, target, launch.specialization())
+            if key not in _compiled:
+                try:
+                    launch.compile(target)
+                    _compiled[key] = None
+                except KernelCompileError as error:
+                    _compiled[key] = error
+            if _compiled[key] is not None:
+                raise _compiled[key]
+    for launch in launches:
+        launch()
