@@ -7,6 +7,8 @@ Triton kernels in :mod:`selopt.kernels` (``backend="triton"``).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import importlib.util
 import os
 from collections import defaultdict
@@ -21,39 +23,88 @@ BACKENDS = ("auto", "triton", "torch")
 MOMENT_DTYPES = (None, torch.float32, torch.bfloat16)
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
+# The ranges a numeric hyper-parameter may take, spelled as the error messages print them.
+_RANGES = {
+    ">= 0": lambda x: x >= 0,
+    "in [0, 1)": lambda x: 0 <= x < 1,
+    "in (0, 1]": lambda x: 0 < x <= 1,
+}
 
-def _check_number(name: str, value, low: float, high: float | None = None, *, closed_high: bool = False) -> None:
+
+def _check_number(name: str, value, allowed: str) -> None:
+    """Refuse ``value`` unless it is a real number in the range ``allowed`` (a key of ``_RANGES``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    ok = value >= low and (high is None or (value <= high if closed_high else value < high))
-    if not ok:
-        interval = f">= {low}" if high is None else f"in [{low}, {high}{']' if closed_high else ')'}"
-        raise ValueError(f"{name} must be {interval}, got {value!r}")
+        raise TypeError(f"{name} must be a real number {allowed}, got {type(value).__name__}")
+    if not _RANGES[allowed](value):  # NaN fails every comparison, so it is refused too
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _check_tensor_hyperparameter(name: str, value: Tensor, *, foreach, capturable: bool) -> None:
+    # torch.optim.AdamW's rules for lr and betas given as tensors, with its exception types, so that a
+    # configuration is valid for both optimizers or for neither. (The foreach rule is a limit of
+    # torch's foreach implementation; selopt keeps it so that switching back to torch cannot break.)
+    if value.numel() != 1:
+        raise ValueError(f"{name} as a tensor must have exactly one element, got shape {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} as a tensor must be floating-point, got {value.dtype}")
+    if foreach and not capturable:
+        raise ValueError(f"{name} as a tensor needs capturable=True when foreach=True (as in torch.optim.AdamW)")
 
 
 def _check_options(options: dict) -> None:
-    """Validate every hyper-parameter of a param group; raises before any state changes."""
+    """Validate every hyper-parameter of a param group; raises before any state changes.
+
+    Where ``torch.optim.AdamW`` refuses a value, the exception type is torch's.
+    """
+    for flag in ("amsgrad", "maximize", "capturable", "differentiable", "stochastic_rounding"):
+        if not isinstance(options[flag], bool):
+            raise TypeError(f"{flag} must be a bool, got {options[flag]!r}")
+    for flag in ("foreach", "fused"):
+        if options[flag] is not None and not isinstance(options[flag], bool):
+            raise TypeError(f"{flag} must be None, True or False, got {options[flag]!r}")
+    if options["differentiable"]:
+        # A RuntimeError, as torch's refusal of differentiable=True with fused=True.
+        raise NotImplementedError(
+            "differentiable=True is not supported: selopt's step runs under torch.no_grad and updates in place; "
+            "use differentiable=False (the default)"
+        )
+    if options["foreach"] and options["fused"]:
+        raise RuntimeError("foreach=True and fused=True cannot be set together (as in torch.optim.AdamW)")
+    if options["decoupled_weight_decay"] is not True:
+        raise ValueError(
+            f"decoupled_weight_decay must be True (selopt's weight decay is AdamW's, decoupled), "
+            f"got {options['decoupled_weight_decay']!r}"
+        )
+    foreach, capturable = options["foreach"], options["capturable"]
+
     lr = options["lr"]
     if isinstance(lr, Tensor):
-        if lr.numel() != 1 or not lr.is_floating_point():
-            raise TypeError(f"lr as a tensor must be a single floating-point value, got shape {tuple(lr.shape)}, {lr.dtype}")
+        _check_tensor_hyperparameter("lr", lr, foreach=foreach, capturable=capturable)
         if lr.device.type == "cpu":  # a device lr is not read back: that would sync the host
-            _check_number("lr", lr.item(), 0.0)
+            _check_number("lr", lr.item(), ">= 0")
     else:
-        _check_number("lr", lr, 0.0)
+        _check_number("lr", lr, ">= 0")
+
     betas = options["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    _check_number("betas[0]", betas[0], 0.0, 1.0)
-    _check_number("betas[1]", betas[1], 0.0, 1.0)
-    _check_number("eps", options["eps"], 0.0)
-    _check_number("weight_decay", options["weight_decay"], 0.0)
-    _check_number("fraction", options["fraction"], 0.0, 1.0, closed_high=True)
-    if options["fraction"] == 0:
-        raise ValueError("fraction must be in (0, 1], got 0")
-    for flag in ("amsgrad", "maximize", "stochastic_rounding"):
-        if not isinstance(options[flag], bool):
-            raise TypeError(f"{flag} must be a bool, got {options[flag]!r}")
+    if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+        raise ValueError(f"betas must be both numbers or both tensors (as in torch.optim.AdamW), got {betas!r}")
+    for i, beta in enumerate(betas):
+        name = f"betas[{i}]"
+        if isinstance(beta, Tensor):
+            _check_tensor_hyperparameter(name, beta, foreach=foreach, capturable=capturable)
+            if capturable and beta.device.type != "cpu":
+                raise ValueError(
+                    f"{name} is a tensor on {beta.device}: selopt reads betas on the host each step, which a "
+                    f"captured graph cannot do; with capturable=True give betas as numbers or CPU tensors"
+                )
+            beta = beta.item()
+        _check_number(name, beta, "in [0, 1)")
+
+    _check_number("eps", options["eps"], ">= 0")
+    _check_number("weight_decay", options["weight_decay"], ">= 0")
+    _check_number("fraction", options["fraction"], "in (0, 1]")
     block_size = options["block_size"]
     if block_size is not None and (
         isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0 or block_size & (block_size - 1)
@@ -70,11 +121,43 @@ def _check_options(options: dict) -> None:
         raise ValueError(f"moment_dtype must be one of {MOMENT_DTYPES}, got {options['moment_dtype']!r}")
 
 
+def _check_param(param: Tensor, options: dict) -> None:
+    """Refuse a parameter the step cannot update under ``options``."""
+    if not (param.is_floating_point() or param.is_complex()):
+        raise TypeError(f"params must be floating-point or complex tensors, got one of dtype {param.dtype}")
+    if param.is_complex() and options["moment_dtype"] == torch.bfloat16:
+        raise ValueError(
+            "moment_dtype=torch.bfloat16 has no complex counterpart: "
+            "complex params need moment_dtype None or torch.float32"
+        )
+
+
 def moment_dtype(param_dtype: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
-    """Dtype of a parameter's moments: fp32 for low-precision params unless another is requested."""
+    """Dtype of a parameter's moments: fp32 for low-precision params unless another is requested.
+
+    A complex param has complex moments, as in ``torch.optim.AdamW``, whose real
+    view has the dtype a real param of its real view would get.
+
+    >>> moment_dtype(torch.bfloat16, None), moment_dtype(torch.complex64, torch.float32)
+    (torch.float32, torch.complex64)
+    """
+    if param_dtype.is_complex:
+        return moment_dtype(param_dtype.to_real(), requested).to_complex()
     if requested is not None:
         return requested
     return param_dtype if param_dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _step_hyperparameters(group: dict) -> dict:
+    """``group`` as the backends read it: betas as Python numbers.
+
+    The kernels and the reference take betas as numbers; a group may hold them as
+    one-element tensors (as torch allows), which are read here, on the host.
+    """
+    betas = group["betas"]
+    if not isinstance(betas[0], Tensor):
+        return group
+    return {**group, "betas": tuple(beta.item() for beta in betas)}
 
 
 def triton_available() -> bool:
@@ -103,12 +186,23 @@ class AdamW(torch.optim.Optimizer):
     """AdamW that moves, each step, only the entries of each block with the largest momentum.
 
     With ``fraction=1`` (the default) this is ``torch.optim.AdamW``; below 1 it is
-    MoFO (see :class:`MoFO`). Every keyword is also a param-group key.
+    MoFO (see :class:`MoFO`). The signature is ``torch.optim.AdamW``'s, followed
+    by selopt's keywords; every keyword is also a param-group key.
 
     Args:
-        params: parameters or param groups, as for any ``torch.optim`` optimizer.
-        lr, betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.AdamW``;
-            ``lr`` may be a tensor (kept on the device by the Triton backend).
+        params: parameters, named parameters or param groups, as for any ``torch.optim`` optimizer.
+        lr, betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.AdamW``.
+            ``lr`` may be a one-element tensor (the Triton backend reads it on the
+            device); ``betas`` may be one-element tensors, read on the host at each step.
+        foreach, fused: accepted for compatibility and kept in the param groups,
+            without effect: on CUDA the Triton step is already one fused launch per
+            bucket of tensors (what ``fused=True`` asks for), elsewhere the torch
+            reference runs. As in torch, they cannot both be True.
+        capturable: the Triton step never reads the step count or lr on the host,
+            so it can be captured in a CUDA graph whatever this flag says. With
+            ``capturable=True``, a CUDA param that would step on the torch reference
+            (``backend="torch"``, a DTensor) is refused instead of failing the capture.
+        differentiable: must be False: the step runs under ``torch.no_grad``.
         fraction: share of each block that moves per step, in (0, 1].
         block_size: None for one block per tensor (the MoFO paper), else a power
             of two: contiguous runs of the flattened tensor.
@@ -123,6 +217,14 @@ class AdamW(torch.optim.Optimizer):
         stochastic_rounding: round bf16 params stochastically on store.
         backend: ``"auto"`` (Triton for CUDA tensors when it imports, else
             torch), ``"triton"`` or ``"torch"``.
+
+    Complex parameters step as their real view (``torch.view_as_real``), as in
+    ``torch.optim.AdamW``: the real and the imaginary part of an entry are two
+    entries for selection too, ranked by their own ``|m|``, and a block of
+    ``block_size`` counts real components. Their moments are complex tensors, as
+    torch stores them, so state dicts stay interchangeable. (Ranking by the
+    complex ``|m|`` would move whole entries, but it is not what torch's
+    real-view AdamW is at ``fraction=1``, and no kernel could share the code.)
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -139,12 +241,16 @@ class AdamW(torch.optim.Optimizer):
         self,
         params: Iterable,
         lr: float | Tensor = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
-        *,
         amsgrad: bool = False,
+        *,
         maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
         fraction: float = 1.0,
         block_size: int | None = None,
         decay: str = "all",
@@ -155,10 +261,16 @@ class AdamW(torch.optim.Optimizer):
     ):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+            foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
+            # Not an argument, but a group key of torch.optim.AdamW (always True there): with it,
+            # selopt's groups carry every key torch's do, and state dicts round-trip unchanged.
+            decoupled_weight_decay=True,
             fraction=fraction, block_size=block_size, decay=decay, soft_mask_mode=soft_mask_mode,
             moment_dtype=moment_dtype, stochastic_rounding=stochastic_rounding, backend=backend,
         )
         _check_options(defaults)
+        # As torch.optim.AdamW: one-element tensor betas are kept as 0-d tensors.
+        defaults["betas"] = tuple(beta.squeeze() if isinstance(beta, Tensor) and beta.dim() else beta for beta in betas)
         self._soft_masks: dict[Tensor, Tensor] = {}
         super().__init__(params, defaults)
 
@@ -172,16 +284,28 @@ class AdamW(torch.optim.Optimizer):
             # A generator (model.parameters()) can be read only once: keep the list for torch.
             params = param_group["params"] = list(params)
         for p in params:
-            if isinstance(p, Tensor) and not p.is_floating_point():
-                raise TypeError(f"params must be floating-point tensors, got one of dtype {p.dtype}")
+            # (name, tensor) pairs are named parameters; torch refuses anything else that is not a tensor.
+            tensor = p[1] if isinstance(p, tuple) else p
+            if isinstance(tensor, Tensor):
+                _check_param(tensor, options)
         super().add_param_group(param_group)
 
+    def _complete_group(self, group: dict) -> None:
+        # Groups saved by torch.optim.AdamW or an older selopt lack some keys: they get this
+        # optimizer's defaults, and nothing else is added, so a state dict round-trips unchanged.
+        for key, value in self.defaults.items():
+            group.setdefault(key, value)
+        # As torch.optim.AdamW on load: a torch.optim.Adam checkpoint loads as AdamW.
+        group["decoupled_weight_decay"] = True
+
+    def __getstate__(self) -> dict:
+        # Soft masks are keyed by param: deepcopy maps them to the copied params along with the state.
+        return {**super().__getstate__(), "_soft_masks": self._soft_masks}
+
     def __setstate__(self, state: dict) -> None:
-        # A torch.optim.AdamW state_dict lacks selopt's keys: they get the defaults.
         super().__setstate__(state)
         for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
+            self._complete_group(group)
         self.__dict__.setdefault("_soft_masks", {})
 
     def set_soft_mask(self, param: Tensor, mask: Tensor | None) -> None:
@@ -212,7 +336,11 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"mask must be on the param's device {param.device}, got {mask.device}")
         if mask.numel() and not (mask.min() >= 0 and mask.max() <= 1):
             raise ValueError("mask values must be in [0, 1]")
-        self._soft_masks[param] = mask.detach().to(torch.float32).contiguous()
+        mask = mask.detach().to(torch.float32)
+        if param.is_complex() and mask.shape == param.shape:
+            # A complex param steps as its real view: the factor of an entry scales both of its parts.
+            mask = mask.unsqueeze(-1).expand(*mask.shape, 2)
+        self._soft_masks[param] = mask.contiguous()
 
     def _init_state(self, param: Tensor, group: dict, backend: str) -> dict:
         state = self.state[param]
@@ -255,22 +383,61 @@ class AdamW(torch.optim.Optimizer):
                     backend = distributed.sharded_backend(group["backend"])
                 else:
                     backend = _resolve_backend(group["backend"], p.device)
+                _check_param(p, group)
+                if group["capturable"] and backend != "triton" and p.device.type != "cpu":
+                    raise ValueError(
+                        f"capturable=True, but a param on {p.device} steps on the torch reference "
+                        f"(backend={group['backend']!r}{', a DTensor' if backend == 'sharded' else ''}), which reads "
+                        "the step count on the host and so cannot be captured; use the Triton backend (backend="
+                        "'triton' or 'auto') or capturable=False"
+                    )
                 by_backend[backend].append(p)
             plan.extend((group, backend, params) for backend, params in by_backend.items())
 
         for group, backend, params in plan:
             for p in params:
                 self._init_state(p, group, backend)
-            if backend == "torch":
-                self._torch_step(group, params, grad_scale, found_inf)
-            elif backend == "sharded":
-                distributed.sharded_step_(
-                    group, params, [self.state[p] for p in params], [self._soft_masks.get(p) for p in params],
-                    grad_scale, found_inf,
-                )
-            else:
-                self._triton_step(group, params, grad_scale, found_inf)
+            hyperparameters = _step_hyperparameters(group)
+            with self._complex_as_real(params) as params:
+                if backend == "torch":
+                    self._torch_step(hyperparameters, params, grad_scale, found_inf)
+                elif backend == "sharded":
+                    distributed.sharded_step_(
+                        hyperparameters, params, [self.state[p] for p in params],
+                        [self._soft_masks.get(p) for p in params], grad_scale, found_inf,
+                    )
+                else:
+                    self._triton_step(hyperparameters, params, grad_scale, found_inf)
         return loss
+
+    @contextlib.contextmanager
+    def _complex_as_real(self, params: list[Tensor]):
+        """``params`` with every complex tensor replaced by its real view, for the length of a step.
+
+        The view gets the real views of the param's grad and moments as its state
+        (the step count is shared) and its soft mask, so the backends update the
+        complex tensors in place without knowing about them. Nothing is left behind.
+        """
+        stepped, views = [], []
+        for p in params:
+            if p.is_complex():
+                view = torch.view_as_real(p)
+                view.grad = torch.view_as_real(p.grad)
+                self.state[view] = {
+                    key: torch.view_as_real(value) if isinstance(value, Tensor) and value.is_complex() else value
+                    for key, value in self.state[p].items()
+                }
+                if p in self._soft_masks:
+                    self._soft_masks[view] = self._soft_masks[p]  # stored at the real view's shape (set_soft_mask)
+                views.append(view)
+                p = view
+            stepped.append(p)
+        try:
+            yield stepped
+        finally:
+            for view in views:
+                del self.state[view]
+                self._soft_masks.pop(view, None)
 
     def _torch_step(self, group: dict, params: list[Tensor], grad_scale, found_inf) -> None:
         options = reference.group_options(group)
@@ -311,46 +478,93 @@ class AdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a selopt or ``torch.optim.AdamW`` state_dict, checked before anything changes.
 
-        Unlike torch's default, moments keep their precision: fp32 moments of
-        bf16 params stay fp32 (bf16 moments saved by torch are widened exactly).
+        This is ``torch.optim.Optimizer.load_state_dict`` (hooks included), with
+        three differences, which is why it does not call it:
+
+        - the state_dict the pre-hooks return is checked in full (group structure,
+          options, state entries) before anything changes;
+        - moments keep their precision: torch casts every floating-point state
+          tensor to its param's dtype, rounding fp32 moments of bf16 params to
+          bf16; here they get the param's moment dtype (:func:`moment_dtype`), so
+          fp32 moments stay fp32 and bf16 moments saved by torch widen exactly;
+        - ``step``, a tensor or a Python number (torch's AdamW loads both), is
+          stored as a fp32 tensor, which the kernels read.
         """
-        params = [p for group in self.param_groups for p in group["params"]]
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        if len(saved_ids) != len(params):
+        state_dict = state_dict.copy()  # shallow, as torch: a pre-hook may replace its entries
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+
+        saved_groups = copy.deepcopy(state_dict["param_groups"])  # completed below
+        ours = [len(group["params"]) for group in self.param_groups]
+        theirs = [len(group["params"]) for group in saved_groups]
+        if ours != theirs:
             raise ValueError(
-                f"state_dict has {len(saved_ids)} params in its groups, this optimizer has {len(params)}"
+                f"state_dict's param groups differ from this optimizer's: {len(theirs)} group(s) of {theirs} params "
+                f"against {len(ours)} of {ours}. Load it into an optimizer with the grouping it was saved with; "
+                "to move it to other groups, see the README ('Where selopt differs from torch.optim.AdamW')"
             )
-        saved_state = state_dict["state"]
-        for param_id, param in zip(saved_ids, params):
-            entry = saved_state.get(param_id)
-            if not entry:
-                continue
-            if "step" not in entry or "exp_avg" not in entry or "exp_avg_sq" not in entry:
-                raise ValueError(f"state_dict state[{param_id}] lacks step, exp_avg or exp_avg_sq")
-            for key in _MOMENT_KEYS:
-                if key in entry and tuple(entry[key].shape) != tuple(param.shape):
-                    raise ValueError(
-                        f"state_dict state[{param_id}][{key!r}] has shape {tuple(entry[key].shape)}, "
-                        f"but its param has shape {tuple(param.shape)}"
-                    )
-        super().load_state_dict(state_dict)
-        for param_id, param in zip(saved_ids, params):
-            entry = saved_state.get(param_id)
-            if not entry:
-                continue
-            group = next(g for g in self.param_groups if any(param is p for p in g["params"]))
-            dtype = moment_dtype(param.dtype, group["moment_dtype"])
-            for key in _MOMENT_KEYS:
-                if key in entry:
-                    self.state[param][key] = entry[key].to(device=param.device, dtype=dtype)
-            self.state[param]["step"] = self.state[param]["step"].to(torch.float32)
+        param_of = {}
+        for group, saved in zip(self.param_groups, saved_groups):
+            param_of.update(zip(saved["params"], group["params"]))
+            saved["params"] = group["params"]
+            if "param_names" in group and "param_names" not in saved:
+                saved["param_names"] = group["param_names"]
+            self._complete_group(saved)
+            _check_options(saved)
+            for p in saved["params"]:
+                _check_param(p, saved)
+        group_of = {id(p): group for group in saved_groups for p in group["params"]}
+        state = defaultdict(dict)
+        for key, entry in state_dict["state"].items():
+            if key in param_of:
+                param = param_of[key]
+                state[param] = _loaded_state(key, entry, param, group_of[id(param)])
+            else:
+                state[key] = entry  # as torch: state that belongs to no param is kept as it is
+
+        self.__setstate__({"state": state, "param_groups": saved_groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+
+def _loaded_state(param_id, entry: dict, param: Tensor, group: dict) -> dict:
+    """A saved state entry for ``param`` as selopt keeps it; raises if it does not fit ``param``."""
+    where = f"state_dict['state'][{param_id!r}]"
+    if not entry:
+        return {}
+    missing = [key for key in ("step", "exp_avg", "exp_avg_sq") if key not in entry]
+    if missing:
+        raise ValueError(f"{where} lacks {', '.join(missing)}")
+    step = entry["step"]
+    if not (isinstance(step, Tensor) and step.numel() == 1 or isinstance(step, (int, float)) and not isinstance(step, bool)):
+        raise ValueError(f"{where}['step'] must be a number or a one-element tensor, got {step!r}")
+    dtype = moment_dtype(param.dtype, group["moment_dtype"])
+    loaded = dict(entry)
+    for key in _MOMENT_KEYS:
+        if key not in entry:
+            continue
+        value = entry[key]
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{where}[{key!r}] must be a tensor, got {type(value).__name__}")
+        if value.shape != param.shape:
+            raise ValueError(
+                f"{where}[{key!r}] has shape {tuple(value.shape)}, but its param has shape {tuple(param.shape)}"
+            )
+        if value.is_complex() != param.is_complex():
+            raise ValueError(f"{where}[{key!r}] is {value.dtype}, but its param is {param.dtype}: complex or not, both must agree")
+        loaded[key] = value.to(device=param.device, dtype=dtype)
+    # The step moves the count to the device its backend keeps it on (see _init_state).
+    loaded["step"] = torch.as_tensor(step, dtype=torch.float32)
+    return loaded
 
 
 class MoFO(AdamW):
     """MoFO (Chen et al., 2025): AdamW that moves only the top ``fraction`` of each block by |momentum|.
 
-    Same keywords as :class:`AdamW`, with ``fraction=0.15`` and one block per
-    tensor (``block_size=None``, the paper's partition) by default.
+    :class:`AdamW`'s signature, with ``fraction=0.15`` and one block per tensor
+    (``block_size=None``, the paper's partition) by default.
 
     Example:
         >>> model = torch.nn.Linear(10, 10, bias=False)
@@ -366,12 +580,27 @@ class MoFO(AdamW):
         self,
         params: Iterable,
         lr: float | Tensor = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        amsgrad: bool = False,
         *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
         fraction: float = 0.15,
         block_size: int | None = None,
-        **options,
+        decay: str = "all",
+        soft_mask_mode: str = "update",
+        moment_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        backend: str = "auto",
     ):
-        super().__init__(params, lr, betas, eps, weight_decay, fraction=fraction, block_size=block_size, **options)
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, foreach=foreach,
+            capturable=capturable, differentiable=differentiable, fused=fused, fraction=fraction,
+            block_size=block_size, decay=decay, soft_mask_mode=soft_mask_mode, moment_dtype=moment_dtype,
+            stochastic_rounding=stochastic_rounding, backend=backend,
+        )

@@ -26,15 +26,16 @@ def assert_unchanged(params, opt, snap):
 
 BAD_OPTIONS = [
     ("lr", -1e-3, ValueError, r"lr must be >= 0"),
-    ("lr", "0.1", TypeError, r"lr must be a float"),
+    ("lr", "0.1", TypeError, r"lr must be a real number >= 0, got str"),
     ("eps", -1e-8, ValueError, r"eps must be >= 0"),
     ("weight_decay", -0.1, ValueError, r"weight_decay must be >= 0"),
-    ("betas", (1.0, 0.999), ValueError, r"betas\[0\] must be in \[0.0, 1.0\)"),
-    ("betas", (0.9, -0.1), ValueError, r"betas\[1\] must be in \[0.0, 1.0\)"),
+    ("betas", (1.0, 0.999), ValueError, r"betas\[0\] must be in \[0, 1\), got 1.0"),
+    ("betas", (0.9, -0.1), ValueError, r"betas\[1\] must be in \[0, 1\), got -0.1"),
     ("betas", (0.9,), TypeError, r"betas must be a pair"),
-    ("fraction", 0.0, ValueError, r"fraction must be in \(0, 1\]"),
-    ("fraction", 1.5, ValueError, r"fraction must be in \[0.0, 1.0\]"),
-    ("fraction", -0.2, ValueError, r"fraction must be in"),
+    ("fraction", 0.0, ValueError, r"fraction must be in \(0, 1\], got 0.0"),
+    ("fraction", 1.5, ValueError, r"fraction must be in \(0, 1\], got 1.5"),
+    ("fraction", -0.2, ValueError, r"fraction must be in \(0, 1\], got -0.2"),
+    ("fraction", float("nan"), ValueError, r"fraction must be in \(0, 1\], got nan"),
     ("block_size", 0, ValueError, r"block_size must be None .* positive power of two"),
     ("block_size", 100, ValueError, r"block_size must be"),
     ("block_size", -256, ValueError, r"block_size must be"),
@@ -47,6 +48,15 @@ BAD_OPTIONS = [
     ("amsgrad", "yes", TypeError, r"amsgrad must be a bool"),
     ("maximize", 1, TypeError, r"maximize must be a bool"),
     ("stochastic_rounding", None, TypeError, r"stochastic_rounding must be a bool"),
+    ("capturable", "no", TypeError, r"capturable must be a bool"),
+    ("foreach", 1, TypeError, r"foreach must be None, True or False"),
+    ("fused", "yes", TypeError, r"fused must be None, True or False"),
+    ("differentiable", True, NotImplementedError, r"differentiable=True is not supported"),
+    ("lr", torch.tensor([1e-3, 1e-3]), ValueError, r"lr as a tensor must have exactly one element, got shape \(2,\)"),
+    ("lr", torch.tensor(-1.0), ValueError, r"lr must be >= 0, got -1.0"),
+    ("betas", (torch.tensor(0.9), 0.999), ValueError, r"betas must be both numbers or both tensors"),
+    ("betas", (torch.tensor(0.9), torch.tensor([0.9, 0.99])), ValueError, r"betas\[1\] as a tensor must have exactly one"),
+    ("betas", (torch.tensor(0.9), torch.tensor(1.0)), ValueError, r"betas\[1\] must be in \[0, 1\), got 1.0"),
 ]
 
 
@@ -61,6 +71,14 @@ def test_bad_param_group_is_refused_and_not_added(name, value, error, message):
     opt = selopt.AdamW([torch.nn.Parameter(torch.zeros(3))])
     with pytest.raises(error, match=message):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], name: value})
+    assert len(opt.param_groups) == 1
+
+
+def test_a_group_asking_for_coupled_weight_decay_is_refused():
+    # torch.optim.AdamW steps such a group as Adam with an L2 penalty; selopt only has AdamW's decay.
+    opt = selopt.AdamW([torch.nn.Parameter(torch.zeros(3))])
+    with pytest.raises(ValueError, match=r"decoupled_weight_decay must be True .*, got False"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "decoupled_weight_decay": False})
     assert len(opt.param_groups) == 1
 
 
