@@ -502,12 +502,12 @@ class AdamW(torch.optim.Optimizer):
         if ours != theirs:
             raise ValueError(
                 f"state_dict's param groups differ from this optimizer's: {len(theirs)} group(s) of {theirs} params "
-                f"against {len(ours)} of {ours}. Load it into an optimizer with the grouping it was saved with; "
-                "to move it to other groups, see the README ('Where selopt differs from torch.optim.AdamW')"
+                f"against {len(ours)} of {ours}. To move it to these groups, load it into an optimizer grouped as it "
+                "was saved and copy that optimizer's .state into this one (see the README)"
             )
-        param_of = {}
+        targets = {}  # saved param id -> (param, its group as loaded)
         for group, saved in zip(self.param_groups, saved_groups):
-            param_of.update(zip(saved["params"], group["params"]))
+            targets.update((i, (p, saved)) for i, p in zip(saved["params"], group["params"]))
             saved["params"] = group["params"]
             if "param_names" in group and "param_names" not in saved:
                 saved["param_names"] = group["param_names"]
@@ -515,12 +515,11 @@ class AdamW(torch.optim.Optimizer):
             _check_options(saved)
             for p in saved["params"]:
                 _check_param(p, saved)
-        group_of = {id(p): group for group in saved_groups for p in group["params"]}
         state = defaultdict(dict)
         for key, entry in state_dict["state"].items():
-            if key in param_of:
-                param = param_of[key]
-                state[param] = _loaded_state(key, entry, param, group_of[id(param)])
+            if key in targets:
+                param, group = targets[key]
+                state[param] = _loaded_state(key, entry, param, group)
             else:
                 state[key] = entry  # as torch: state that belongs to no param is kept as it is
 
