@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -24,7 +25,7 @@ from torch import Tensor
 import triton.language as tl
 
 from selopt.kernels import block, exact, tables
-from selopt.kernels.launch import run_launches
+from selopt.kernels.launch import Launch, compile_launches
 from selopt.reference import DECAY_MODES, SOFT_MASK_MODES
 
 PARAM_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -55,7 +56,35 @@ def _check_same(name: str, tensors: Sequence[Tensor], params: Sequence[Tensor], 
             )
 
 
-def multi_tensor_adamw_(
+@dataclass(frozen=True)
+class PreparedStep:
+    """A checked, compiled step: calling it launches the kernels and writes strided tensors back."""
+
+    launches: list[Launch]
+    write_back: list[tuple[Tensor, Tensor]]  # (strided original, the contiguous copy the kernels update)
+
+    def __call__(self) -> None:
+        for launch in self.launches:
+            launch()
+        for original, copy in self.write_back:
+            original.copy_(copy)
+
+
+def multi_tensor_adamw_(*args, **kwargs) -> None:
+    """One selective AdamW step, in place: ``prepare_multi_tensor_adamw(...)()``; same arguments.
+
+    Example (on CPU this needs ``TRITON_INTERPRET=1``):
+        >>> p, g = torch.zeros(6, device="cuda"), torch.arange(6.0, device="cuda")
+        >>> m, v, t = torch.zeros_like(p), torch.zeros_like(p), torch.zeros((), device="cuda")
+        >>> multi_tensor_adamw_([p], [g], [m], [v], None, [t], lr=0.1, beta1=0.9, beta2=0.999,
+        ...                     eps=1e-8, weight_decay=0.0, fraction=0.5, block_size=None)
+        >>> (p != 0).tolist(), t.item()
+        ([False, False, False, True, True, True], 1.0)
+    """
+    prepare_multi_tensor_adamw(*args, **kwargs)()
+
+
+def prepare_multi_tensor_adamw(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     exp_avgs: Sequence[Tensor],
@@ -78,8 +107,14 @@ def multi_tensor_adamw_(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     selections: Sequence[Tensor | None] | None = None,
-) -> None:
-    """One selective AdamW step, in place, for tensors sharing device, dtype and moment dtype.
+) -> PreparedStep:
+    """Check and compile one selective AdamW step for tensors sharing device, dtype and moment dtype.
+
+    Nothing is written until the returned :class:`PreparedStep` is called, so
+    a bad argument (``ValueError``/``TypeError``) or a kernel that cannot
+    compile here (:class:`~selopt.kernels.launch.KernelCompileError`) leaves
+    every tensor as it was. The optimizer prepares all its buckets before
+    running any.
 
     Semantics are :func:`selopt.reference.adamw_step_`'s (SPEC §1): dense
     moments, per block the entries with the ``block_k(fraction, n)`` largest
@@ -91,14 +126,6 @@ def multi_tensor_adamw_(
     ``selections``, for diagnostics, are bool tensors shaped like the params
     (or None) that receive the selection mask. With bf16 moments, selection
     and update use the moments as stored (rounded to nearest).
-
-    Example (on CPU this needs ``TRITON_INTERPRET=1``):
-        >>> p, g = torch.zeros(6, device="cuda"), torch.arange(6.0, device="cuda")
-        >>> m, v, t = torch.zeros_like(p), torch.zeros_like(p), torch.zeros((), device="cuda")
-        >>> multi_tensor_adamw_([p], [g], [m], [v], None, [t], lr=0.1, beta1=0.9, beta2=0.999,
-        ...                     eps=1e-8, weight_decay=0.0, fraction=0.5, block_size=None)
-        >>> (p != 0).tolist(), t.item()
-        ([False, False, False, True, True, True], 1.0)
     """
     count = len(params)
     lists = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "steps": steps}
@@ -107,7 +134,7 @@ def multi_tensor_adamw_(
         if len(values) != count:
             raise ValueError(f"{name} must have one entry per param ({count}), got {len(values)}")
     if count == 0:
-        return
+        return PreparedStep([], [])
     device, param_dtype, moment_dtype = params[0].device, params[0].dtype, exp_avgs[0].dtype
     if param_dtype not in PARAM_DTYPES:
         raise TypeError(f"params must be one of {list(PARAM_DTYPES)} for the Triton kernels, got {param_dtype}")
@@ -184,9 +211,7 @@ def multi_tensor_adamw_(
     else:
         plan = tables.plan_for(entries, tile=exact.CHUNK, segment=block_size, fraction=fraction, exact=True)
         launches = exact.exact_adamw_launches(plan, scalars, flags)
-    run_launches(launches, device)
-
-    for index in (0, 2, 3, 4):  # params and moments: what the step writes
-        for original, copy in zip(columns[index], work[index]):
-            if copy is not original:
-                original.copy_(copy)
+    compile_launches(launches, device)
+    write_back = [(original, copy) for index in (0, 2, 3, 4)  # params and moments: what the step writes
+                  for original, copy in zip(columns[index], work[index]) if copy is not original]
+    return PreparedStep(launches, write_back)

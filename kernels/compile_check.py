@@ -221,11 +221,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Triton {triton.__version__}, torch {torch.__version__}: compiling "
           f"{sum(args.only in c.name for c in configurations())} configurations for "
           f"{', '.join(f'sm_{a}' for a in args.arch)}", flush=True)
+    onlys = [args.only] * len(args.arch)
+    if args.jobs > 1:
+        # spawn, not fork: each worker starts with its own Triton state and driver.
+        pool = ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn"))
+        results = pool.map(check_arch, args.arch, onlys)
+    else:
+        pool, results = contextlib.nullcontext(), map(check_arch, args.arch, onlys)
     failures = []
-    # spawn, not fork: each worker starts with its own Triton state and driver.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
-        for arch_failures, report in pool.map(check_arch, args.arch, [args.only] * len(args.arch)):
+    with pool:
+        for arch_failures, report in results:
             failures += arch_failures
             print(report, flush=True)
     print("FAILED" if failures else "all kernels compiled", flush=True)

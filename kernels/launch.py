@@ -1,8 +1,8 @@
 """Kernel launches as data: compile every kernel of a step before the first one runs.
 
 A step is a short list of :class:`Launch` records (one for the one-pass
-kernel, seven for the exact path). :func:`run_launches` compiles all of them
-before launching any, so a kernel that cannot compile for this GPU or this
+kernel, seven for the exact path). :func:`compile_launches` compiles all of them
+before any is launched, so a kernel that cannot compile for this GPU or this
 Triton raises :class:`KernelCompileError` while every tensor is still
 untouched, and the optimizer can fall back to the reference for that bucket.
 """
@@ -26,16 +26,18 @@ _COMPILE_OPTIONS = dict(enable_fp_fusion=False)
 
 
 class KernelCompileError(RuntimeError):
-    """A selopt kernel failed to compile; raised before any tensor of the step was written."""
+    """A selopt kernel failed to compile; raised before any tensor of the step was written.
+
+    ``kernel``, ``config`` (its constexprs), ``target`` and ``error`` (the
+    innermost compiler error) are kept as attributes for programs that log them.
+    """
 
     def __init__(self, kernel: str, config: dict, target: Any, error: BaseException):
         self.kernel, self.config, self.target, self.error = kernel, config, target, error
         settings = ", ".join(f"{k}={_show(v)}" for k, v in config.items())
-        # The innermost error's last line is the reason; the lines above it quote kernel source.
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else ""
         super().__init__(
-            f"selopt kernel {kernel} failed to compile for {target} (Triton {triton.__version__}) "
-            f"with {settings}: {type(error).__name__}: {reason}"
+            f"selopt kernel {kernel} failed to compile for {_show_target(target)} (Triton {triton.__version__}) "
+            f"with {settings}: {_reason(error)}"
         )
 
 
@@ -43,8 +45,22 @@ def _show(value: Any) -> str:
     return value.name if hasattr(value, "name") else repr(value)
 
 
+def _show_target(target: Any) -> str:
+    return f"{target.backend} sm_{target.arch}" if hasattr(target, "arch") else str(target)
+
+
+def _reason(error: BaseException) -> str:
+    # Triton's CompilationError quotes the kernel source and ends with the cause's repr; keep the
+    # position and the cause. Any other error: its type and last line.
+    message = getattr(error, "error_message", None)
+    if message is not None and hasattr(error, "node"):
+        return f"{message} (at line {getattr(error.node, 'lineno', '?')} of the failing @jit function)"
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[-1] if text else ''}"
+
+
 def _innermost(error: BaseException) -> BaseException:
-    # Triton wraps the failure of a nested @jit function in CompilationErrors, one per call level.
+    # A failure inside a nested @jit function arrives wrapped once per call level.
     while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
         error = error.__cause__ or error.__context__
     return error
@@ -95,22 +111,21 @@ class Launch:
 _compiled: dict[tuple, KernelCompileError | None] = {}
 
 
-def run_launches(launches: list[Launch], device: torch.device) -> None:
-    """Compile every launch that has not been compiled for this device yet, then run them all in order.
+def compile_launches(launches: list[Launch], device: torch.device) -> None:
+    """Compile each launch not yet compiled for this device; raise the first failure, new or remembered.
 
-    Under ``TRITON_INTERPRET=1`` nothing is compiled: the interpreter runs the Python source.
+    Under ``TRITON_INTERPRET=1`` there is nothing to compile: the interpreter runs the Python source.
     """
-    if launches and isinstance(launches[0].kernel, JITFunction):
-        target = triton.runtime.driver.active.get_current_target()
-        for launch in launches:
-            key = (device, target, launch.specialization())
-            if key not in _compiled:
-                try:
-                    launch.compile(target)
-                    _compiled[key] = None
-                except KernelCompileError as error:
-                    _compiled[key] = error
-            if _compiled[key] is not None:
-                raise _compiled[key]
+    if not launches or not isinstance(launches[0].kernel, JITFunction):
+        return
+    target = triton.runtime.driver.active.get_current_target()
     for launch in launches:
-        launch()
+        key = (device, target, launch.specialization())
+        if key not in _compiled:
+            try:
+                launch.compile(target)
+                _compiled[key] = None
+            except KernelCompileError as error:
+                _compiled[key] = error
+        if _compiled[key] is not None:
+            raise _compiled[key]

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib.util
 import os
+import re
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -39,7 +42,7 @@ def _check_number(name: str, value, allowed: str) -> None:
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
-def _check_tensor_hyperparameter(name: str, value: Tensor, *, foreach, capturable: bool) -> None:
+def _check_tensor_hyperparameter(name: str, value: Tensor, *, foreach: bool | None, capturable: bool) -> None:
     # torch.optim.AdamW's rules for lr and betas given as tensors, with its exception types, so that a
     # configuration is valid for both optimizers or for neither. (The foreach rule is a limit of
     # torch's foreach implementation; selopt keeps it so that switching back to torch cannot break.)
@@ -63,7 +66,7 @@ def _check_options(options: dict) -> None:
         if options[flag] is not None and not isinstance(options[flag], bool):
             raise TypeError(f"{flag} must be None, True or False, got {options[flag]!r}")
     if options["differentiable"]:
-        # A RuntimeError, as torch's refusal of differentiable=True with fused=True.
+        # NotImplementedError is a RuntimeError: torch's type when it refuses differentiable=True with fused=True.
         raise NotImplementedError(
             "differentiable=True is not supported: selopt's step runs under torch.no_grad and updates in place; "
             "use differentiable=False (the default)"
@@ -160,26 +163,55 @@ def _step_hyperparameters(group: dict) -> dict:
     return {**group, "betas": tuple(beta.item() for beta in betas)}
 
 
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+MIN_TRITON = (3, 6)  # the oldest Triton whose compile selopt's CI checks (torch 2.11's on CUDA)
+
+
+@functools.cache
+def triton_problem() -> str | None:
+    """Why selopt's Triton kernels cannot run in this environment, or None when they can."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed: `pip install triton` (or `pip install 'selopt[triton]'`)"
+    try:
+        import triton
+
+        from selopt import kernels  # noqa: F401 - import errors of the kernels themselves count too
+    except Exception as error:  # noqa: BLE001 - a broken install must not break the optimizer
+        return f"importing the Triton kernels failed with {type(error).__name__}: {error}"
+    version = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
+    if version < MIN_TRITON:
+        return f"Triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}, the oldest selopt supports"
+    return None
 
 
 def _resolve_backend(requested: str, device: torch.device) -> str:
-    if requested == "torch":
+    if requested == "torch" or (requested == "auto" and device.type != "cuda"):
         return "torch"
+    problem = triton_problem()
     if requested == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if not triton_available():
-        raise ImportError(
-            "backend='triton' needs Triton: `pip install triton` (or `pip install 'selopt[triton]'`), "
-            "or use backend='auto' to fall back to the torch reference"
-        )
+        if problem is not None:
+            _warn_fallback(f"selopt runs its torch reference instead of the Triton kernels: {problem}")
+            return "torch"
+        return "triton"
+    if problem is not None:
+        raise ImportError(f"backend='triton' cannot run: {problem}. Or use backend='auto' to fall back to "
+                          "the torch reference")
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             "backend='triton' on CPU tensors runs only under Triton's interpreter: "
             "set TRITON_INTERPRET=1 before importing triton, or use backend='torch'"
         )
     return "triton"
+
+
+_fallback_warnings: set[str] = set()
+
+
+def _warn_fallback(message: str) -> None:
+    """Warn once per process and message: the fallback holds for every later step too."""
+    if message not in _fallback_warnings:
+        _fallback_warnings.add(message)
+        warnings.warn(f"{message}. Please report this to the selopt maintainers with the output of "
+                      "`python -m selopt.check`.", RuntimeWarning, stacklevel=4)
 
 
 class AdamW(torch.optim.Optimizer):
@@ -221,10 +253,10 @@ class AdamW(torch.optim.Optimizer):
     Complex parameters step as their real view (``torch.view_as_real``), as in
     ``torch.optim.AdamW``: the real and the imaginary part of an entry are two
     entries for selection too, ranked by their own ``|m|``, and a block of
-    ``block_size`` counts real components. Their moments are complex tensors, as
-    torch stores them, so state dicts stay interchangeable. (Ranking by the
-    complex ``|m|`` would move whole entries, but it is not what torch's
-    real-view AdamW is at ``fraction=1``, and no kernel could share the code.)
+    ``block_size`` counts real components, so the kernels run unchanged.
+    (Ranking by the complex ``|m|`` would move whole entries, at the cost of a
+    second selection in every kernel.) Their moments are complex tensors, as
+    torch stores them, so state dicts stay interchangeable.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -378,18 +410,17 @@ class AdamW(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("selopt does not support sparse gradients; use torch.optim.SparseAdam for them")
+                _check_param(p, group)
                 # DTensor (FSDP2 / tensor-parallel) params step their local shards on the torch path.
                 if distributed.is_dtensor(p):
                     backend = distributed.sharded_backend(group["backend"])
                 else:
                     backend = _resolve_backend(group["backend"], p.device)
-                _check_param(p, group)
                 if group["capturable"] and backend != "triton" and p.device.type != "cpu":
                     raise ValueError(
-                        f"capturable=True, but a param on {p.device} steps on the torch reference "
-                        f"(backend={group['backend']!r}{', a DTensor' if backend == 'sharded' else ''}), which reads "
-                        "the step count on the host and so cannot be captured; use the Triton backend (backend="
-                        "'triton' or 'auto') or capturable=False"
+                        f"capturable=True, but a param on {p.device} steps on the torch reference, which reads the "
+                        "step count on the host and so cannot be captured; device params step capturably on the "
+                        "Triton backend (backend='triton' or 'auto', not for DTensors), or set capturable=False"
                     )
                 by_backend[backend].append(p)
             plan.extend((group, backend, params) for backend, params in by_backend.items())
@@ -454,26 +485,42 @@ class AdamW(torch.optim.Optimizer):
         buckets = defaultdict(list)
         for p in params:
             buckets[(p.device, p.dtype, self.state[p]["exp_avg"].dtype)].append(p)
-        beta1, beta2 = group["betas"]
+        # Every bucket is checked and compiled before any runs: a failure leaves all of them untouched.
+        runs = []
         for (_, param_dtype, state_dtype), bucket in buckets.items():
             if param_dtype not in kernels.PARAM_DTYPES or state_dtype not in kernels.MOMENT_DTYPES:
                 # fp64 has no kernel: the reference runs it (reading the step back to the host).
-                self._torch_step(group, bucket, grad_scale, found_inf)
+                runs.append(functools.partial(self._torch_step, group, bucket, grad_scale, found_inf))
                 continue
-            states = [self.state[p] for p in bucket]
-            kernels.multi_tensor_adamw_(
-                bucket,
-                [p.grad for p in bucket],
-                [s["exp_avg"] for s in states],
-                [s["exp_avg_sq"] for s in states],
-                [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None,
-                [s["step"] for s in states],
-                [self._soft_masks.get(p) for p in bucket],
-                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                maximize=group["maximize"], fraction=group["fraction"], block_size=group["block_size"],
-                decay=group["decay"], soft_mask_mode=group["soft_mask_mode"],
-                stochastic_rounding=group["stochastic_rounding"], grad_scale=grad_scale, found_inf=found_inf,
-            )
+            try:
+                runs.append(self._prepare_kernels(group, bucket, grad_scale, found_inf))
+            except kernels.KernelCompileError as error:
+                if group["backend"] != "auto":
+                    raise
+                _warn_fallback(f"selopt runs its torch reference for {param_dtype} params with "
+                               f"{state_dtype} moments: {error}")
+                runs.append(functools.partial(self._torch_step, group, bucket, grad_scale, found_inf))
+        for run in runs:
+            run()
+
+    def _prepare_kernels(self, group: dict, bucket: list[Tensor], grad_scale, found_inf):
+        from selopt import kernels
+
+        states = [self.state[p] for p in bucket]
+        beta1, beta2 = group["betas"]
+        return kernels.prepare_multi_tensor_adamw(
+            bucket,
+            [p.grad for p in bucket],
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None,
+            [s["step"] for s in states],
+            [self._soft_masks.get(p) for p in bucket],
+            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            maximize=group["maximize"], fraction=group["fraction"], block_size=group["block_size"],
+            decay=group["decay"], soft_mask_mode=group["soft_mask_mode"],
+            stochastic_rounding=group["stochastic_rounding"], grad_scale=grad_scale, found_inf=found_inf,
+        )
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a selopt or ``torch.optim.AdamW`` state_dict, checked before anything changes.
@@ -537,10 +584,11 @@ def _loaded_state(param_id, entry: dict, param: Tensor, group: dict) -> dict:
     if missing:
         raise ValueError(f"{where} lacks {', '.join(missing)}")
     step = entry["step"]
-    if not (isinstance(step, Tensor) and step.numel() == 1 or isinstance(step, (int, float)) and not isinstance(step, bool)):
+    is_number = isinstance(step, (int, float)) and not isinstance(step, bool)
+    if not (is_number or isinstance(step, Tensor) and step.numel() == 1):
         raise ValueError(f"{where}['step'] must be a number or a one-element tensor, got {step!r}")
     dtype = moment_dtype(param.dtype, group["moment_dtype"])
-    loaded = dict(entry)
+    loaded = dict(entry)  # keys selopt does not use are kept as saved
     for key in _MOMENT_KEYS:
         if key not in entry:
             continue
@@ -552,7 +600,9 @@ def _loaded_state(param_id, entry: dict, param: Tensor, group: dict) -> dict:
                 f"{where}[{key!r}] has shape {tuple(value.shape)}, but its param has shape {tuple(param.shape)}"
             )
         if value.is_complex() != param.is_complex():
-            raise ValueError(f"{where}[{key!r}] is {value.dtype}, but its param is {param.dtype}: complex or not, both must agree")
+            raise ValueError(
+                f"{where}[{key!r}] is {value.dtype}, but its param is {param.dtype}: both or neither must be complex"
+            )
         loaded[key] = value.to(device=param.device, dtype=dtype)
     # The step moves the count to the device its backend keeps it on (see _init_state).
     loaded["step"] = torch.as_tensor(step, dtype=torch.float32)

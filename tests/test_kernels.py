@@ -323,7 +323,7 @@ def test_triton_backend_without_triton_says_how_to_install(monkeypatch):
     import selopt
     from selopt import optim
 
-    monkeypatch.setattr(optim, "triton_available", lambda: False)
+    monkeypatch.setattr(optim, "triton_problem", lambda: "Triton is not installed: `pip install triton`")
     layer = torch.nn.Linear(3, 2).to(DEVICE)
     with pytest.raises(ImportError, match="pip install"):
         opt = selopt.AdamW(layer.parameters(), backend="triton")

@@ -55,7 +55,7 @@ BAD_OPTIONS = [
     ("lr", torch.tensor([1e-3, 1e-3]), ValueError, r"lr as a tensor must have exactly one element, got shape \(2,\)"),
     ("lr", torch.tensor(-1.0), ValueError, r"lr must be >= 0, got -1.0"),
     ("betas", (torch.tensor(0.9), 0.999), ValueError, r"betas must be both numbers or both tensors"),
-    ("betas", (torch.tensor(0.9), torch.tensor([0.9, 0.99])), ValueError, r"betas\[1\] as a tensor must have exactly one"),
+    ("betas", (torch.tensor(0.9), torch.tensor([0.9, 0.99])), ValueError, r"betas\[1\] as a tensor must have exac"),
     ("betas", (torch.tensor(0.9), torch.tensor(1.0)), ValueError, r"betas\[1\] must be in \[0, 1\), got 1.0"),
 ]
 
@@ -163,7 +163,7 @@ def test_soft_mask_is_checked():
 
 
 def test_triton_backend_without_triton_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(optim, "triton_available", lambda: False)
+    monkeypatch.setattr(optim, "triton_problem", lambda: "Triton is not installed: `pip install triton`")
     params, opt = trained_pair()
     opt.param_groups[0]["backend"] = "triton"
     snap = snapshot(params, opt)
@@ -173,7 +173,7 @@ def test_triton_backend_without_triton_says_how_to_install(monkeypatch):
 
 
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
-    monkeypatch.setattr(optim, "triton_available", lambda: True)
+    monkeypatch.setattr(optim, "triton_problem", lambda: None)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     params, opt = trained_pair()
     opt.param_groups[0]["backend"] = "triton"
