@@ -13,7 +13,12 @@ STAMP  := $(VENV)/.selopt-installed
 CPU_TORCH ?= torch==2.13.*
 HAS_GPU_TORCH := $(shell $(PYTHON) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" >/dev/null 2>&1 && echo 1)
 
-.PHONY: demo test bench clean
+# The oldest Triton selopt supports (pyproject.toml's lower bound), in a venv of its own.
+OLDEST_TRITON ?= triton==3.6.*
+OLDEST_VENV   ?= .venv-oldest-triton
+OLDEST_STAMP  := $(OLDEST_VENV)/.selopt-installed
+
+.PHONY: demo test compile-check-oldest bench clean
 
 $(STAMP): pyproject.toml Makefile
 ifeq ($(HAS_GPU_TORCH),1)
@@ -34,8 +39,20 @@ demo: $(STAMP)
 test: $(STAMP)
 	TRITON_INTERPRET=$(if $(HAS_GPU_TORCH),0,1) $(PY) -m pytest -q --doctest-modules selopt tests
 
+# Every kernel compiled for real GPUs (no GPU needed) on the oldest supported Triton; `make test`
+# does the same on the newest. Run from a neutral directory so the installed wheel is what runs.
+$(OLDEST_STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OLDEST_VENV)/bin/python -m pip install -q "$(CPU_TORCH)" "$(OLDEST_TRITON)"
+	$(OLDEST_VENV)/bin/python -m pip install -q --no-deps .
+	touch $(OLDEST_STAMP)
+
+compile-check-oldest: $(OLDEST_STAMP)
+	cd $(OLDEST_VENV) && env -u TRITON_INTERPRET bin/python -m selopt.kernels.compile_check --arch 80 90 --jobs 2
+
 bench: $(STAMP)
 	$(PY) -m bench.speed
 
 clean:
-	rm -rf $(VENV) .pytest_cache .benchmarks
+	rm -rf $(VENV) $(OLDEST_VENV) .pytest_cache .benchmarks

@@ -62,6 +62,9 @@ class PreparedStep:
 
     launches: list[Launch]
     write_back: list[tuple[Tensor, Tensor]]  # (strided original, the contiguous copy the kernels update)
+    # Every tensor the launches address by pointer, contiguous copies of strided inputs included:
+    # nothing else holds those copies until the launches have run.
+    operands: list[list[Tensor | None]]
 
     def __call__(self) -> None:
         for launch in self.launches:
@@ -134,7 +137,7 @@ def prepare_multi_tensor_adamw(
         if len(values) != count:
             raise ValueError(f"{name} must have one entry per param ({count}), got {len(values)}")
     if count == 0:
-        return PreparedStep([], [])
+        return PreparedStep([], [], [])
     device, param_dtype, moment_dtype = params[0].device, params[0].dtype, exp_avgs[0].dtype
     if param_dtype not in PARAM_DTYPES:
         raise TypeError(f"params must be one of {list(PARAM_DTYPES)} for the Triton kernels, got {param_dtype}")
@@ -214,4 +217,4 @@ def prepare_multi_tensor_adamw(
     compile_launches(launches, device)
     write_back = [(original, copy) for index in (0, 2, 3, 4)  # params and moments: what the step writes
                   for original, copy in zip(columns[index], work[index]) if copy is not original]
-    return PreparedStep(launches, write_back)
+    return PreparedStep(launches, write_back, work)

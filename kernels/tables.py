@@ -21,6 +21,9 @@ from selopt.reference import block_k
 
 _CACHE_SIZE = 64
 _plans: OrderedDict[tuple, "Plan"] = OrderedDict()
+# Plans used while a CUDA graph was being captured: the graph replays their device pointers, so
+# they are kept for the life of the process, whatever the LRU above evicts.
+_captured_plans: dict[tuple, "Plan"] = {}
 _radix_scratch: dict[tuple, tuple[Tensor, Tensor]] = {}
 
 
@@ -61,6 +64,10 @@ def _radix_scratch_for(device: torch.device, num_rows: int) -> tuple[Tensor, Ten
     return _radix_scratch[key]
 
 
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def plan_for(tensors: list[tuple], *, tile: int, segment: int | None, fraction: float, exact: bool) -> Plan:
     """The (cached) plan for ``tensors``: tuples (p, g, m, v, vmax, mask, step, selection).
 
@@ -76,10 +83,21 @@ def plan_for(tensors: list[tuple], *, tile: int, segment: int | None, fraction: 
         (*(_address(t) for t in entry), entry[0].numel(), -1 if entry[5] is None else entry[5].numel())
         for entry in tensors
     ))
-    plan = _plans.get(key)
+    capturing = _capturing(device)
+    plan = _plans.get(key) or _captured_plans.get(key)
     if plan is not None:
-        _plans.move_to_end(key)
+        if key in _plans:
+            _plans.move_to_end(key)
+        if capturing:
+            _captured_plans[key] = plan
         return plan
+    if capturing:
+        # Building a plan copies its table from the host; a graph would replay that copy from a host
+        # buffer that is gone by then. Torch's optimizers ask for the same warm-up before capture.
+        raise RuntimeError(
+            "selopt met tensors it has not stepped before while a CUDA graph is being captured: run "
+            "optimizer.step() once on the same tensors (params, grads, state) before capturing"
+        )
 
     rows = []
     first_program = 0

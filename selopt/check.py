@@ -1,0 +1,252 @@
+"""``python -m selopt.check``: the first thing to run on a new GPU machine.
+
+Runs selopt's Triton kernels on this machine against the pure-torch reference
+(:mod:`selopt.reference`) over shapes, dtypes and options; times one step
+against ``torch.optim.AdamW(fused=True)``; prints a PASS/FAIL table with the
+device, driver, torch and Triton versions; exits non-zero on any failure.
+
+Without a CUDA device it says so and runs the same checks under Triton's
+interpreter on CPU tensors, at tiny sizes (and times nothing).
+
+What "pass" means, per case and tensor: the kernel's selection equals the
+reference selection computed from the kernel's own ``exp_avg`` (near-ties may
+rank differently after one rounding, so not from the reference's ``m``); the
+moments agree within a few ulps; the parameter within one rounding of its
+dtype; the step count advanced by one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+import selopt
+from selopt import reference
+
+HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+# One rounding of each parameter dtype; fp32 gets a few ulps.
+PARAM_RTOL = {torch.float32: 4e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    shapes: tuple
+    param_dtype: torch.dtype = torch.float32
+    moment_dtype: torch.dtype = torch.float32
+    options: dict = field(default_factory=dict)
+    soft_mask: str | None = None  # "rows" or "full"
+
+
+def cases(tiny: bool) -> list[Case]:
+    """The checked cases: ``tiny`` sizes for the interpreter, sizes that fill a GPU's blocks otherwise."""
+    odd = ((1,), (0,), (37,), (5, 67)) if tiny else ((1,), (0,), (4097,), (1000, 1031), (2**20 + 3,))
+    blocks = (64, 1024) if tiny else (256, 4096, 16384)
+    exact_segment = 32768 if tiny else 65536
+    found = [Case("dense fp32", odd, options=dict(fraction=1.0))]
+    for size in blocks:
+        found.append(Case(f"MoFO block {size} fp32", odd, options=dict(fraction=0.1, block_size=size)))
+    found += [
+        Case("MoFO exact fp32", odd, options=dict(fraction=0.1)),
+        Case(f"MoFO exact segments of {exact_segment}", odd + ((2 * exact_segment + 5,),), options=dict(fraction=0.1, block_size=exact_segment)),
+        Case("MoFO exact bf16/fp32", odd, torch.bfloat16, options=dict(fraction=0.15)),
+        Case("MoFO exact bf16/bf16", odd, torch.bfloat16, torch.bfloat16, options=dict(fraction=0.15)),
+        Case(f"MoFO block {blocks[-1]} fp16/fp32", odd, torch.float16, options=dict(fraction=0.2, block_size=blocks[-1])),
+        Case("amsgrad, maximize, decay=selected, beta1=0.3", odd,
+             options=dict(fraction=0.25, amsgrad=True, maximize=True, decay="selected", beta1=0.3)),
+        Case("soft mask per row on the update", odd, options=dict(fraction=0.3), soft_mask="rows"),
+        Case("soft mask per entry on the gradient", odd, options=dict(fraction=0.3, block_size=blocks[0],
+                                                                       soft_mask_mode="grad"), soft_mask="full"),
+    ]
+    return found
+
+
+def _drivers() -> str:
+    try:
+        version = ctypes.c_int()
+        ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version))
+        return f"{version.value // 1000}.{version.value % 1000 // 10}"
+    except OSError:
+        return "unknown"
+
+
+def environment(device: torch.device) -> list[tuple[str, str]]:
+    """What the results depend on: device, driver and library versions."""
+    import triton
+
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        where = f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
+        runtime = f"driver {_drivers()}, CUDA runtime {torch.version.cuda}"
+    else:
+        where = f"CPU ({platform.processor() or platform.machine()}), Triton interpreter"
+        runtime = "no CUDA device"
+    return [("device", where), ("driver", runtime), ("torch", torch.__version__),
+            ("triton", triton.__version__), ("selopt", selopt.__version__)]
+
+
+def step_problems(before: dict, after: dict, *, soft_mask: Tensor | None = None, grad_scale: Tensor | None = None,
+                  **options) -> list[str]:
+    """How one tensor's kernel step differs from the reference; empty when it matches.
+
+    ``before`` and ``after`` hold ``param``, ``exp_avg``, ``exp_avg_sq``,
+    ``max_exp_avg_sq`` (or None) and ``step``; ``before`` also the ``grad``,
+    ``after`` the kernel's ``selection``. ``options`` are the step's keywords.
+
+    >>> p = torch.tensor([1.0, 2.0])
+    >>> before = dict(param=p, grad=torch.ones(2), exp_avg=torch.zeros(2), exp_avg_sq=torch.zeros(2),
+    ...               max_exp_avg_sq=None, step=torch.tensor(0.0))
+    >>> want = reference.adamw_math(p, torch.ones(2), torch.zeros(2), torch.zeros(2), None, step=1, **HYPER)
+    >>> after = dict(param=want.param, exp_avg=want.exp_avg, exp_avg_sq=want.exp_avg_sq, max_exp_avg_sq=None,
+    ...              step=torch.tensor(1.0), selection=want.selected)
+    >>> step_problems(before, after, **HYPER)
+    []
+    """
+    fraction, block_size = options.get("fraction", 1.0), options.get("block_size")
+    m, p = after["exp_avg"], after["param"]
+    problems = []
+    selection = reference.selection_mask(m.float(), fraction, block_size)
+    if not torch.equal(after["selection"], selection):
+        problems.append(f"selection differs in {int((after['selection'] != selection).sum())} entries")
+    lr = float(options["lr"])
+    want = reference.adamw_math(
+        before["param"], before["grad"], before["exp_avg"], before["exp_avg_sq"], before["max_exp_avg_sq"],
+        step=float(before["step"]) + 1, soft_mask=soft_mask, grad_scale=grad_scale, **{**options, "lr": lr})
+    # bf16 moments round to 2^-8; fp32 moments are within a few ulps (torch's CPU lerp may fuse).
+    tolerance = dict(rtol=2**-8, atol=1e-8) if m.dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-8)
+    pairs = [("exp_avg", want.exp_avg), ("exp_avg_sq", want.exp_avg_sq), ("max_exp_avg_sq", want.max_exp_avg_sq)]
+    for name, expected in pairs:
+        if expected is not None and not torch.allclose(after[name].float(), expected.float(), equal_nan=True, **tolerance):
+            problems.append(f"{name} differs by up to {_max_difference(after[name], expected):.3g}")
+    # The update is lr-sized: bf16 moments move it by up to ~2^-8 of lr.
+    update_atol = 1e-7 if m.dtype == torch.float32 else 2**-7 * lr
+    if torch.equal(want.selected, selection) and not torch.allclose(
+            p.float(), want.param.to(p.dtype).float(), rtol=PARAM_RTOL[p.dtype], atol=update_atol, equal_nan=True):
+        problems.append(f"param differs by up to {_max_difference(p, want.param.to(p.dtype)):.3g}")
+    if float(after["step"]) != float(before["step"]) + 1:
+        problems.append(f"step is {float(after['step'])}, expected {float(before['step']) + 1}")
+    return problems
+
+
+def _max_difference(a: Tensor, b: Tensor) -> float:
+    difference = (a.float() - b.float()).abs()
+    return float(difference.nan_to_num(float("inf")).max()) if difference.numel() else 0.0
+
+
+def run_case(case: Case, device: torch.device, seed: int = 0) -> list[str]:
+    """Step the kernels once on ``case`` and compare every tensor with the reference."""
+    from selopt import kernels
+
+    gen = torch.Generator().manual_seed(seed)
+    options = {**HYPER, **case.options}
+    amsgrad = options.pop("amsgrad", False)
+    tensors = []
+    for shape in case.shapes:
+        def random(scale=1.0, positive=False, dtype=case.moment_dtype):
+            values = torch.rand(shape, generator=gen) if positive else torch.randn(shape, generator=gen)
+            return (scale * values).to(device=device, dtype=dtype)
+
+        tensors.append(dict(
+            param=random(dtype=case.param_dtype), grad=random(dtype=case.param_dtype), exp_avg=random(0.1),
+            exp_avg_sq=random(0.1, positive=True), max_exp_avg_sq=random(0.12, positive=True) if amsgrad else None,
+            step=torch.tensor(3.0, device=device),
+            selection=torch.zeros(shape, dtype=torch.bool, device=device)))
+    masks = None
+    if case.soft_mask:
+        masks = [torch.rand(s[:1] if case.soft_mask == "rows" else s, generator=gen).to(device) for s in case.shapes]
+    before = [{k: v.clone() if isinstance(v, Tensor) else v for k, v in t.items()} for t in tensors]
+    columns = {key: [t[key] for t in tensors] for key in tensors[0]}
+    try:
+        kernels.multi_tensor_adamw_(
+            columns["param"], columns["grad"], columns["exp_avg"], columns["exp_avg_sq"],
+            columns["max_exp_avg_sq"] if amsgrad else None, columns["step"], masks,
+            selections=columns["selection"], **options)
+    except kernels.KernelCompileError as error:
+        return [str(error)]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    problems = []
+    for index, (old, new) in enumerate(zip(before, tensors)):
+        mask = None if masks is None else masks[index]
+        for problem in step_problems(old, new, soft_mask=mask, amsgrad=amsgrad, **options):
+            problems.append(f"tensor {tuple(case.shapes[index])}: {problem}")
+    return problems
+
+
+def time_against_torch_fused(device: torch.device, numel: int = 2**24, tensors: int = 16,
+                             steps: int = 20) -> list[tuple[str, float]]:
+    """Milliseconds per step of selopt's variants and of torch fused AdamW, side by side, on fp32 params."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    shape = (numel // tensors,)
+    variants = {
+        "torch.optim.AdamW(fused=True)": lambda ps: torch.optim.AdamW(ps, fused=True),
+        "selopt.AdamW": lambda ps: selopt.AdamW(ps, backend="triton"),
+        "selopt.MoFO(block_size=1024)": lambda ps: selopt.MoFO(ps, block_size=1024, backend="triton"),
+        "selopt.MoFO (exact, per tensor)": lambda ps: selopt.MoFO(ps, backend="triton"),
+    }
+    times = []
+    for label, make in variants.items():
+        params = [torch.nn.Parameter(torch.randn(shape, device=device, generator=gen)) for _ in range(tensors)]
+        for p in params:
+            p.grad = torch.randn(shape, device=device, generator=gen)
+        opt = make(params)
+        for _ in range(3):
+            opt.step()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            opt.step()
+        end.record()
+        torch.cuda.synchronize(device)
+        times.append((label, start.elapsed_time(end) / steps))
+        del params, opt
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m selopt.check", description=__doc__.split("\n\n")[0])
+    parser.parse_args(argv)
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
+        print("No CUDA device: running the kernels under Triton's interpreter on CPU, at tiny sizes "
+              "(nothing is timed).", flush=True)
+        # The interpreter must be chosen before Triton decorates the kernels, so in a fresh process.
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        return subprocess.run([sys.executable, "-m", "selopt.check", *(argv or [])], env=env).returncode
+    problem = selopt.optim.triton_problem()
+    if problem is not None:
+        print(f"FAIL  selopt's Triton kernels cannot run here: {problem}")
+        return 1
+    device = torch.device("cuda" if on_gpu else "cpu")
+    width = 52
+    for key, value in environment(device):
+        print(f"{key:>8}: {value}")
+    print(f"\n{'check':<{width}} result")
+    checked = cases(tiny=not on_gpu)
+    failed = 0
+    for case in checked:
+        problems = run_case(case, device)
+        failed += bool(problems)
+        print(f"{case.name:<{width}} {'FAIL' if problems else 'PASS'}", flush=True)
+        for problem in problems[:5]:
+            print(f"    {problem}")
+    if on_gpu:
+        print(f"\n{'one step, 2^24 fp32 entries in 16 tensors':<{width}} ms/step  vs torch fused")
+        times = time_against_torch_fused(device)
+        baseline = times[0][1]
+        for label, ms in times:
+            print(f"{label:<{width}} {ms:7.3f}  {ms / baseline:5.2f}x")
+    print(f"\n{'FAIL' if failed else 'PASS'}: {len(checked) - failed} of {len(checked)} checks passed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
