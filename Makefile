@@ -44,7 +44,7 @@ test: $(STAMP)
 $(OLDEST_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/python -m pip install -q --upgrade pip
-	$(OLDEST_VENV)/bin/python -m pip install -q "$(CPU_TORCH)" "$(OLDEST_TRITON)"
+	$(OLDEST_VENV)/bin/python -m pip install -q "$(CPU_TORCH)" "$(OLDEST_TRITON)" numpy
 	$(OLDEST_VENV)/bin/python -m pip install -q --no-deps .
 	touch $(OLDEST_STAMP)
 
