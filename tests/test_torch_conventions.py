@@ -120,7 +120,9 @@ def test_torch_adamw_call_with_positional_amsgrad_and_every_keyword_works(optimi
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(("foreach", "fused"), [(None, None), (True, None), (None, True), (False, False), (True, False)])
+@pytest.mark.parametrize(
+    ("foreach", "fused"), [(None, None), (True, None), (None, True), (False, False), (True, False)]
+)
 def test_foreach_and_fused_are_kept_in_the_groups_and_change_nothing(foreach, fused, backend):
     params, default_params = make_params(), make_params()
     opt = selopt.MoFO(params, lr=1e-2, fraction=0.5, foreach=foreach, fused=fused, backend=backend)
@@ -156,7 +158,9 @@ TORCH_ERROR_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize(("desc", "params", "kwargs", "error"), TORCH_ERROR_INPUTS, ids=[c[0] for c in TORCH_ERROR_INPUTS])
+@pytest.mark.parametrize(
+    ("desc", "params", "kwargs", "error"), TORCH_ERROR_INPUTS, ids=[case[0] for case in TORCH_ERROR_INPUTS]
+)
 @pytest.mark.parametrize("optimizer_class", OPTIMIZERS)
 def test_torch_error_inputs_raise_torch_s_exception_type(optimizer_class, desc, params, kwargs, error):
     for cls in (torch.optim.AdamW, optimizer_class):
@@ -469,6 +473,19 @@ def test_complex_state_dicts_move_between_torch_adamw_and_selopt():
     assert_same_params(ours, theirs)
 
 
+def test_a_real_state_dict_does_not_load_into_complex_params():
+    real = [torch.nn.Parameter(torch.view_as_real(c).clone()) for c in complex_params(torch.complex64)]
+    opt = selopt.AdamW(real)
+    train_complex(opt, real, 1, seed=0)
+    saved = opt.state_dict()
+    for entry in saved["state"].values():  # real moments of the complex params' shape
+        entry["exp_avg"] = entry["exp_avg"][..., 0]
+    complex_opt = selopt.AdamW([torch.nn.Parameter(c) for c in complex_params(torch.complex64)])
+    with pytest.raises(ValueError, match=r"\['exp_avg'\] is torch.float32, but its param is torch.complex64"):
+        complex_opt.load_state_dict(saved)
+    assert not complex_opt.state
+
+
 def test_complex_params_refuse_bf16_moments():
     with pytest.raises(ValueError, match="moment_dtype=torch.bfloat16 has no complex counterpart"):
         selopt.AdamW([torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))], moment_dtype=torch.bfloat16)
@@ -547,7 +564,8 @@ def test_a_pre_hook_can_make_a_checkpoint_fit_and_the_checks_see_its_result():
 @pytest.mark.parametrize("optimizer_class", OPTIMIZERS)
 def test_printing_shows_every_group_and_its_options(optimizer_class):
     params = make_params()
-    opt = optimizer_class([{"params": params[:1]}, {"params": params[1:], "fraction": 1.0, "weight_decay": 0.0}], lr=0.1)
+    groups = [{"params": params[:1]}, {"params": params[1:], "fraction": 1.0, "weight_decay": 0.0}]
+    opt = optimizer_class(groups, lr=0.1)
     text = repr(opt)
     assert text.startswith(f"{optimizer_class.__name__} (\nParameter Group 0\n")
     assert "Parameter Group 1\n" in text
