@@ -138,41 +138,49 @@ def test_foreach_and_fused_are_kept_in_the_groups_and_change_nothing(foreach, fu
 # copied as data: importing that module needs expecttest, a test-only dependency of torch. The last
 # two are its CUDA-only cases; torch raises them at construction on any device. Each case is also
 # run against torch.optim.AdamW, so the data cannot drift from what torch does.
-_P = torch.nn.Parameter(torch.randn(1, 1))
-_P2 = torch.nn.Parameter(torch.randn(1, 1))
+#
+# Each case builds its params from two fresh (1, 1) parameters: torch's add_param_group writes into
+# the group dicts it is given, so no two constructions may share them.
 TORCH_ERROR_INPUTS = [
-    ("invalid param type", _P, {}, TypeError),
-    ("duplicate params across groups", [{"params": _P}, {"params": _P}], {}, ValueError),
-    ("Tensor lr must be 1-element", None, dict(lr=torch.tensor([0.001, 0.001])), ValueError),
-    ("all params with or without names", [("weight", _P), _P2], {}, ValueError),
-    ("all groups with or without names", [{"params": [_P], "lr": 1e-2}, {"params": [("weight", _P2)]}], {}, ValueError),
-    ("beta1 in [0, 1)", None, dict(lr=1e-2, betas=(1.0, 0.0)), ValueError),
-    ("weight_decay >= 0", None, dict(lr=1e-2, weight_decay=-1), ValueError),
-    ("tensor lr with foreach, not capturable", None, dict(lr=torch.tensor(0.001), foreach=True), ValueError),
-    ("betas float and tensor", None, dict(lr=1e-2, betas=(0.9, torch.tensor(0.99))), ValueError),
-    ("betas tensor and float", None, dict(lr=1e-2, betas=(torch.tensor(0.9), 0.99)), ValueError),
-    ("tensor betas with foreach, not capturable", None,
+    ("invalid param type", lambda a, b: a, {}, TypeError),
+    ("duplicate params across groups", lambda a, b: [{"params": a}, {"params": a}], {}, ValueError),
+    ("Tensor lr must be 1-element", lambda a, b: [a], dict(lr=torch.tensor([0.001, 0.001])), ValueError),
+    ("all params with or without names", lambda a, b: [("weight", a), b], {}, ValueError),
+    ("all groups with or without names",
+     lambda a, b: [{"params": [a], "lr": 1e-2}, {"params": [("weight", b)]}], {}, ValueError),
+    ("beta1 in [0, 1)", lambda a, b: [a], dict(lr=1e-2, betas=(1.0, 0.0)), ValueError),
+    ("weight_decay >= 0", lambda a, b: [a], dict(lr=1e-2, weight_decay=-1), ValueError),
+    ("tensor lr with foreach, not capturable", lambda a, b: [a], dict(lr=torch.tensor(0.001), foreach=True),
+     ValueError),
+    ("betas float and tensor", lambda a, b: [a], dict(lr=1e-2, betas=(0.9, torch.tensor(0.99))), ValueError),
+    ("betas tensor and float", lambda a, b: [a], dict(lr=1e-2, betas=(torch.tensor(0.9), 0.99)), ValueError),
+    ("tensor betas with foreach, not capturable", lambda a, b: [a],
      dict(lr=1e-2, betas=(torch.tensor(0.9), torch.tensor(0.99)), foreach=True), ValueError),
-    ("fused and foreach", None, dict(foreach=True, fused=True), RuntimeError),
-    ("fused and differentiable", None, dict(fused=True, differentiable=True), RuntimeError),
+    ("fused and foreach", lambda a, b: [a], dict(foreach=True, fused=True), RuntimeError),
+    ("fused and differentiable", lambda a, b: [a], dict(fused=True, differentiable=True), RuntimeError),
 ]
 
 
+def fresh_pair():
+    return torch.nn.Parameter(torch.randn(1, 1)), torch.nn.Parameter(torch.randn(1, 1))
+
+
 @pytest.mark.parametrize(
-    ("desc", "params", "kwargs", "error"), TORCH_ERROR_INPUTS, ids=[case[0] for case in TORCH_ERROR_INPUTS]
+    ("desc", "make_params", "kwargs", "error"), TORCH_ERROR_INPUTS, ids=[case[0] for case in TORCH_ERROR_INPUTS]
 )
 @pytest.mark.parametrize("optimizer_class", OPTIMIZERS)
-def test_torch_error_inputs_raise_torch_s_exception_type(optimizer_class, desc, params, kwargs, error):
+def test_torch_error_inputs_raise_torch_s_exception_type(optimizer_class, desc, make_params, kwargs, error):
     for cls in (torch.optim.AdamW, optimizer_class):
         with pytest.raises(error):
-            cls(params if params is not None else [torch.nn.Parameter(torch.randn(2, 2))], **kwargs)
+            cls(make_params(*fresh_pair()), **kwargs)
 
 
 @pytest.mark.parametrize("optimizer_class", OPTIMIZERS)
 def test_duplicate_params_in_a_group_warn_as_in_torch(optimizer_class):
     for cls in (torch.optim.AdamW, optimizer_class):
+        param, _ = fresh_pair()
         with pytest.warns(UserWarning, match="duplicate parameters"):
-            cls([_P, _P])
+            cls([param, param])
 
 
 @pytest.mark.parametrize("optimizer_class", OPTIMIZERS)
