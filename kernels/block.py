@@ -11,8 +11,9 @@ import triton.language as tl
 from selopt.kernels import _device as d
 from selopt.kernels.launch import Launch
 
-# Blocks above this size would spill registers; larger blocks take the exact path.
-MAX_BLOCK = 16384
+# The largest block one program selects in registers: at 8192 and above the kernel spills on sm_90
+# (bench.static); larger blocks take the exact path, cut into segments of block_size.
+MAX_BLOCK = 4096
 # Tile of the dense kernel (fraction == 1), where the block size has no meaning.
 DENSE_TILE = 4096
 

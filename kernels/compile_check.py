@@ -73,28 +73,37 @@ class CompileOnlyDriver(DriverBase):
         return 0
 
 
+@dataclass(frozen=True)
+class Compiled:
+    """One compiled specialization: the kernel's name, its launch options and Triton's ``CompiledKernel``
+    (``binary.asm["cubin"]``, ``binary.asm["ptx"]``, ``binary.metadata``)."""
+
+    name: str
+    options: dict
+    binary: object
+
+
 @contextlib.contextmanager
 def compile_only(arch: int) -> Iterator[list]:
     """Within the block, launches compile for ``sm_<arch>`` instead of running.
 
-    Yields the list of compiled kernels (Triton ``CompiledKernel`` objects,
-    with ``asm["cubin"]`` and ``asm["ptx"]``), one per distinct specialization.
+    Yields the list of :class:`Compiled` kernels, one per distinct specialization.
 
     Example (``TRITON_INTERPRET`` unset):
         >>> p = torch.zeros(10)
         >>> with compile_only(90) as compiled:
         ...     multi_tensor_adamw_([p], [p.clone()], [p.clone()], [p.clone()], None, [torch.zeros(())],
         ...                         lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
-        >>> [kernel.name for kernel in compiled]
-        ['_block_adamw_kernel']
+        >>> [(c.name, c.options["BLOCK"]) for c in compiled]
+        [('_block_adamw_kernel', 4096)]
     """
-    compiled: list = []
+    compiled: list[Compiled] = []
     jit_run = JITFunction.run
 
     def run_as_compile(self, *args, grid, warmup, **kwargs):
         kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
-        if all(kernel is not seen for seen in compiled):
-            compiled.append(kernel)
+        if all(kernel is not seen.binary for seen in compiled):
+            compiled.append(Compiled(self.fn.__name__, kwargs, kernel))
         return kernel
 
     # Read the private slot, not driver.active: on a machine without a GPU the public property

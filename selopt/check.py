@@ -49,8 +49,8 @@ class Case:
 def cases(tiny: bool) -> list[Case]:
     """The checked cases: ``tiny`` sizes for the interpreter, sizes that fill a GPU's blocks otherwise."""
     odd = ((1,), (0,), (37,), (5, 67)) if tiny else ((1,), (0,), (4097,), (1000, 1031), (2**20 + 3,))
-    blocks = (64, 1024) if tiny else (256, 4096, 16384)
-    exact_segment = 32768 if tiny else 65536
+    blocks = (64, 1024) if tiny else (256, 1024, 4096)
+    exact_segment = 8192 if tiny else 65536
     found = [Case("dense fp32", odd, options=dict(fraction=1.0))]
     for size in blocks:
         found.append(Case(f"MoFO block {size} fp32", odd, options=dict(fraction=0.1, block_size=size)))

@@ -339,13 +339,19 @@ def test_triton_backend_without_triton_says_how_to_install(monkeypatch):
 
 def test_block_sizes_every_power_of_two_run():
     # All powers of two from 1 to the one-pass limit take the one-pass kernel; small and odd tails.
-    for block_size in [2**i for i in range(0, 15)]:
+    for block_size in [2**i for i in range(block.MAX_BLOCK.bit_length())]:
         n = min(3 * block_size + 1, 20000)
         bucket = Bucket([(n,)], seed=block_size)
         options = dict(HYPER, fraction=0.3, block_size=block_size)
         bucket.step(**options)
         bucket.check(**options)
-    assert block.MAX_BLOCK == 2**14
+    # Above the one-pass limit, blocks take the exact path (seven launches).
+    bucket = Bucket([(3 * block.MAX_BLOCK,)], seed=1)
+    for block_size, launches in ((block.MAX_BLOCK, 1), (2 * block.MAX_BLOCK, 7)):
+        prepared = kernels.prepare_multi_tensor_adamw(
+            bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs, None, bucket.steps,
+            fraction=0.3, block_size=block_size, **HYPER)
+        assert len(prepared.launches) == launches
 
 
 def test_optimizer_float64_params_fall_back_to_the_reference():
