@@ -7,7 +7,11 @@ values; the kernels in :mod:`selopt.kernels.block` and
 Launches are described by one int64 table with a row per *segment* (a whole
 tensor, or a run of it), ``NUM_COLUMNS`` columns wide; the ``COL_*`` constants
 name the columns. Pointers are stored as integers and cast back on the device,
-so one launch reaches tensors that live in separate allocations.
+so one launch reaches tensors that live in separate allocations. An int32 map
+gives each program its row (one load, where a search of the table would be a
+chain of dependent loads), and a per-tensor row of ``STEP_SCALARS`` floats,
+written by :mod:`selopt.kernels.steps` once per tensor and step, holds the
+step's scalars, so no program recomputes them.
 """
 
 import triton
@@ -19,18 +23,23 @@ COL_EXP_AVG = tl.constexpr(2)
 COL_EXP_AVG_SQ = tl.constexpr(3)
 COL_MAX_EXP_AVG_SQ = tl.constexpr(4)
 COL_SOFT_MASK = tl.constexpr(5)
-COL_STEP = tl.constexpr(6)
-COL_SELECTION = tl.constexpr(7)
-COL_NUMEL = tl.constexpr(8)
-COL_K_FULL = tl.constexpr(9)  # k of a full block (one-pass) or of the whole segment (exact)
-COL_K_TAIL = tl.constexpr(10)  # k of the last, shorter block of a tensor (one-pass)
-COL_MASK_DIV = tl.constexpr(11)  # elements per soft-mask value; 0 means no soft mask
-COL_FIRST_PROGRAM = tl.constexpr(12)  # index of the segment's first program in the grid
-COL_OFFSET = tl.constexpr(13)  # where the segment starts inside its tensor
-COL_TICKET = tl.constexpr(14)  # slot of the segment's tensor in the step-ticket counters
-COL_TICKET_TARGET = tl.constexpr(15)  # programs of that tensor, over all its segments
-COL_SALT = tl.constexpr(16)  # per-tensor constant that keeps random streams apart
-NUM_COLUMNS = tl.constexpr(17)
+COL_SELECTION = tl.constexpr(6)
+COL_NUMEL = tl.constexpr(7)
+COL_K_FULL = tl.constexpr(8)  # k of a full block (one-pass) or of the whole segment (exact)
+COL_K_TAIL = tl.constexpr(9)  # k of the last, shorter block of a tensor (one-pass)
+COL_MASK_DIV = tl.constexpr(10)  # elements per soft-mask value; 0 means no soft mask
+COL_FIRST_PROGRAM = tl.constexpr(11)  # index of the segment's first program in the grid
+COL_OFFSET = tl.constexpr(12)  # where the segment starts inside its tensor
+COL_TENSOR = tl.constexpr(13)  # index of the segment's tensor in the bucket (its step-scalars row)
+COL_SALT = tl.constexpr(14)  # per-tensor constant that keeps random streams apart
+NUM_COLUMNS = tl.constexpr(15)
+
+# Per tensor: step size, 1 / sqrt(bias correction 2), decay factor, step count before the update.
+SCALAR_STEP_SIZE = tl.constexpr(0)
+SCALAR_INV_BIAS_CORRECTION2_SQRT = tl.constexpr(1)
+SCALAR_DECAY = tl.constexpr(2)
+SCALAR_STEP = tl.constexpr(3)
+STEP_SCALARS = tl.constexpr(4)
 
 # Counters per segment in the exact path's histogram (the widest radix round, 2^11 bins).
 RADIX_BINS = tl.constexpr(2048)
@@ -48,23 +57,22 @@ def broadcast(scalar, like):
 
 
 @triton.jit
-def find_row(table, pid, num_rows, SEARCH_STEPS: tl.constexpr):
-    """The segment that program ``pid`` works on: binary search of the first-program column.
-
-    Every segment owns at least one program, so first-program indices strictly
-    increase and the last row whose first program is <= pid is the answer.
-    """
-    row = pid * 0
-    for level in tl.static_range(SEARCH_STEPS - 1, -1, -1):
-        candidate = row + (1 << level)
-        first = tl.load(table + tl.minimum(candidate, num_rows - 1).to(tl.int64) * NUM_COLUMNS + COL_FIRST_PROGRAM)
-        row = tl.where((candidate < num_rows) & (first <= pid), candidate, row)
-    return row
+def load_pointer(row_ptr, column, dtype: tl.constexpr):
+    return tl.load(row_ptr + column).to(tl.pointer_type(dtype))
 
 
 @triton.jit
-def load_pointer(row_ptr, column, dtype: tl.constexpr):
-    return tl.load(row_ptr + column).to(tl.pointer_type(dtype))
+def stream(row_ptr, column, start, lanes, dtype: tl.constexpr, ALIGNED: tl.constexpr):
+    """Addresses of one tile of a streamed tensor (param, grad, a moment, the selection).
+
+    ``ALIGNED``: the host checked that every table address is 16-byte aligned.
+    The hint must sit on the pointer after the int-to-pointer cast (on the
+    integer it is dropped); with it the compiler emits 128-bit accesses.
+    """
+    base = load_pointer(row_ptr, column, dtype)
+    if ALIGNED:
+        base = tl.multiple_of(base, 16)
+    return base + start + lanes
 
 
 @triton.jit
@@ -167,11 +175,11 @@ def step_scalars(
     step, lr_ptr, lr_hi, lr_lo, decay_factor, weight_decay_hi, weight_decay_lo,
     beta1_hi, beta1_lo, beta2_hi, beta2_lo, LR_ON_DEVICE: tl.constexpr,
 ):
-    """Step size, sqrt of the second bias correction and the decay factor, for step count ``step``.
+    """Step size, 1 / sqrt of the second bias correction and the decay factor, for step count ``step``.
 
     Computed in fp64 from hi/lo fp32 pairs (kernel float arguments are fp32),
-    so they round to the same fp32 values as the reference's Python doubles.
-    ``step`` is the count after this update.
+    so they round to the values the reference's Python doubles give. ``step``
+    is the count after this update.
     """
     count = step.to(tl.int32)
     beta1 = _join_double(beta1_hi, beta1_lo)
@@ -183,8 +191,8 @@ def step_scalars(
         lr = _join_double(lr_hi, lr_lo)
         decay = as_tensor(decay_factor, tl.float32)
     step_size = (lr / (1.0 - power(beta1, count))).to(tl.float32)
-    bias_correction2_sqrt = sqrt_f64(1.0 - power(beta2, count)).to(tl.float32)
-    return step_size, bias_correction2_sqrt, decay
+    inv_bias_correction2_sqrt = (1.0 / sqrt_f64(1.0 - power(beta2, count))).to(tl.float32)
+    return step_size, inv_bias_correction2_sqrt, decay
 
 
 @triton.jit
@@ -211,28 +219,21 @@ def adam_moments(g, m, v, vmax, lerp_weight, beta2, one_minus_beta2,
 
 
 @triton.jit
-def masked_update(p, m, second_moment, selected, scale, step_size, bias_correction2_sqrt, eps, decay,
+def masked_update(p, m, second_moment, selected, scale, step_size, inv_bias_correction2_sqrt, eps, decay,
                   DECAY_SELECTED: tl.constexpr, SCALE_UPDATE: tl.constexpr):
-    """Decoupled decay and the AdamW step on the selected entries, in fp32 (SPEC §1 steps 6-7)."""
-    denom = tl.div_rn(tl.sqrt_rn(second_moment), bias_correction2_sqrt) + eps
+    """Decoupled decay and the AdamW step on the selected entries, in fp32.
+
+    The hardware's fast square root and division (a few ulps; the IEEE-rounded
+    ``sqrt_rn``/``div_rn`` cost ~15 instructions each, with a branch to a slow
+    path): the update is lr-sized, so a few ulps of it are far below one
+    rounding of the parameter.
+    """
+    denom = tl.sqrt(second_moment) * inv_bias_correction2_sqrt + eps
     numerator = m * scale if SCALE_UPDATE else m
     decayed = p * decay
     kept = p if DECAY_SELECTED else decayed
     # where(), not a multiply by the mask: unselected entries stay exact even if the step is NaN.
-    return tl.where(selected, decayed - tl.div_rn(step_size * numerator, denom), kept)
-
-
-@triton.jit
-def advance_step(tickets, slot, target, step_ptr, step, increment):
-    """The last program of a tensor to finish adds ``increment`` (0 for a skipped step) to its step.
-
-    Every program read the step before taking its ticket (the atomic orders
-    that read), so no one sees the new count in the middle of an update.
-    """
-    ticket = tl.atomic_add(tickets + slot, 1)
-    if ticket == target - 1:
-        tl.store(step_ptr, step + increment)
-        tl.store(tickets + slot, 0)
+    return tl.where(selected, decayed - step_size * numerator / denom, kept)
 
 
 @triton.jit
@@ -247,9 +248,9 @@ def load_soft_mask(row_ptr, start, lanes, in_block):
 @triton.jit
 def load_step_gradient(row_ptr, start, lanes, in_block, grad_scale_ptr, PARAM_DTYPE: tl.constexpr,
                        GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, SOFT_MASK: tl.constexpr,
-                       SOFT_MASK_ON_GRAD: tl.constexpr):
+                       SOFT_MASK_ON_GRAD: tl.constexpr, ALIGNED: tl.constexpr):
     """The gradient the moments see (unscaled, negated to maximize, soft-masked in "grad" mode), and the mask."""
-    g = tl.load(load_pointer(row_ptr, COL_GRAD, PARAM_DTYPE) + start + lanes, mask=in_block, other=0.0)
+    g = tl.load(stream(row_ptr, COL_GRAD, start, lanes, PARAM_DTYPE, ALIGNED), mask=in_block, other=0.0)
     g = g.to(tl.float32)
     if GRAD_SCALE:
         g = tl.div_rn(g, tl.load(grad_scale_ptr).to(tl.float32))
@@ -265,15 +266,16 @@ def load_step_gradient(row_ptr, start, lanes, in_block, grad_scale_ptr, PARAM_DT
 
 @triton.jit
 def update_moments(row_ptr, start, lanes, in_block, store_mask, g, lerp_weight, beta2, one_minus_beta2,
-                   AMSGRAD: tl.constexpr, LERP_FROM_END: tl.constexpr, MOMENT_DTYPE: tl.constexpr):
+                   AMSGRAD: tl.constexpr, LERP_FROM_END: tl.constexpr, MOMENT_DTYPE: tl.constexpr,
+                   ALIGNED: tl.constexpr):
     """Load, update and store the moments of one tile; returns m and the denominator's second moment."""
-    m_ptr = load_pointer(row_ptr, COL_EXP_AVG, MOMENT_DTYPE) + start + lanes
-    v_ptr = load_pointer(row_ptr, COL_EXP_AVG_SQ, MOMENT_DTYPE) + start + lanes
+    m_ptr = stream(row_ptr, COL_EXP_AVG, start, lanes, MOMENT_DTYPE, ALIGNED)
+    v_ptr = stream(row_ptr, COL_EXP_AVG_SQ, start, lanes, MOMENT_DTYPE, ALIGNED)
     m = tl.load(m_ptr, mask=in_block, other=0.0).to(tl.float32)
     v = tl.load(v_ptr, mask=in_block, other=0.0).to(tl.float32)
     vmax = v
     if AMSGRAD:
-        vmax_ptr = load_pointer(row_ptr, COL_MAX_EXP_AVG_SQ, MOMENT_DTYPE) + start + lanes
+        vmax_ptr = stream(row_ptr, COL_MAX_EXP_AVG_SQ, start, lanes, MOMENT_DTYPE, ALIGNED)
         vmax = tl.load(vmax_ptr, mask=in_block, other=0.0).to(tl.float32)
     m, v, vmax, second_moment = adam_moments(
         g, m, v, vmax, lerp_weight, beta2, one_minus_beta2, AMSGRAD, LERP_FROM_END, MOMENT_DTYPE)
@@ -286,20 +288,16 @@ def update_moments(row_ptr, start, lanes, in_block, store_mask, g, lerp_weight, 
 
 @triton.jit
 def update_param(
-    row_ptr, start, lanes, in_block, store_mask, step_increment, tickets, m, second_moment, selected, scale,
-    lr_ptr, lr_hi, lr_lo, decay_factor, weight_decay_hi, weight_decay_lo, beta1_hi, beta1_lo, beta2_hi, beta2_lo,
-    eps, seed_ptr, PARAM_DTYPE: tl.constexpr, DECAY_SELECTED: tl.constexpr, SOFT_MASK_ON_UPDATE: tl.constexpr,
-    LR_ON_DEVICE: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr, WRITE_SELECTION: tl.constexpr,
+    row_ptr, start, lanes, in_block, store_mask, step_scalars, m, second_moment, selected, scale, eps, seed_ptr,
+    PARAM_DTYPE: tl.constexpr, DECAY_SELECTED: tl.constexpr, SOFT_MASK_ON_UPDATE: tl.constexpr,
+    STOCHASTIC_ROUNDING: tl.constexpr, WRITE_SELECTION: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    """Decay and step the selected entries of one tile, store them once, and take the step ticket."""
-    step_ptr = load_pointer(row_ptr, COL_STEP, tl.float32)
-    step = tl.load(step_ptr)
-    step_size, bias_correction2_sqrt, decay = step_scalars(
-        step + 1.0, lr_ptr, lr_hi, lr_lo, decay_factor, weight_decay_hi, weight_decay_lo,
-        beta1_hi, beta1_lo, beta2_hi, beta2_lo, LR_ON_DEVICE)
-    p_ptr = load_pointer(row_ptr, COL_PARAM, PARAM_DTYPE) + start + lanes
+    """Decay and step the selected entries of one tile and store them once."""
+    scalars = step_scalars + tl.load(row_ptr + COL_TENSOR) * STEP_SCALARS
+    p_ptr = stream(row_ptr, COL_PARAM, start, lanes, PARAM_DTYPE, ALIGNED)
     p = tl.load(p_ptr, mask=in_block, other=0.0).to(tl.float32)
-    p = masked_update(p, m, second_moment, selected, scale, step_size, bias_correction2_sqrt, eps, decay,
+    p = masked_update(p, m, second_moment, selected, scale, tl.load(scalars + SCALAR_STEP_SIZE),
+                      tl.load(scalars + SCALAR_INV_BIAS_CORRECTION2_SQRT), eps, tl.load(scalars + SCALAR_DECAY),
                       DECAY_SELECTED, SOFT_MASK_ON_UPDATE)
     if STOCHASTIC_ROUNDING:
         # Philox counter = (element offset, step, tensor salt): a fresh, independent stream per
@@ -307,7 +305,7 @@ def update_param(
         offset = tl.load(row_ptr + COL_OFFSET) + start + lanes
         random_bits, _, _, _ = tl.philox(
             tl.load(seed_ptr), offset.to(tl.uint32), (offset >> 32).to(tl.uint32),
-            step.to(tl.uint32), tl.load(row_ptr + COL_SALT).to(tl.uint32))
+            tl.load(scalars + SCALAR_STEP).to(tl.uint32), tl.load(row_ptr + COL_SALT).to(tl.uint32))
         p = round_to_bf16_stochastic(p, random_bits)
     else:
         p = round_for_store(p, PARAM_DTYPE)
@@ -317,28 +315,29 @@ def update_param(
         if selection_address != 0:
             selection_ptr = selection_address.to(tl.pointer_type(tl.int8)) + start + lanes
             tl.store(selection_ptr, selected.to(tl.int8), mask=store_mask)
-    advance_step(tickets, tl.load(row_ptr + COL_TICKET), tl.load(row_ptr + COL_TICKET_TARGET),
-                 step_ptr, step, step_increment)
 
 
 @triton.jit
-def tile_of(table, num_rows, found_inf_ptr, TILE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-            FOUND_INF: tl.constexpr):
+def tile_of(table, program_rows, found_inf_ptr, TILE: tl.constexpr, FOUND_INF: tl.constexpr,
+            ALIGNED: tl.constexpr):
     """Where this program works: (row, row pointer, tile start in the segment, lanes, in-bounds
-    mask, store mask, step increment). A set found_inf masks every store and leaves the step."""
+    mask, store mask). A set found_inf masks every store."""
     pid = tl.program_id(0)
-    row = find_row(table, pid, num_rows, SEARCH_STEPS)
+    row = tl.load(program_rows + pid)
     row_ptr = table + row.to(tl.int64) * NUM_COLUMNS
     numel = tl.load(row_ptr + COL_NUMEL)
     # int64 tile start, int32 lanes: tensors above 2^31 elements stay addressable while the
     # per-element address math stays 32-bit.
     start = (pid - tl.load(row_ptr + COL_FIRST_PROGRAM)).to(tl.int64) * TILE
     lanes = tl.arange(0, TILE)
-    in_block = lanes < tl.minimum(numel - start, TILE).to(tl.int32)
+    limit = tl.minimum(numel - start, TILE).to(tl.int32)
+    if ALIGNED:
+        # Segments hold a multiple of 8 elements (checked on the host), so the mask is constant
+        # over runs of 8 lanes: what 128-bit accesses of bf16 need (4 lanes suffice for fp32).
+        limit = tl.multiple_of(limit, 8)
+    in_block = lanes < limit
     store_mask = in_block
-    step_increment = 1.0
     if FOUND_INF:
         found_inf = tl.load(found_inf_ptr).to(tl.float32)
         store_mask = in_block & (broadcast(found_inf, lanes) == 0)
-        step_increment = 1.0 - found_inf
-    return row, row_ptr, start, lanes, in_block, store_mask, step_increment
+    return row, row_ptr, start, lanes, in_block, store_mask

@@ -3,6 +3,8 @@
 The bucket shares a device, a parameter dtype and a moment dtype. Which
 kernels run:
 
+* first, one program per tensor computes the step's scalars and advances its
+  step count (:mod:`selopt.kernels.steps`);
 * ``fraction == 1`` (dense AdamW) or ``block_size <= MAX_BLOCK``: the
   one-pass kernel of :mod:`selopt.kernels.block`, one launch;
 * ``block_size=None`` (one block per tensor, the MoFO paper) or a larger
@@ -18,6 +20,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -54,6 +57,27 @@ def _check_same(name: str, tensors: Sequence[Tensor], params: Sequence[Tensor], 
                 f"{name} must match its param in shape and device (and be {dtype}), "
                 f"got {tuple(t.shape)} {t.dtype} on {t.device} for a param {tuple(p.shape)} on {p.device}"
             )
+
+
+class KernelScalars(NamedTuple):
+    """The step's scalar kernel arguments."""
+
+    # Inputs of the per-tensor scalars (selopt.kernels.steps): lr (device pointer or None, then an
+    # fp32 hi/lo pair), the host decay factor, and weight decay, beta1, beta2 as hi/lo pairs.
+    step: tuple
+    beta2: float
+    lerp_weight: float  # 1 - beta1
+    one_minus_beta2: float
+    eps: float
+    grad_scale: Tensor | None
+    found_inf: Tensor | None
+    seed: Tensor | None
+
+    @property
+    def elementwise(self) -> tuple:
+        """The arguments the element kernels take, in their order."""
+        return (self.beta2, self.lerp_weight, self.one_minus_beta2, self.eps, self.grad_scale, self.found_inf,
+                self.seed)
 
 
 @dataclass(frozen=True)
@@ -201,11 +225,11 @@ def prepare_multi_tensor_adamw(
         WRITE_SELECTION=any(s is not None for s in selections),
         LERP_FROM_END=(1.0 - beta1) >= 0.5,  # torch's lerp switches formula at weight 0.5
     )
-    scalars = (
-        lr if lr_on_device else None, *_split_double(lr_value), 1.0 - lr_value * weight_decay,
-        *_split_double(weight_decay), *_split_double(beta1), *_split_double(beta2),
-        beta2, 1.0 - beta1, 1.0 - beta2, eps,
-        grad_scale, found_inf, _rounding_seed(device) if flags["STOCHASTIC_ROUNDING"] else None,
+    scalars = KernelScalars(
+        step=(lr if lr_on_device else None, *_split_double(lr_value), 1.0 - lr_value * weight_decay,
+              *_split_double(weight_decay), *_split_double(beta1), *_split_double(beta2)),
+        beta2=beta2, lerp_weight=1.0 - beta1, one_minus_beta2=1.0 - beta2, eps=eps, grad_scale=grad_scale,
+        found_inf=found_inf, seed=_rounding_seed(device) if flags["STOCHASTIC_ROUNDING"] else None,
     )
     if one_pass:
         tile = block.DENSE_TILE if dense_step else block_size

@@ -1,5 +1,7 @@
 """One-pass selective AdamW: one program per block, every tensor of a bucket in one launch.
 
+(After the launch that computes the step's scalars, :mod:`selopt.kernels.steps`.)
+
 A program loads its block of ``p``, ``g``, ``m`` and ``v`` once, updates the
 moments, finds the block's top-k threshold of ``|m|`` in registers, applies
 the soft mask, decay and update, and stores once: the bytes of plain AdamW.
@@ -10,6 +12,7 @@ import triton.language as tl
 
 from selopt.kernels import _device as d
 from selopt.kernels.launch import Launch
+from selopt.kernels.steps import step_scalars_launch
 
 # The largest block one program selects in registers: at 8192 and above the kernel spills on sm_90
 # (bench.static); larger blocks take the exact path, cut into segments of block_size.
@@ -26,23 +29,20 @@ def num_warps_for(block: int) -> int:
 
 @triton.jit
 def _block_adamw_kernel(
-    table, tickets, num_rows,
-    lr_ptr, lr_hi, lr_lo, decay_factor, weight_decay_hi, weight_decay_lo,
-    beta1_hi, beta1_lo, beta2_hi, beta2_lo, beta2, lerp_weight, one_minus_beta2, eps,
-    grad_scale_ptr, found_inf_ptr, seed_ptr,
-    BLOCK: tl.constexpr, SEARCH_STEPS: tl.constexpr, DENSE: tl.constexpr,
+    table, program_rows, step_scalars, beta2, lerp_weight, one_minus_beta2, eps, grad_scale_ptr, found_inf_ptr,
+    seed_ptr, BLOCK: tl.constexpr, DENSE: tl.constexpr, ALIGNED: tl.constexpr,
     PARAM_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECAY_SELECTED: tl.constexpr,
     SOFT_MASK: tl.constexpr, SOFT_MASK_ON_GRAD: tl.constexpr, SOFT_MASK_ON_UPDATE: tl.constexpr,
-    LR_ON_DEVICE: tl.constexpr, GRAD_SCALE: tl.constexpr, FOUND_INF: tl.constexpr,
+    GRAD_SCALE: tl.constexpr, FOUND_INF: tl.constexpr,
     STOCHASTIC_ROUNDING: tl.constexpr, WRITE_SELECTION: tl.constexpr, LERP_FROM_END: tl.constexpr,
 ):
-    row, row_ptr, start, lanes, in_block, store_mask, step_increment = d.tile_of(
-        table, num_rows, found_inf_ptr, BLOCK, SEARCH_STEPS, FOUND_INF)
+    row, row_ptr, start, lanes, in_block, store_mask = d.tile_of(
+        table, program_rows, found_inf_ptr, BLOCK, FOUND_INF, ALIGNED)
     g, scale = d.load_step_gradient(row_ptr, start, lanes, in_block, grad_scale_ptr, PARAM_DTYPE,
-                                    GRAD_SCALE, MAXIMIZE, SOFT_MASK, SOFT_MASK_ON_GRAD)
+                                    GRAD_SCALE, MAXIMIZE, SOFT_MASK, SOFT_MASK_ON_GRAD, ALIGNED)
     m, second_moment = d.update_moments(row_ptr, start, lanes, in_block, store_mask, g, lerp_weight, beta2,
-                                        one_minus_beta2, AMSGRAD, LERP_FROM_END, MOMENT_DTYPE)
+                                        one_minus_beta2, AMSGRAD, LERP_FROM_END, MOMENT_DTYPE, ALIGNED)
     if DENSE:
         selected = in_block
     else:
@@ -50,16 +50,16 @@ def _block_adamw_kernel(
         k = tl.load(row_ptr + tl.where(is_full, d.COL_K_FULL, d.COL_K_TAIL)).to(tl.int32)
         key = d.magnitude_key(m, in_block)
         selected = key >= d.kth_largest_key(key, k)
-    d.update_param(
-        row_ptr, start, lanes, in_block, store_mask, step_increment, tickets, m, second_moment, selected, scale,
-        lr_ptr, lr_hi, lr_lo, decay_factor, weight_decay_hi, weight_decay_lo, beta1_hi, beta1_lo,
-        beta2_hi, beta2_lo, eps, seed_ptr, PARAM_DTYPE, DECAY_SELECTED, SOFT_MASK_ON_UPDATE, LR_ON_DEVICE,
-        STOCHASTIC_ROUNDING, WRITE_SELECTION)
+    d.update_param(row_ptr, start, lanes, in_block, store_mask, step_scalars, m, second_moment, selected, scale,
+                   eps, seed_ptr, PARAM_DTYPE, DECAY_SELECTED, SOFT_MASK_ON_UPDATE, STOCHASTIC_ROUNDING,
+                   WRITE_SELECTION, ALIGNED)
 
 
 def block_adamw_launches(plan, scalars, flags, block: int, dense: bool) -> list[Launch]:
-    """The one launch of the one-pass kernel over every block of ``plan`` (see :mod:`selopt.kernels.tables`)."""
-    return [Launch(
-        _block_adamw_kernel, (plan.num_programs,), (plan.table, plan.tickets, plan.num_rows, *scalars),
-        dict(BLOCK=block, SEARCH_STEPS=plan.search_steps, DENSE=dense, **flags, num_warps=num_warps_for(block)),
+    """The launches of the one-pass kernel over every block of ``plan`` (see :mod:`selopt.kernels.tables`)."""
+    block_flags = {k: v for k, v in flags.items() if k != "LR_ON_DEVICE"}
+    return [step_scalars_launch(plan, scalars, flags), Launch(
+        _block_adamw_kernel, (plan.num_programs,),
+        (plan.table, plan.program_rows, plan.step_scalars, *scalars.elementwise),
+        dict(BLOCK=block, DENSE=dense, ALIGNED=plan.aligned, **block_flags, num_warps=num_warps_for(block)),
     )]

@@ -13,7 +13,8 @@ its key (the fp32 bit pattern of ``|m|``, see :func:`_device.magnitude_key`):
 4. the same for the last 10 bits: the exact threshold;
 5. the masked update, as the one-pass kernel's.
 
-Seven launches for the whole bucket and no host synchronisation; scratch is a
+Seven launches for the whole bucket (after the step's scalars,
+:mod:`selopt.kernels.steps`) and no host synchronisation; scratch is a
 histogram of ``d.RADIX_BINS`` counters and two scalars per segment, never per
 element. Bytes per fp32 element: 20 (moments) + 4 + 4 (two rereads of m) +
 16 (update) = 44, against 28 for AdamW.
@@ -24,6 +25,7 @@ import triton.language as tl
 
 from selopt.kernels import _device as d
 from selopt.kernels.launch import Launch
+from selopt.kernels.steps import step_scalars_launch
 
 CHUNK = 4096
 # (lowest key bit, number of bits) of each round, most significant first; together bits 30..0.
@@ -39,43 +41,46 @@ def _accumulate_histogram(histogram_row_ptr, key, prefix, BIN_SHIFT: tl.constexp
     # Only keys whose bits above this round equal the prefix found so far take part.
     candidate = (key >= 0) & ((key >> (BIN_SHIFT + BIN_BITS)) == prefix)
     bins = tl.where(candidate, (key >> BIN_SHIFT) & ((1 << BIN_BITS) - 1), 0)
+    # Relaxed atomics: the counts are read by the next launch, which the kernel boundary orders;
+    # the default (acq_rel) fences the whole GPU around every atomic.
     if SPARSE:
         # Refinement rounds: only the few keys inside the boundary bin count, so one atomic per
         # candidate is cheaper than a register histogram, whose cost grows with the bin count.
-        tl.atomic_add(histogram_row_ptr + bins, tl.full(bins.shape, 1, tl.int64), mask=candidate)
+        tl.atomic_add(histogram_row_ptr + bins, tl.full(bins.shape, 1, tl.int64), mask=candidate, sem="relaxed")
     else:
         counts = tl.histogram(bins, 1 << BIN_BITS, mask=candidate)
         # One atomic per non-empty bin of the tile, not per element: |m| of a tile spans few bins.
-        tl.atomic_add(histogram_row_ptr + tl.arange(0, 1 << BIN_BITS), counts.to(tl.int64), mask=counts > 0)
+        tl.atomic_add(histogram_row_ptr + tl.arange(0, 1 << BIN_BITS), counts.to(tl.int64), mask=counts > 0,
+                      sem="relaxed")
 
 
 @triton.jit
 def _moments_histogram_kernel(
-    table, histogram, num_rows, beta2, lerp_weight, one_minus_beta2, grad_scale_ptr, found_inf_ptr,
-    CHUNK: tl.constexpr, SEARCH_STEPS: tl.constexpr, BIN_SHIFT: tl.constexpr, BIN_BITS: tl.constexpr,
+    table, program_rows, histogram, beta2, lerp_weight, one_minus_beta2, grad_scale_ptr, found_inf_ptr,
+    CHUNK: tl.constexpr, ALIGNED: tl.constexpr, BIN_SHIFT: tl.constexpr, BIN_BITS: tl.constexpr,
     PARAM_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     SOFT_MASK: tl.constexpr, SOFT_MASK_ON_GRAD: tl.constexpr, GRAD_SCALE: tl.constexpr,
     FOUND_INF: tl.constexpr, LERP_FROM_END: tl.constexpr,
 ):
-    row, row_ptr, start, lanes, in_block, store_mask, _ = d.tile_of(
-        table, num_rows, found_inf_ptr, CHUNK, SEARCH_STEPS, FOUND_INF)
+    row, row_ptr, start, lanes, in_block, store_mask = d.tile_of(
+        table, program_rows, found_inf_ptr, CHUNK, FOUND_INF, ALIGNED)
     g, _ = d.load_step_gradient(row_ptr, start, lanes, in_block, grad_scale_ptr, PARAM_DTYPE,
-                                GRAD_SCALE, MAXIMIZE, SOFT_MASK, SOFT_MASK_ON_GRAD)
+                                GRAD_SCALE, MAXIMIZE, SOFT_MASK, SOFT_MASK_ON_GRAD, ALIGNED)
     m, _ = d.update_moments(row_ptr, start, lanes, in_block, store_mask, g, lerp_weight, beta2,
-                            one_minus_beta2, AMSGRAD, LERP_FROM_END, MOMENT_DTYPE)
+                            one_minus_beta2, AMSGRAD, LERP_FROM_END, MOMENT_DTYPE, ALIGNED)
     key = d.magnitude_key(m, in_block)
     _accumulate_histogram(histogram + row.to(tl.int64) * d.RADIX_BINS, key, 0, BIN_SHIFT, BIN_BITS, SPARSE=False)
 
 
 @triton.jit
 def _refine_histogram_kernel(
-    table, histogram, select_state, num_rows,
-    CHUNK: tl.constexpr, SEARCH_STEPS: tl.constexpr, BIN_SHIFT: tl.constexpr, BIN_BITS: tl.constexpr,
+    table, program_rows, histogram, select_state,
+    CHUNK: tl.constexpr, ALIGNED: tl.constexpr, BIN_SHIFT: tl.constexpr, BIN_BITS: tl.constexpr,
     MOMENT_DTYPE: tl.constexpr,
 ):
-    row, row_ptr, start, lanes, in_block, _, _ = d.tile_of(table, num_rows, table, CHUNK, SEARCH_STEPS, False)
+    row, row_ptr, start, lanes, in_block, _ = d.tile_of(table, program_rows, table, CHUNK, False, ALIGNED)
     prefix = tl.load(select_state + row.to(tl.int64) * 2)
-    m = tl.load(d.load_pointer(row_ptr, d.COL_EXP_AVG, MOMENT_DTYPE) + start + lanes, mask=in_block, other=0.0)
+    m = tl.load(d.stream(row_ptr, d.COL_EXP_AVG, start, lanes, MOMENT_DTYPE, ALIGNED), mask=in_block, other=0.0)
     key = d.magnitude_key(m.to(tl.float32), in_block)
     _accumulate_histogram(histogram + row.to(tl.int64) * d.RADIX_BINS, key, prefix, BIN_SHIFT, BIN_BITS, SPARSE=True)
 
@@ -104,63 +109,58 @@ def _select_bin_kernel(table, histogram, select_state, FIRST_ROUND: tl.constexpr
 
 @triton.jit
 def _exact_update_kernel(
-    table, tickets, select_state, num_rows,
-    lr_ptr, lr_hi, lr_lo, decay_factor, weight_decay_hi, weight_decay_lo,
-    beta1_hi, beta1_lo, beta2_hi, beta2_lo, eps, found_inf_ptr, seed_ptr,
-    CHUNK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    table, program_rows, step_scalars, select_state, eps, found_inf_ptr, seed_ptr,
+    CHUNK: tl.constexpr, ALIGNED: tl.constexpr,
     PARAM_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr,
     DECAY_SELECTED: tl.constexpr, SOFT_MASK: tl.constexpr, SOFT_MASK_ON_UPDATE: tl.constexpr,
-    LR_ON_DEVICE: tl.constexpr, FOUND_INF: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr,
-    WRITE_SELECTION: tl.constexpr,
+    FOUND_INF: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr, WRITE_SELECTION: tl.constexpr,
 ):
-    row, row_ptr, start, lanes, in_block, store_mask, step_increment = d.tile_of(
-        table, num_rows, found_inf_ptr, CHUNK, SEARCH_STEPS, FOUND_INF)
-    m = tl.load(d.load_pointer(row_ptr, d.COL_EXP_AVG, MOMENT_DTYPE) + start + lanes, mask=in_block, other=0.0)
+    row, row_ptr, start, lanes, in_block, store_mask = d.tile_of(
+        table, program_rows, found_inf_ptr, CHUNK, FOUND_INF, ALIGNED)
+    m = tl.load(d.stream(row_ptr, d.COL_EXP_AVG, start, lanes, MOMENT_DTYPE, ALIGNED), mask=in_block, other=0.0)
     m = m.to(tl.float32)
     second_column = d.COL_MAX_EXP_AVG_SQ if AMSGRAD else d.COL_EXP_AVG_SQ
-    second_moment = tl.load(d.load_pointer(row_ptr, second_column, MOMENT_DTYPE) + start + lanes,
+    second_moment = tl.load(d.stream(row_ptr, second_column, start, lanes, MOMENT_DTYPE, ALIGNED),
                             mask=in_block, other=0.0).to(tl.float32)
     selected = d.magnitude_key(m, in_block) >= tl.load(select_state + row.to(tl.int64) * 2).to(tl.int32)
     scale = 1.0
     if SOFT_MASK_ON_UPDATE:
         scale = d.load_soft_mask(row_ptr, start, lanes, in_block)
-    d.update_param(
-        row_ptr, start, lanes, in_block, store_mask, step_increment, tickets, m, second_moment, selected, scale,
-        lr_ptr, lr_hi, lr_lo, decay_factor, weight_decay_hi, weight_decay_lo, beta1_hi, beta1_lo,
-        beta2_hi, beta2_lo, eps, seed_ptr, PARAM_DTYPE, DECAY_SELECTED, SOFT_MASK_ON_UPDATE, LR_ON_DEVICE,
-        STOCHASTIC_ROUNDING, WRITE_SELECTION)
+    d.update_param(row_ptr, start, lanes, in_block, store_mask, step_scalars, m, second_moment, selected, scale,
+                   eps, seed_ptr, PARAM_DTYPE, DECAY_SELECTED, SOFT_MASK_ON_UPDATE, STOCHASTIC_ROUNDING,
+                   WRITE_SELECTION, ALIGNED)
 
 
 def exact_adamw_launches(plan, scalars, flags) -> list[Launch]:
-    """The seven launches of the exact path over ``plan`` (see :mod:`selopt.kernels.tables`)."""
-    (lr_ptr, lr_hi, lr_lo, decay_factor, weight_decay_hi, weight_decay_lo, beta1_hi, beta1_lo, beta2_hi,
-     beta2_lo, beta2, lerp_weight, one_minus_beta2, eps, grad_scale, found_inf, seed) = scalars
+    """The launches of the exact path over ``plan`` (see :mod:`selopt.kernels.tables`)."""
     grid, per_segment = (plan.num_programs,), (plan.num_rows,)
-    common = dict(CHUNK=CHUNK, SEARCH_STEPS=plan.search_steps, num_warps=_NUM_WARPS)
+    common = dict(CHUNK=CHUNK, ALIGNED=plan.aligned, num_warps=_NUM_WARPS)
     moment_flags = {k: flags[k] for k in ("PARAM_DTYPE", "MOMENT_DTYPE", "AMSGRAD", "MAXIMIZE", "SOFT_MASK",
                                           "SOFT_MASK_ON_GRAD", "GRAD_SCALE", "FOUND_INF", "LERP_FROM_END")}
     update_flags = {k: flags[k] for k in ("PARAM_DTYPE", "MOMENT_DTYPE", "AMSGRAD", "DECAY_SELECTED", "SOFT_MASK",
-                                          "SOFT_MASK_ON_UPDATE", "LR_ON_DEVICE", "FOUND_INF",
-                                          "STOCHASTIC_ROUNDING", "WRITE_SELECTION")}
+                                          "SOFT_MASK_ON_UPDATE", "FOUND_INF", "STOCHASTIC_ROUNDING",
+                                          "WRITE_SELECTION")}
     selection_args = (plan.table, plan.histogram, plan.select_state)
     (shift, bits), *refinements = ROUNDS
     launches = [
+        step_scalars_launch(plan, scalars, flags),
         Launch(_moments_histogram_kernel, grid,
-               (plan.table, plan.histogram, plan.num_rows, beta2, lerp_weight, one_minus_beta2, grad_scale, found_inf),
+               (plan.table, plan.program_rows, plan.histogram, scalars.beta2, scalars.lerp_weight,
+                scalars.one_minus_beta2, scalars.grad_scale, scalars.found_inf),
                dict(BIN_SHIFT=shift, BIN_BITS=bits, **common, **moment_flags)),
         Launch(_select_bin_kernel, per_segment, selection_args,
                dict(FIRST_ROUND=True, BIN_BITS=bits, num_warps=_NUM_WARPS)),
     ]
     for shift, bits in refinements:
         launches += [
-            Launch(_refine_histogram_kernel, grid, (*selection_args, plan.num_rows),
+            Launch(_refine_histogram_kernel, grid, (plan.table, plan.program_rows, plan.histogram, plan.select_state),
                    dict(BIN_SHIFT=shift, BIN_BITS=bits, MOMENT_DTYPE=flags["MOMENT_DTYPE"], **common)),
             Launch(_select_bin_kernel, per_segment, selection_args,
                    dict(FIRST_ROUND=False, BIN_BITS=bits, num_warps=_NUM_WARPS)),
         ]
     launches.append(Launch(
         _exact_update_kernel, grid,
-        (plan.table, plan.tickets, plan.select_state, plan.num_rows, lr_ptr, lr_hi, lr_lo, decay_factor,
-         weight_decay_hi, weight_decay_lo, beta1_hi, beta1_lo, beta2_hi, beta2_lo, eps, found_inf, seed),
+        (plan.table, plan.program_rows, plan.step_scalars, plan.select_state, scalars.eps, scalars.found_inf,
+         scalars.seed),
         dict(**common, **update_flags)))
     return launches

@@ -1,7 +1,8 @@
 """Host side of a launch: the segment table that lets one launch reach every tensor of a bucket.
 
-A *plan* holds the device tensors a launch needs (the table, the step-ticket
-counters and, for the exact path, the radix-select scratch). Plans are cached
+A *plan* holds the device tensors a launch needs (the segment table, the
+program-to-row map, each tensor's step-count address and step-scalars row
+and, for the exact path, the radix-select scratch). Plans are cached
 by the addresses and sizes they describe, so a training loop whose tensors
 stay put builds each one once: no host-to-device copy after the first step,
 which is what lets a step run under ``torch.cuda.set_sync_debug_mode("error")``
@@ -30,10 +31,13 @@ _radix_scratch: dict[tuple, tuple[Tensor, Tensor]] = {}
 @dataclass(frozen=True)
 class Plan:
     table: Tensor  # int64 [rows, NUM_COLUMNS]
-    tickets: Tensor  # int32 [tensors], zero between launches
+    program_rows: Tensor  # int64 [programs]: the row each program works on
+    steps: Tensor  # int64 [tensors]: address of each tensor's fp32 step count
+    step_scalars: Tensor  # fp32 [tensors, STEP_SCALARS], written by the step's first launch
+    num_tensors: int
     num_rows: int
     num_programs: int
-    search_steps: int  # levels of the first-program binary search
+    aligned: bool  # 16-byte aligned addresses, segments of a multiple of 8 elements: 128-bit accesses
     histogram: Tensor | None  # int64 [rows, d.RADIX_BINS], zero between launches (exact path)
     select_state: Tensor | None  # int64 [rows, 2]: key prefix and rank left (exact path)
 
@@ -42,8 +46,8 @@ def _address(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _to_device(rows: list[list[int]], device: torch.device) -> Tensor:
-    host = torch.tensor(rows, dtype=torch.int64).view(-1, d.NUM_COLUMNS.value)
+def _to_device(values: list[int], device: torch.device) -> Tensor:
+    host = torch.tensor(values, dtype=torch.int64)
     if device.type == "cuda":
         # Pinned + non_blocking: the copy is queued on the stream, the host does not wait.
         return host.pin_memory().to(device, non_blocking=True)
@@ -99,43 +103,48 @@ def plan_for(tensors: list[tuple], *, tile: int, segment: int | None, fraction: 
             "optimizer.step() once on the same tensors (params, grads, state) before capturing"
         )
 
-    rows = []
-    first_program = 0
-    for ticket, (p, g, m, v, vmax, mask, step, selection) in enumerate(tensors):
+    rows, program_rows = [], []
+    for index, (p, g, m, v, vmax, mask, step, selection) in enumerate(tensors):
         numel = p.numel()
         mask_div = 0 if mask is None else max(numel // max(mask.numel(), 1), 1)
         salt = (p.data_ptr() >> 4) & 0x7FFFFFFF
         length = numel if segment is None else segment
-        starts = range(0, max(numel, 1), max(length, 1))
-        programs = [max(1, -(-min(length, numel - s) // tile)) for s in starts]
-        for start, count in zip(starts, programs):
+        for start in range(0, max(numel, 1), max(length, 1)):
             n = min(length, numel - start)
             row = [0] * d.NUM_COLUMNS.value
             for column, t in ((d.COL_PARAM, p), (d.COL_GRAD, g), (d.COL_EXP_AVG, m), (d.COL_EXP_AVG_SQ, v),
                               (d.COL_MAX_EXP_AVG_SQ, vmax), (d.COL_SELECTION, selection)):
                 row[column.value] = 0 if t is None else t.data_ptr() + start * t.element_size()
             row[d.COL_SOFT_MASK.value] = _address(mask)
-            row[d.COL_STEP.value] = step.data_ptr()
             row[d.COL_NUMEL.value] = n
             row[d.COL_K_FULL.value] = block_k(fraction, n if exact else tile)
             row[d.COL_K_TAIL.value] = block_k(fraction, n % tile or tile)
             row[d.COL_MASK_DIV.value] = mask_div
-            row[d.COL_FIRST_PROGRAM.value] = first_program
+            row[d.COL_FIRST_PROGRAM.value] = len(program_rows)
             row[d.COL_OFFSET.value] = start
-            row[d.COL_TICKET.value] = ticket
-            row[d.COL_TICKET_TARGET.value] = sum(programs)
+            row[d.COL_TENSOR.value] = index
             row[d.COL_SALT.value] = salt
+            # At least one program per segment, so that an empty tensor still gets its row.
+            program_rows += [len(rows)] * max(1, -(-n // tile))
             rows.append(row)
-            first_program += count
 
-    num_rows = len(rows)
+    streams = (d.COL_PARAM, d.COL_GRAD, d.COL_EXP_AVG, d.COL_EXP_AVG_SQ, d.COL_MAX_EXP_AVG_SQ)
+    aligned = tile % 8 == 0 and all(
+        row[d.COL_NUMEL.value] % 8 == 0 and all(row[c.value] % 16 == 0 for c in streams) for row in rows)
+    num_rows, num_programs, num_tensors = len(rows), len(program_rows), len(tensors)
+    # One host-to-device copy for the table, the program map and the step addresses.
+    packed = _to_device([x for row in rows for x in row] + program_rows + [e[6].data_ptr() for e in tensors], device)
+    table_end = num_rows * d.NUM_COLUMNS.value
     histogram, select_state = _radix_scratch_for(device, num_rows) if exact else (None, None)
     plan = Plan(
-        table=_to_device(rows, device),
-        tickets=torch.zeros(len(tensors), dtype=torch.int32, device=device),
+        table=packed[:table_end].view(num_rows, d.NUM_COLUMNS.value),
+        program_rows=packed[table_end:table_end + num_programs],
+        steps=packed[table_end + num_programs:],
+        step_scalars=torch.zeros(num_tensors, d.STEP_SCALARS.value, dtype=torch.float32, device=device),
+        num_tensors=num_tensors,
         num_rows=num_rows,
-        num_programs=first_program,
-        search_steps=max(1, (num_rows - 1).bit_length()),
+        num_programs=num_programs,
+        aligned=aligned,
         histogram=histogram,
         select_state=select_state,
     )

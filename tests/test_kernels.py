@@ -231,6 +231,19 @@ def test_launch_plan_is_cached():
     assert len(tables._plans) == cached
 
 
+@pytest.mark.parametrize("block_size", [None, 64, 4])
+@pytest.mark.parametrize("shapes", [[(8,), (4, 264), (520,)], [(8,), (4, 263), (520,)]], ids=["aligned", "generic"])
+def test_aligned_and_generic_variants_match_reference(shapes, block_size):
+    # 16-byte aligned tensors of whole multiples of 8 elements take the 128-bit variant; one odd
+    # size (or a block below 8 elements) sends the whole bucket to the generic one.
+    bucket = Bucket(shapes, torch.bfloat16, seed=13)
+    options = dict(HYPER, fraction=0.2, block_size=block_size)
+    bucket.step(**options)
+    bucket.check(**options)
+    plan = next(reversed(tables._plans.values()))
+    assert plan.aligned == (shapes[1] == (4, 264) and block_size != 4)
+
+
 def test_plan_used_during_graph_capture_is_never_evicted_or_freed(monkeypatch):
     bucket = Bucket([(300,)], seed=2)
     options = dict(fraction=0.5, block_size=256, **HYPER)
@@ -345,13 +358,14 @@ def test_block_sizes_every_power_of_two_run():
         options = dict(HYPER, fraction=0.3, block_size=block_size)
         bucket.step(**options)
         bucket.check(**options)
-    # Above the one-pass limit, blocks take the exact path (seven launches).
+    # Above the one-pass limit, blocks take the exact path.
     bucket = Bucket([(3 * block.MAX_BLOCK,)], seed=1)
-    for block_size, launches in ((block.MAX_BLOCK, 1), (2 * block.MAX_BLOCK, 7)):
+    for block_size, last in ((block.MAX_BLOCK, "_block_adamw_kernel"), (2 * block.MAX_BLOCK, "_exact_update_kernel")):
         prepared = kernels.prepare_multi_tensor_adamw(
             bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs, None, bucket.steps,
             fraction=0.3, block_size=block_size, **HYPER)
-        assert len(prepared.launches) == launches
+        assert [launch.name for launch in prepared.launches][::len(prepared.launches) - 1] == [
+            "_step_scalars_kernel", last]
 
 
 def test_optimizer_float64_params_fall_back_to_the_reference():
