@@ -114,25 +114,39 @@ def round_for_store(x, DTYPE: tl.constexpr):
 
 @triton.jit
 def magnitude_key(m, valid):
-    """Integer sort key of |m|: larger |m|, larger key; NaN and padding get NOT_A_CANDIDATE."""
-    key = m.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    """Integer sort key of |m|: larger |m|, larger key; NaN and padding get NOT_A_CANDIDATE.
+
+    The bits of ``tl.abs(m)``, not ``bits & 0x7FFFFFFF``: the same key, but the
+    mask would tell the compiler the key is non-negative, from which it proves
+    :func:`kth_largest_key`'s sign-bit count to be a comparison and compiles
+    each count back to compare, select and bit-packing: 3.3 instructions per
+    key instead of 2.5 (``bench.static``: block 4096 at 4.67 warp-instructions
+    per element instead of 3.79).
+    """
+    key = tl.abs(m).to(tl.int32, bitcast=True)
     return tl.where(valid & (m == m), key, NOT_A_CANDIDATE)
 
 
 @triton.jit
 def kth_largest_key(key, k):
-    """The k-th largest of ``key`` (non-negative int32), by bisection on its 31 value bits.
+    """The k-th largest of ``key`` (non-negative int32; NOT_A_CANDIDATE below them), by bisection on its 31 value bits.
 
     Builds the answer from the top bit down: keep a bit when at least ``k``
     keys are >= the answer with that bit set. 31 counts over registers, no
     sort (sorting is very slow under Triton's interpreter). When fewer than
     ``k`` keys are candidates the answer is 0, which selects every candidate,
     as the reference does.
+
+    Each count is of the keys *below* the candidate: the sign bit of
+    ``key - candidate``, shifted down and summed (a subtract, then a shift
+    folded into the add: about 2.5 instructions per key where compare, select
+    and add take more), and these counts are nearly all of the selection's cost.
     """
     threshold = k * 0
     for bit in tl.static_range(30, -1, -1):
         candidate = threshold | (1 << bit)
-        count = tl.sum((key >= candidate).to(tl.int32), axis=0)
+        below = ((key - candidate).to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
+        count = key.numel - tl.sum(below, axis=0)
         threshold = tl.where(count >= k, candidate, threshold)
     return threshold
 

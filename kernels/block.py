@@ -17,14 +17,18 @@ from selopt.kernels.steps import step_scalars_launch
 # The largest block one program selects in registers: at 8192 and above the kernel spills on sm_90
 # (bench.static); larger blocks take the exact path, cut into segments of block_size.
 MAX_BLOCK = 4096
-# Tile of the dense kernel (fraction == 1), where the block size has no meaning.
+# Tile of the dense kernel (fraction == 1), where the block size has no meaning, and its warps:
+# 16 entries per thread, with no reduction to share, leaves 63 registers (4 CTAs per SM on sm_90).
 DENSE_TILE = 4096
+DENSE_WARPS = 8
 
 
 def num_warps_for(block: int) -> int:
-    # More warps for big blocks: the 31 block-wide counts of the bisection are
-    # reductions across the whole program, and they are the kernel's compute.
-    return min(16, max(4, block // 512))
+    # 32 entries per thread: each of the bisection's 31 counts costs ~2.5 instructions per entry
+    # plus one warp and one cross-warp reduction per warp, so fewer, fuller warps spend fewer
+    # instructions per entry on reductions, and up to 1024 entries need no cross-warp step at all
+    # (bench.static); 32 entries still fit in registers without spilling.
+    return min(8, max(1, block // 1024))
 
 
 @triton.jit
@@ -61,5 +65,6 @@ def block_adamw_launches(plan, scalars, flags, block: int, dense: bool) -> list[
     return [step_scalars_launch(plan, scalars, flags), Launch(
         _block_adamw_kernel, (plan.num_programs,),
         (plan.table, plan.program_rows, plan.step_scalars, *scalars.elementwise),
-        dict(BLOCK=block, DENSE=dense, ALIGNED=plan.aligned, **block_flags, num_warps=num_warps_for(block)),
+        dict(BLOCK=block, DENSE=dense, ALIGNED=plan.aligned, **block_flags,
+             num_warps=DENSE_WARPS if dense else num_warps_for(block)),
     )]

@@ -11,7 +11,7 @@ exactly the constexprs and argument specialization a real launch has.
 
 Run it with ``TRITON_INTERPRET`` unset::
 
-    python -m selopt.kernels.compile_check --arch 80 90 100 120
+    python -m selopt.kernels.compile_check --arch 80 90 --quick-arch 100 120
 
 It exits non-zero if any kernel fails, naming the kernel, the configuration
 and the innermost compiler error.
@@ -145,25 +145,33 @@ OPTIONS = ("amsgrad", "maximize", "decay_selected", "soft_mask_rows_update", "so
            "stochastic_rounding", "selections", "beta1_below_half")
 
 
-def configurations() -> list[Configuration]:
-    """Every path with defaults; each dtype pair and each option alone on the main paths; all together."""
+def configurations(quick: bool = False) -> list[Configuration]:
+    """Every path with defaults; each dtype pair, all options together and a one-tensor bucket on the
+    main paths; each option alone on the two selection kernels (block and exact).
+
+    ``quick``: every path, and all options together on the main paths.
+    """
     configs = [Configuration(path, *PATHS[path]) for path in PATHS]
     main_paths = ("dense", "block 1024", f"block {block.MAX_BLOCK}", "exact")
     for path in main_paths:
         size, fraction = PATHS[path]
-        for param_dtype, moment_dtype in DTYPE_PAIRS:
-            configs.append(Configuration(f"{path} {param_dtype} params, {moment_dtype} moments", size, fraction,
-                                         param_dtype, moment_dtype))
-        for option in OPTIONS:
-            param_dtype = torch.bfloat16 if option == "stochastic_rounding" else torch.float32
-            configs.append(Configuration(f"{path} {option}", size, fraction, param_dtype,
-                                         options=frozenset({option})))
         for param_dtype, moment_dtype in ((torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)):
             for soft_mask in ("rows", "full"):
                 every = frozenset(o for o in OPTIONS if not o.startswith("soft_mask")) | {f"soft_mask_{soft_mask}_update"}
                 configs.append(Configuration(f"{path} all options ({soft_mask} mask) {param_dtype}/{moment_dtype}",
                                              size, fraction, param_dtype, moment_dtype, options=every))
+        if quick:
+            continue
+        for param_dtype, moment_dtype in DTYPE_PAIRS:
+            configs.append(Configuration(f"{path} {param_dtype} params, {moment_dtype} moments", size, fraction,
+                                         param_dtype, moment_dtype))
         configs.append(Configuration(f"{path} one tensor", size, fraction, tensors=1))
+    for path in () if quick else ("block 1024", "exact"):
+        size, fraction = PATHS[path]
+        for option in OPTIONS:
+            param_dtype = torch.bfloat16 if option == "stochastic_rounding" else torch.float32
+            configs.append(Configuration(f"{path} {option}", size, fraction, param_dtype,
+                                         options=frozenset({option})))
     return configs
 
 
@@ -194,8 +202,9 @@ def run_configuration(config: Configuration) -> None:
     )
 
 
-def check_arch(arch: int, only: str = "") -> tuple[list[str], str]:
-    """Compile every configuration whose name contains ``only`` for ``sm_<arch>``.
+def check_arch(arch: int, only: str = "", quick: bool = False) -> tuple[list[str], str]:
+    """Compile every configuration (``quick``: :func:`configurations`' short list) whose name
+    contains ``only`` for ``sm_<arch>``.
 
     Returns (one message per failure, the report). Uses a fresh Triton cache:
     Triton's cache key ignores ``TRITON_ALLOW_NON_CONSTEXPR_GLOBALS``, so a cached
@@ -204,7 +213,7 @@ def check_arch(arch: int, only: str = "") -> tuple[list[str], str]:
     """
     triton.knobs.cache.dir = tempfile.mkdtemp(prefix=f"selopt-compile-check-sm_{arch}-")
     triton.knobs.compilation.allow_non_constexpr_globals = False
-    configs = [c for c in configurations() if only in c.name]
+    configs = [c for c in configurations(quick) if only in c.name]
     failures, start, kernels = [], time.perf_counter(), 0
     for config in configs:
         try:
@@ -220,23 +229,27 @@ def check_arch(arch: int, only: str = "") -> tuple[list[str], str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90],
-                        help="compute capabilities to compile for, e.g. 80 90 100 120")
+    parser.add_argument("--arch", type=int, nargs="*", default=[80, 90],
+                        help="compute capabilities to compile every configuration for, e.g. 80 90")
+    parser.add_argument("--quick-arch", type=int, nargs="*", default=[],
+                        help="compute capabilities to compile the short list for (every path, all options)")
     parser.add_argument("--only", default="", help="only the configurations whose name contains this text")
     parser.add_argument("--jobs", type=int, default=1, help="targets compiled in parallel, one process each")
     args = parser.parse_args(argv)
     if not isinstance(block._block_adamw_kernel, JITFunction):
         parser.error("the kernels were loaded by Triton's interpreter: run with TRITON_INTERPRET unset")
-    print(f"Triton {triton.__version__}, torch {torch.__version__}: compiling "
-          f"{sum(args.only in c.name for c in configurations())} configurations for "
-          f"{', '.join(f'sm_{a}' for a in args.arch)}", flush=True)
-    onlys = [args.only] * len(args.arch)
+    targets = [(arch, False) for arch in args.arch] + [(arch, True) for arch in args.quick_arch]
+    print(f"Triton {triton.__version__}, torch {torch.__version__}: compiling " + "; ".join(
+        f"{sum(args.only in c.name for c in configurations(quick))} configurations for sm_{arch}"
+        for arch, quick in targets), flush=True)
+    archs, quicks = [arch for arch, _ in targets], [quick for _, quick in targets]
+    onlys = [args.only] * len(targets)
     if args.jobs > 1:
         # spawn, not fork: each worker starts with its own Triton state and driver.
         pool = ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn"))
-        results = pool.map(check_arch, args.arch, onlys)
+        results = pool.map(check_arch, archs, onlys, quicks)
     else:
-        pool, results = contextlib.nullcontext(), map(check_arch, args.arch, onlys)
+        pool, results = contextlib.nullcontext(), map(check_arch, archs, onlys, quicks)
     failures = []
     with pool:
         for arch_failures, report in results:
