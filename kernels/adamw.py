@@ -50,13 +50,28 @@ def _rounding_seed(device: torch.device) -> Tensor:
     return _seeds[device]
 
 
-def _check_same(name: str, tensors: Sequence[Tensor], params: Sequence[Tensor], dtype=None) -> None:
-    for t, p in zip(tensors, params):
-        if t.shape != p.shape or t.device != p.device or (dtype is not None and t.dtype != dtype):
-            raise ValueError(
-                f"{name} must match its param in shape and device (and be {dtype}), "
-                f"got {tuple(t.shape)} {t.dtype} on {t.device} for a param {tuple(p.shape)} on {p.device}"
-            )
+def _check_column(name: str, tensors: Sequence[Tensor], shapes: list, device: torch.device,
+                  dtype: torch.dtype) -> None:
+    """Each tensor shaped like its param, on ``device``, of ``dtype``.
+
+    Compared a column at a time (list and set comparisons run in C): this runs
+    on every step for every tensor, and per-tensor Python checks cost more
+    host time than the launches. Only a failure looks at tensors one by one.
+    """
+    if [t.shape for t in tensors] == shapes and {t.device for t in tensors} == {device} and {
+            t.dtype for t in tensors} == {dtype}:
+        return
+    for t, shape in zip(tensors, shapes):
+        if t.shape != shape or t.device != device or t.dtype != dtype:
+            raise ValueError(f"{name} must match its param in shape and device and be {dtype}, got "
+                             f"{tuple(t.shape)} {t.dtype} on {t.device} for a param {tuple(shape)} on {device}")
+
+
+def _contiguous(column: list) -> list:
+    # The kernels address flattened memory; a strided tensor goes through a contiguous copy.
+    if all([t is None or t.is_contiguous() for t in column]):
+        return column
+    return [t if t is None or t.is_contiguous() else t.contiguous() for t in column]
 
 
 class KernelScalars(NamedTuple):
@@ -175,15 +190,16 @@ def prepare_multi_tensor_adamw(
         raise ValueError(f"decay must be one of {DECAY_MODES}, got {decay!r}")
     if soft_mask_mode not in SOFT_MASK_MODES:
         raise ValueError(f"soft_mask_mode must be one of {SOFT_MASK_MODES}, got {soft_mask_mode!r}")
-    _check_same("params", params, params, param_dtype)
-    _check_same("grads", grads, params, param_dtype)
-    _check_same("exp_avgs", exp_avgs, params, moment_dtype)
-    _check_same("exp_avg_sqs", exp_avg_sqs, params, moment_dtype)
+    shapes = [p.shape for p in params]
+    _check_column("params", params, shapes, device, param_dtype)
+    _check_column("grads", grads, shapes, device, param_dtype)
+    _check_column("exp_avgs", exp_avgs, shapes, device, moment_dtype)
+    _check_column("exp_avg_sqs", exp_avg_sqs, shapes, device, moment_dtype)
     if max_exp_avg_sqs is not None:
-        _check_same("max_exp_avg_sqs", max_exp_avg_sqs, params, moment_dtype)
-    for step in steps:
-        if step.dtype != torch.float32 or step.numel() != 1 or step.device != device:
-            raise ValueError(f"steps must be one-element fp32 tensors on {device}, got {step.dtype} on {step.device}")
+        _check_column("max_exp_avg_sqs", max_exp_avg_sqs, shapes, device, moment_dtype)
+    if {(s.dtype, s.device) for s in steps} != {(torch.float32, device)} or any([s.numel() != 1 for s in steps]):
+        raise ValueError(f"steps must be one-element fp32 tensors on {device}, got "
+                         f"{sorted({f'{s.dtype} on {s.device}, {s.numel()} elements' for s in steps})}")
     soft_masks = list(soft_masks) if soft_masks is not None else [None] * count
     for mask, p in zip(soft_masks, params):
         if mask is None:
@@ -200,14 +216,8 @@ def prepare_multi_tensor_adamw(
                                       or not selection.is_contiguous() or selection.device != device):
             raise ValueError(f"selections must be contiguous bool tensors shaped like their params on {device}")
 
-    # The kernels address flattened memory; a strided tensor goes through a contiguous copy.
-    def dense(t):
-        return t if t is None or t.is_contiguous() else t.contiguous()
-
     columns = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [None] * count, soft_masks]
-    work = [[dense(t) for t in column] for column in columns]
-    entries = [(*row[:5], row[5], step, selection)
-               for row, step, selection in zip(zip(*work), steps, selections)]
+    work = [_contiguous(column) for column in columns]
 
     lr_on_device = isinstance(lr, Tensor) and lr.device == device
     lr_value = 0.0 if lr_on_device else float(lr)  # a CPU tensor reads back without a device sync
@@ -233,10 +243,11 @@ def prepare_multi_tensor_adamw(
     )
     if one_pass:
         tile = block.DENSE_TILE if dense_step else block_size
-        plan = tables.plan_for(entries, tile=tile, segment=None, fraction=fraction, exact=False)
+        plan = tables.plan_for(*work, steps, selections, tile=tile, segment=None, fraction=fraction, exact=False)
         launches = block.block_adamw_launches(plan, scalars, flags, tile, dense_step)
     else:
-        plan = tables.plan_for(entries, tile=exact.CHUNK, segment=block_size, fraction=fraction, exact=True)
+        plan = tables.plan_for(*work, steps, selections, tile=exact.CHUNK, segment=block_size, fraction=fraction,
+                               exact=True)
         launches = exact.exact_adamw_launches(plan, scalars, flags)
     compile_launches(launches, device)
     write_back = [(original, copy) for index in (0, 2, 3, 4)  # params and moments: what the step writes

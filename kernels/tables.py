@@ -72,21 +72,25 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def plan_for(tensors: list[tuple], *, tile: int, segment: int | None, fraction: float, exact: bool) -> Plan:
-    """The (cached) plan for ``tensors``: tuples (p, g, m, v, vmax, mask, step, selection).
+def plan_for(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, max_exp_avg_sqs: list,
+             soft_masks: list, steps: list, selections: list, *, tile: int, segment: int | None,
+             fraction: float, exact: bool) -> Plan:
+    """The (cached) plan for a bucket, given as columns of tensors (None where a tensor has none).
 
     Each tensor is cut into segments of ``segment`` elements (None: the whole
     tensor), each segment into programs of ``tile`` elements (at least one,
-    so that empty tensors still advance their step). The one-pass kernel
+    so that empty tensors still get their step). The one-pass kernel
     (``exact=False``) selects per tile; the exact path per segment. Selected
     counts come from :func:`selopt.reference.block_k`, on the host, so every
     backend agrees on them.
     """
-    device = tensors[0][0].device
-    key = (exact, device, tensors[0][0].dtype, tensors[0][2].dtype, tile, segment, fraction, tuple(
-        (*(_address(t) for t in entry), entry[0].numel(), -1 if entry[5] is None else entry[5].numel())
-        for entry in tensors
-    ))
+    columns = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, soft_masks, steps, selections)
+    device = params[0].device
+    # Addresses a column at a time: the key is built on every step, and this is its cost.
+    key = (exact, device, params[0].dtype, exp_avgs[0].dtype, tile, segment, fraction,
+           tuple([p.numel() for p in params]),
+           tuple([-1 if m is None else m.numel() for m in soft_masks]),
+           *(tuple([0 if t is None else t.data_ptr() for t in column]) for column in columns))
     capturing = _capturing(device)
     plan = _plans.get(key) or _captured_plans.get(key)
     if plan is not None:
@@ -104,7 +108,7 @@ def plan_for(tensors: list[tuple], *, tile: int, segment: int | None, fraction: 
         )
 
     rows, program_rows = [], []
-    for index, (p, g, m, v, vmax, mask, step, selection) in enumerate(tensors):
+    for index, (p, g, m, v, vmax, mask, step, selection) in enumerate(zip(*columns)):
         numel = p.numel()
         mask_div = 0 if mask is None else max(numel // max(mask.numel(), 1), 1)
         salt = (p.data_ptr() >> 4) & 0x7FFFFFFF
@@ -131,9 +135,9 @@ def plan_for(tensors: list[tuple], *, tile: int, segment: int | None, fraction: 
     streams = (d.COL_PARAM, d.COL_GRAD, d.COL_EXP_AVG, d.COL_EXP_AVG_SQ, d.COL_MAX_EXP_AVG_SQ)
     aligned = tile % 8 == 0 and all(
         row[d.COL_NUMEL.value] % 8 == 0 and all(row[c.value] % 16 == 0 for c in streams) for row in rows)
-    num_rows, num_programs, num_tensors = len(rows), len(program_rows), len(tensors)
+    num_rows, num_programs, num_tensors = len(rows), len(program_rows), len(params)
     # One host-to-device copy for the table, the program map and the step addresses.
-    packed = _to_device([x for row in rows for x in row] + program_rows + [e[6].data_ptr() for e in tensors], device)
+    packed = _to_device([x for row in rows for x in row] + program_rows + [step.data_ptr() for step in steps], device)
     table_end = num_rows * d.NUM_COLUMNS.value
     histogram, select_state = _radix_scratch_for(device, num_rows) if exact else (None, None)
     plan = Plan(
