@@ -425,20 +425,25 @@ class AdamW(torch.optim.Optimizer):
                 by_backend[backend].append(p)
             plan.extend((group, backend, params) for backend, params in by_backend.items())
 
-        for group, backend, params in plan:
-            for p in params:
-                self._init_state(p, group, backend)
-            hyperparameters = _step_hyperparameters(group)
-            with self._complex_as_real(params) as params:
+        # Then prepare every bucket of every group (the kernels' checks and compiles included) before
+        # any runs: a kernel that cannot compile for backend="triton" leaves every param untouched.
+        with contextlib.ExitStack() as real_views:
+            runs = []
+            for group, backend, params in plan:
+                for p in params:
+                    self._init_state(p, group, backend)
+                hyperparameters = _step_hyperparameters(group)
+                params = real_views.enter_context(self._complex_as_real(params))
                 if backend == "torch":
-                    self._torch_step(hyperparameters, params, grad_scale, found_inf)
+                    runs.append(functools.partial(self._torch_step, hyperparameters, params, grad_scale, found_inf))
                 elif backend == "sharded":
-                    distributed.sharded_step_(
-                        hyperparameters, params, [self.state[p] for p in params],
-                        [self._soft_masks.get(p) for p in params], grad_scale, found_inf,
-                    )
+                    runs.append(functools.partial(
+                        distributed.sharded_step_, hyperparameters, params, [self.state[p] for p in params],
+                        [self._soft_masks.get(p) for p in params], grad_scale, found_inf))
                 else:
-                    self._triton_step(hyperparameters, params, grad_scale, found_inf)
+                    runs += self._prepare_triton_step(hyperparameters, params, grad_scale, found_inf)
+            for run in runs:
+                run()
         return loss
 
     @contextlib.contextmanager
@@ -479,13 +484,13 @@ class AdamW(torch.optim.Optimizer):
                 soft_mask=self._soft_masks.get(p), grad_scale=grad_scale, **options,
             )
 
-    def _triton_step(self, group: dict, params: list[Tensor], grad_scale, found_inf) -> None:
+    def _prepare_triton_step(self, group: dict, params: list[Tensor], grad_scale, found_inf) -> list:
+        """One checked, compiled step per bucket (device, param dtype, moment dtype), to be called in order."""
         from selopt import kernels
 
         buckets = defaultdict(list)
         for p in params:
             buckets[(p.device, p.dtype, self.state[p]["exp_avg"].dtype)].append(p)
-        # Every bucket is checked and compiled before any runs: a failure leaves all of them untouched.
         runs = []
         for (_, param_dtype, state_dtype), bucket in buckets.items():
             if param_dtype not in kernels.PARAM_DTYPES or state_dtype not in kernels.MOMENT_DTYPES:
@@ -500,8 +505,7 @@ class AdamW(torch.optim.Optimizer):
                 _warn_fallback(f"selopt runs its torch reference for {param_dtype} params with "
                                f"{state_dtype} moments: {error}")
                 runs.append(functools.partial(self._torch_step, group, bucket, grad_scale, found_inf))
-        for run in runs:
-            run()
+        return runs
 
     def _prepare_kernels(self, group: dict, bucket: list[Tensor], grad_scale, found_inf):
         from selopt import kernels

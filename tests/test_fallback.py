@@ -85,13 +85,16 @@ def test_auto_falls_back_for_the_failing_bucket_only_with_one_warning(failing_co
         assert not torch.equal(p, torch.zeros_like(p))
 
 
-def test_triton_backend_raises_the_compile_error_before_anything_moves(failing_compile):
+@pytest.mark.parametrize("grouping", ["one group", "a group per layer"])
+def test_triton_backend_raises_the_compile_error_before_anything_moves(failing_compile, grouping):
     model = mixed_model()
-    opt = selopt.MoFO(model.parameters(), lr=1e-2, backend="triton")
+    groups = ([{"params": model.parameters()}] if grouping == "one group"
+              else [{"params": model["wide"].parameters()}, {"params": model["narrow"].parameters()}])
+    opt = selopt.MoFO(groups, lr=1e-2, backend="triton")
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(launch.KernelCompileError, match=r"_exact_update_kernel failed to compile .* NameError"):
         train(model, opt, 1)
-    # Both buckets (fp32, which compiles, and bf16, which does not) are untouched.
+    # Both buckets (fp32, which compiles, and bf16, which does not) are untouched, in one group or two.
     for p, b in zip(model.parameters(), before):
         assert torch.equal(p, b)
     for p in model.parameters():
