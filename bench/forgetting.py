@@ -1,30 +1,42 @@
-"""End-to-end forgetting experiment: pre-train on task A, fine-tune on task B, measure what A keeps.
+"""The forgetting experiment as a trade-off study: how much of the old task each method keeps at the same new skill.
 
 Phase 1 trains a small Llama-style decoder (:mod:`bench.tiny_llama`) from
 scratch on task A, its "pre-training": a synthetic language of facts
 ``entity relation -> value`` to recall. Phase 2 fine-tunes a copy of it on
 task B, a new skill (by default addition mod 16 written with the same value
 tokens, in the same "x y -> z" shape as a fact; ``--task-b reverse`` reverses
-a sequence instead), once per method, with the same learning rate (1e-3, no
-weight decay), steps (300) and batches for all:
+a sequence instead), once per method, learning rate and seed:
 
-- ``adamw_torch``: ``torch.optim.AdamW``, full fine-tuning;
+- ``adamw_torch``: ``torch.optim.AdamW``, full fine-tuning (the reference);
 - ``selopt_adamw``: ``selopt.AdamW`` (dense, must match the above);
 - ``mofo``: ``selopt.MoFO`` per tensor (the paper's partition);
 - ``mofo_block``: ``selopt.MoFO`` with fixed-size blocks;
-- ``hft``: :func:`selopt.hft.freeze_half`, then AdamW on the trainable half;
+- ``hft``: :func:`selopt.hft.freeze_half` (a new draw per seed), then AdamW on the trainable half;
 - ``cofi_coarse``: :func:`selopt.cofi.freeze_coarse` (``bottom2``, up/down);
 - ``cofi_softmask``: the same plus soft masks from :func:`selopt.cofi.importance`
-  computed on task A data (CoFiTune's coarse + fine).
+  computed on task A data (CoFiTune's coarse + fine);
+- ``lora``: LoRA adapters (Hugging Face ``peft``) on every attention and FFN
+  projection, the base weights frozen.
 
-Printed: task-B score, task-A score before and after, the fraction of
-parameter entries changed, the L2 distance from the pre-trained weights and
-the wall time; written: ``bench/results/forgetting.json`` and a plot of task A
-against task B, ``bench/results/forgetting.png``.
+One fixed budget hides the trade-off (a method that learns slowly also
+forgets slowly), so both tasks are scored every ``--eval-every`` steps and
+the study reports:
 
-    python -m bench.forgetting                # default size, ~3.5 min on 2 CPU cores
-    python -m bench.forgetting --tiny         # CI smoke run
-    python -m bench.forgetting --device cuda --layers 8 --dim 256 --finetune-steps 1000
+- **curves**: task A against task B along fine-tuning, per method, learning
+  rate and seed, and each method's frontier over its learning-rate sweep;
+- **matched skill**: per seed, the threshold is 90% of the best task-B score
+  full fine-tuning reaches (any learning rate, any evaluation). Each run is
+  read at its first evaluation at or above the threshold; per method, the
+  learning rate whose runs keep the most task A there (mean over seeds, all
+  seeds reaching) is reported, or "not reached".
+
+Written to the output folder: ``forgetting.json`` (config, curves, frontier,
+matched-skill table) and ``forgetting.png`` (the curves and the frontiers).
+
+    python -m bench.forgetting          # the demo: 1 seed, 1 lr per method, ~3 min; writes bench/results/runs/<time>/
+    python -m bench.forgetting --full   # the committed study: 3 seeds x 3 lrs; writes bench/results/
+    python -m bench.forgetting --tiny   # CI smoke run, seconds
+    python -m bench.forgetting --device cuda --layers 8 --dim 256 --finetune-steps 1000 --full --out /tmp/gpu
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ import copy
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -46,7 +59,34 @@ import selopt
 from bench.tiny_llama import TinyLlama, TinyLlamaConfig
 from selopt import cofi, hft
 
-METHODS = ("adamw_torch", "selopt_adamw", "mofo", "mofo_block", "hft", "cofi_coarse", "cofi_softmask")
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    lrs: tuple[float, ...]  # the sweep, low to high; the demo runs the middle one
+
+
+# Each method gets its own sweep, in steps of 2x. Within a fixed number of steps the lr sets
+# where a run ends on the trade-off (a small lr forgets less but may not learn task B in time),
+# so each sweep spans the smallest lr that reaches the matched skill within the --full budget
+# on seed 0 (found in a wider exploratory sweep, bench/NOTES.md) and larger ones. CoFiTune
+# reaches it at no lr tried; its sweep spans 10x to show that.
+METHODS = {
+    "adamw_torch": Method("full fine-tuning (torch AdamW)", (2.5e-4, 5e-4, 1e-3)),
+    "selopt_adamw": Method("selopt.AdamW", (2.5e-4, 5e-4, 1e-3)),
+    "mofo": Method("MoFO (15% per tensor)", (5e-4, 1e-3, 2e-3)),
+    "mofo_block": Method("MoFO (15% per block)", (5e-4, 1e-3, 2e-3)),
+    "hft": Method("HFT", (1e-3, 2e-3, 4e-3)),
+    "cofi_coarse": Method("CoFiTune coarse", (1e-3, 3e-3, 1e-2)),
+    "cofi_softmask": Method("CoFiTune coarse + soft masks", (1e-3, 3e-3, 1e-2)),
+    "lora": Method("LoRA (r 8, all projections)", (5e-4, 1e-3, 2e-3)),
+}
+# The study leaves out selopt_adamw (a copy of the reference: the tests check
+# that it matches) and the variants mofo_block and cofi_coarse; --methods adds them.
+STUDY_METHODS = ("adamw_torch", "mofo", "hft", "cofi_softmask", "lora")
+REFERENCE = "adamw_torch"
+MATCH_FRACTION = 0.9
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # Token layout: specials, then entities, relations and values. Task B reuses
@@ -153,8 +193,8 @@ def next_token_loss(model, tokens: torch.Tensor, targets: torch.Tensor) -> torch
 
 
 @torch.no_grad()
-def accuracy(model, tokens: torch.Tensor, targets: torch.Tensor, batch: int = 512) -> float:
-    """Share of target positions whose argmax prediction is right."""
+def accuracy(model, tokens: torch.Tensor, targets: torch.Tensor, batch: int = 128) -> float:
+    """Share of target positions whose argmax prediction is right (batches of 128 stay in cache on CPU)."""
     model.eval()
     right = total = 0
     for start in range(0, tokens.shape[0], batch):
@@ -170,8 +210,8 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def pretrain(args, tasks: Tasks, table: torch.Tensor, device: torch.device) -> TinyLlama:
-    torch.manual_seed(args.seed)
+def pretrain(args, seed: int, tasks: Tasks, table: torch.Tensor, device: torch.device) -> TinyLlama:
+    torch.manual_seed(seed)
     config = TinyLlamaConfig(
         vocab_size=tasks.vocab_size, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
         ffn_dim=args.ffn_dim, max_seq_len=tasks.max_seq_len,
@@ -179,7 +219,7 @@ def pretrain(args, tasks: Tasks, table: torch.Tensor, device: torch.device) -> T
     model = TinyLlama(config).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.pretrain_lr, total_steps=args.pretrain_steps, pct_start=0.1)
-    facts = FactStream(tasks.n_facts, args.batch * tasks.facts_per_sequence, torch.Generator().manual_seed(args.seed + 1))
+    facts = FactStream(tasks.n_facts, args.batch * tasks.facts_per_sequence, torch.Generator().manual_seed(seed + 1))
     start = time.perf_counter()
     for step in range(1, args.pretrain_steps + 1):
         tokens, targets = tasks.task_a_batch(table, facts.next())
@@ -189,7 +229,7 @@ def pretrain(args, tasks: Tasks, table: torch.Tensor, device: torch.device) -> T
         opt.zero_grad(set_to_none=True)
         schedule.step()
         if step % args.log_every == 0 or step == args.pretrain_steps:
-            log(f"[pretrain] step {step}/{args.pretrain_steps} loss {loss.item():.3f} ({time.perf_counter() - start:.0f}s)")
+            log(f"[seed {seed} pretrain] step {step}/{args.pretrain_steps} loss {loss.item():.3f} ({time.perf_counter() - start:.0f}s)")
     return model
 
 
@@ -199,109 +239,310 @@ def task_a_eval(tasks: Tasks, table: torch.Tensor) -> tuple[torch.Tensor, torch.
     return tasks.task_a_batch(table, order)
 
 
-def build_optimizer(method: str, model, args, device, tasks: Tasks, table: torch.Tensor):
-    """Freeze what the method freezes and return its optimizer and a description of the choice."""
-    lr, wd = args.lr, 0.0
+def prepare(method: str, model: TinyLlama, lr: float, seed: int, args, device, tasks: Tasks, table: torch.Tensor):
+    """Freeze or wrap what the method changes; return the model to train, its optimizer and a description."""
+    wd = 0.0
     if method == "adamw_torch":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd), "torch.optim.AdamW, all parameters"
+        return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd), "torch.optim.AdamW, all parameters"
     if method == "selopt_adamw":
-        return selopt.AdamW(model.parameters(), lr=lr, weight_decay=wd), "selopt.AdamW, all parameters"
+        return model, selopt.AdamW(model.parameters(), lr=lr, weight_decay=wd), "selopt.AdamW, all parameters"
     if method == "mofo":
         groups = selopt.param_groups(model, weight_decay=wd, fraction=args.mofo_fraction)
-        return selopt.MoFO(groups, lr=lr), f"MoFO fraction {args.mofo_fraction} per tensor (1-D tensors dense)"
+        return model, selopt.MoFO(groups, lr=lr), f"MoFO fraction {args.mofo_fraction} per tensor (1-D tensors dense)"
     if method == "mofo_block":
         groups = selopt.param_groups(model, weight_decay=wd, fraction=args.mofo_fraction, block_size=args.mofo_block)
-        return selopt.MoFO(groups, lr=lr), f"MoFO fraction {args.mofo_fraction}, blocks of {args.mofo_block} (1-D tensors dense)"
+        return model, selopt.MoFO(groups, lr=lr), f"MoFO fraction {args.mofo_fraction}, blocks of {args.mofo_block} (1-D tensors dense)"
     if method == "hft":
-        report = hft.freeze_half(model, seed=args.seed)
-        return selopt.AdamW(selopt.param_groups(model, weight_decay=wd, fraction=1.0), lr=lr), f"HFT seed {args.seed}: {report.fraction_by_count:.1%} of entries train"
+        report = hft.freeze_half(model, seed=seed)
+        opt = selopt.AdamW(selopt.param_groups(model, weight_decay=wd, fraction=1.0), lr=lr)
+        return model, opt, f"HFT draw {seed}: {report.fraction_by_count:.1%} of entries train"
     if method in ("cofi_coarse", "cofi_softmask"):
         report = cofi.freeze_coarse(model, layers=args.cofi_layers, modules=tuple(args.cofi_modules))
         opt = selopt.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=wd)
         detail = f"CoFiTune {args.cofi_layers} {'/'.join(args.cofi_modules)}: layers {sorted(report.layers)}, {report.fraction_by_count:.1%} of entries train"
         if method == "cofi_softmask":
             # Importance for general ability comes from pre-training data (task A).
-            facts = FactStream(tasks.n_facts, args.batch * tasks.facts_per_sequence, torch.Generator().manual_seed(args.seed + 3))
+            facts = FactStream(tasks.n_facts, args.batch * tasks.facts_per_sequence, torch.Generator().manual_seed(seed + 3))
             batches = [tasks.task_a_batch(table, facts.next())[0].to(device) for _ in range(args.importance_batches)]
-            torch.manual_seed(args.seed + 4)
+            torch.manual_seed(seed + 4)
             scores = cofi.importance(model, batches)
             cofi.attach_soft_masks(opt, model, scores, mode="update")
             masks = [1 - scores.ffn[i] for i in report.layers] + [1 - scores.hidden[i] for i in report.layers]
             mean_mask = float(torch.cat(masks).mean())
             detail += f", soft masks ('update' mode) from {args.importance_batches} task-A batches, mean mask {mean_mask:.2f}"
-        return opt, detail
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        return model, opt, detail
+    if method == "lora":
+        import peft  # the demo extra; imported here so that the other methods run without it
+
+        config = peft.LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
+        wrapped = peft.get_peft_model(model, config)
+        trainable = [p for p in wrapped.parameters() if p.requires_grad]
+        share = sum(p.numel() for p in trainable) / sum(p.numel() for p in model.parameters())
+        detail = f"peft {peft.__version__} LoRA r {args.lora_rank} alpha {2 * args.lora_rank} on {'/'.join(LORA_TARGETS)}, adapters = {share:.1%} of the base's entries"
+        return wrapped, torch.optim.AdamW(trainable, lr=lr, weight_decay=wd), detail
+    raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
 
 
-def finetune(method: str, pretrained: TinyLlama, args, device, tasks, table, eval_a, eval_b) -> dict:
+def distance(pretrained: TinyLlama, tuned: TinyLlama) -> tuple[float, float]:
+    """Share of entries that differ from the pre-trained weights, and the L2 distance to them."""
+    changed = total = 0
+    squared = 0.0
+    before = dict(pretrained.named_parameters())
+    for name, param in tuned.named_parameters():
+        diff = param.detach().double() - before[name].detach().double()
+        changed += int((diff != 0).sum())
+        total += diff.numel()
+        squared += float(diff.pow(2).sum())
+    return changed / total, squared**0.5
+
+
+def finetune(method: str, lr: float, seed: int, pretrained: TinyLlama, args, device, tasks, table, eval_a, eval_b) -> dict:
+    """Fine-tune a copy on task B; score both tasks at step 0, every ``eval_every`` steps and at the end."""
     model = copy.deepcopy(pretrained)
     for p in model.parameters():
         p.requires_grad_(True)
-    torch.manual_seed(args.seed + 2)
-    start = time.perf_counter()
-    opt, detail = build_optimizer(method, model, args, device, tasks, table)
-    log(f"[{method}] {detail}")
-    generator = torch.Generator().manual_seed(args.seed + 5)  # the same task-B batches for every method
+    torch.manual_seed(seed + 2)
+    model, opt, detail = prepare(method, model, lr, seed, args, device, tasks, table)
+    tag = f"[seed {seed} {method} lr {lr:g}]"
+    log(f"{tag} {detail}")
+    curve = {"steps": [0], "task_a": [accuracy(model, *eval_a)], "task_b": [accuracy(model, *eval_b)]}
+    generator = torch.Generator().manual_seed(seed + 5)  # the same task-B batches for every method and lr
+    train_seconds = 0.0
     for step in range(1, args.finetune_steps + 1):
+        start = time.perf_counter()
         tokens, targets = tasks.task_b_batch(args.batch, generator)
         loss = next_token_loss(model, tokens.to(device), targets.to(device))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_seconds += time.perf_counter() - start
+        if step % args.eval_every == 0 or step == args.finetune_steps:
+            curve["steps"].append(step)
+            curve["task_a"].append(accuracy(model, *eval_a))
+            curve["task_b"].append(accuracy(model, *eval_b))
         if step % args.log_every == 0 or step == args.finetune_steps:
-            log(f"[{method}] step {step}/{args.finetune_steps} loss {loss.item():.3f} ({time.perf_counter() - start:.0f}s)")
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-
-    changed = total = 0
-    squared = 0.0
-    before = dict(pretrained.named_parameters())
-    for name, param in model.named_parameters():
-        diff = param.detach().double() - before[name].detach().double()
-        changed += int((diff != 0).sum())
-        total += diff.numel()
-        squared += float(diff.pow(2).sum())
+            log(f"{tag} step {step}/{args.finetune_steps} loss {loss.item():.3f}, task A {curve['task_a'][-1]:.3f}, task B {curve['task_b'][-1]:.3f}")
+    if method == "lora":
+        model = model.merge_and_unload()  # the weights the adapters amount to, under the base's names
+    changed, l2 = distance(pretrained, model)
     return {
-        "task_a_after": accuracy(model, *eval_a),
-        "task_b": accuracy(model, *eval_b),
-        "changed_fraction": changed / total,
-        "l2_from_pretrained": squared**0.5,
-        "seconds": seconds,
+        **curve,
+        "changed_fraction": changed,
+        "l2_from_pretrained": l2,
+        "ms_per_step": 1e3 * train_seconds / args.finetune_steps,
         "detail": detail,
     }
 
 
-def plot(results: dict, task_a_before: float, task_b_before: float, task_b: str, path: Path) -> None:
+# ---------------------------------------------------------------------------------------------
+# Analysis: pure functions of the curves
+
+
+def pareto_frontier(points) -> list[tuple[float, float]]:
+    """The (task B, task A) points that no other point beats on both, by increasing task B.
+
+    >>> pareto_frontier([(0.1, 0.9), (0.5, 0.5), (0.4, 0.4), (0.9, 0.2), (0.2, 0.95)])
+    [(0.2, 0.95), (0.5, 0.5), (0.9, 0.2)]
+    """
+    frontier, best_a = [], float("-inf")
+    for b, a in sorted(points, key=lambda point: (-point[0], -point[1])):
+        if a > best_a:
+            frontier.append((b, a))
+            best_a = a
+    return frontier[::-1]
+
+
+def first_reaching(run: dict, threshold: float) -> int | None:
+    """Index of the first evaluation whose task B is at least ``threshold``, or None.
+
+    >>> first_reaching({"task_b": [0.0, 0.5, 0.95, 0.9]}, 0.9)
+    2
+    >>> first_reaching({"task_b": [0.0, 0.5]}, 0.9) is None
+    True
+    """
+    return next((i for i, b in enumerate(run["task_b"]) if b >= threshold), None)
+
+
+def mean_curve(runs: list[dict]) -> dict:
+    """Task A and B averaged over seeds at each evaluation (every seed evaluates at the same steps)."""
+    return {
+        "steps": runs[0]["steps"],
+        "task_a": [statistics.fmean(values) for values in zip(*(run["task_a"] for run in runs))],
+        "task_b": [statistics.fmean(values) for values in zip(*(run["task_b"] for run in runs))],
+    }
+
+
+def matched_skill(runs: dict[str, dict], thresholds: dict[str, float]) -> dict:
+    """Task A kept at the first evaluation reaching each seed's threshold; the mean only if every seed reaches it.
+
+    >>> row = matched_skill({"0": {"steps": [0, 10], "task_a": [1.0, 0.6], "task_b": [0.0, 0.95]},
+    ...                      "1": {"steps": [0, 10], "task_a": [1.0, 0.4], "task_b": [0.0, 0.91]}}, {"0": 0.9, "1": 0.9})
+    >>> row["reached"], round(row["task_a_mean"], 3), round(row["task_a_std"], 3), row["step_mean"]
+    (True, 0.5, 0.141, 10.0)
+    """
+    per_seed = {}
+    for seed, run in runs.items():
+        i = first_reaching(run, thresholds[seed])
+        per_seed[seed] = None if i is None else {"step": run["steps"][i], "task_a": run["task_a"][i], "task_b": run["task_b"][i]}
+    hits = [hit for hit in per_seed.values() if hit is not None]
+    reached = len(hits) == len(runs)
+    task_a = [hit["task_a"] for hit in hits]
+    return {
+        "task_a_mean": statistics.fmean(task_a) if reached else None,
+        "task_a_std": statistics.stdev(task_a) if reached and len(task_a) > 1 else None,
+        "reached": reached,
+        "reached_seeds": len(hits),
+        "threshold_b": statistics.fmean(thresholds[seed] for seed in runs),
+        "seeds": len(runs),
+        "step_mean": statistics.fmean(hit["step"] for hit in hits) if reached else None,
+        "per_seed": per_seed,
+    }
+
+
+def analyse(curves: dict, fraction: float = MATCH_FRACTION) -> dict:
+    """Thresholds, matched skill per learning rate and per method (at its best lr), and frontiers."""
+    thresholds = {
+        seed: fraction * max(max(by_seed[seed]["task_b"]) for by_seed in curves[REFERENCE].values())
+        for seed in next(iter(curves[REFERENCE].values()))
+    }
+    matched_by_lr, matched, frontier = {}, {}, {}
+    for method, by_lr in curves.items():
+        mean_by_lr = {lr: mean_curve(list(by_seed.values())) for lr, by_seed in by_lr.items()}
+        rows = matched_by_lr[method] = {lr: matched_skill(by_seed, thresholds) for lr, by_seed in by_lr.items()}
+        # The lr that keeps the most task A among those reaching the threshold in every seed; if
+        # none does, the one that came closest (highest mean task B), reported as not reached.
+        best = max(by_lr, key=lambda lr: (rows[lr]["reached"], rows[lr]["task_a_mean"] if rows[lr]["reached"] else max(mean_by_lr[lr]["task_b"])))
+        matched[method] = {"lr": float(best), **rows[best]}
+        points = [point for mean in mean_by_lr.values() for point in zip(mean["task_b"], mean["task_a"])]
+        frontier[method] = [list(point) for point in pareto_frontier(points)]
+    return {"thresholds_b": thresholds, "matched": matched, "matched_by_lr": matched_by_lr, "frontier": frontier}
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+COLORS = {
+    "adamw_torch": "tab:red", "selopt_adamw": "tab:pink", "mofo": "tab:blue", "mofo_block": "tab:cyan",
+    "hft": "tab:green", "cofi_coarse": "tab:olive", "cofi_softmask": "tab:brown", "lora": "tab:purple",
+}
+
+
+def plot(report: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
-    ax.axhline(task_a_before, color="grey", linestyle="--", linewidth=1, label=f"task A before fine-tuning ({task_a_before:.2f})")
-    ax.scatter([task_b_before], [task_a_before], marker="*", s=140, color="black", label=f"pre-trained (task B {task_b_before:.2f})")
-    # Methods that land on the same point (torch and selopt AdamW) share one label.
-    points: dict[tuple[float, float], list[str]] = {}
-    for name, row in results.items():
-        points.setdefault((round(row["task_b"], 4), round(row["task_a_after"], 4)), []).append(name)
-    for (task_b_score, task_a_score), names in points.items():
-        ax.scatter(task_b_score, task_a_score, s=50)
-        ax.annotate(" = ".join(names), (task_b_score, task_a_score), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xlabel(f"task B accuracy (new skill: {task_b})")
-    ax.set_ylabel("task A accuracy after fine-tuning (fact recall)")
-    ax.set_title("Forgetting: what each method learns and keeps")
-    ax.set_xlim(-0.02, 1.05)
-    ax.set_ylim(-0.02, 1.05)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
+    curves, config = report["curves"], report["config"]
+    seeds = len(config["seeds"])
+    before_a = statistics.fmean(p["task_a"] for p in report["pretrained"].values())
+    before_b = statistics.fmean(p["task_b"] for p in report["pretrained"].values())
+    threshold = statistics.fmean(report["thresholds_b"].values())
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.4), dpi=110, sharey=True)
+
+    for method, row in report["matched"].items():
+        color, label = COLORS[method], METHODS[method].label
+        mean = mean_curve(list(curves[method][f"{row['lr']:g}"].values()))
+        note = "" if row["reached"] else f", not reached ({row['reached_seeds']}/{row['seeds']})"
+        left.plot(mean["task_b"], mean["task_a"], "-o", color=color, markersize=2.5, linewidth=1.4, label=f"{label}, lr {row['lr']:g}{note}")
+        if row["reached"]:
+            b = statistics.fmean(hit["task_b"] for hit in row["per_seed"].values())
+            left.errorbar(b, row["task_a_mean"], yerr=row["task_a_std"] or 0.0, fmt="D", color=color, markersize=7,
+                          markeredgecolor="black", capsize=4, zorder=5)
+        for by_seed in curves[method].values():
+            mean = mean_curve(list(by_seed.values()))
+            right.plot(mean["task_b"], mean["task_a"], color=color, alpha=0.25, linewidth=0.8)
+        # A staircase through the frontier points: at each task B, the most task A that some
+        # evaluation reached with at least that task B (no interpolation between evaluations).
+        b, a = zip(*report["frontier"][method])
+        right.plot(b, a, drawstyle="steps-pre", color=color, linewidth=2.2, label=label)
+
+    for ax in (left, right):
+        ax.scatter([before_b], [before_a], marker="*", s=160, color="black", zorder=6, label="pre-trained")
+        ax.axvline(threshold, color="grey", linestyle=":", linewidth=1.2)
+        ax.set_xlabel(f"task B accuracy (new skill: {'modular addition' if config['task_b'] == 'add' else 'reversal'})")
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.04)
+        ax.grid(alpha=0.3)
+    left.set_ylabel("task A accuracy (fact recall)")
+    left.set_title(f"Along fine-tuning, each method at its best lr (mean of {seeds} seed{'s' * (seeds > 1)});\n"
+                   f"diamonds: first evaluation with task B >= {threshold:.2f} (dotted), bars: std over seeds", fontsize=9)
+    right.set_title(f"Frontier over the lr sweep (faint: each lr, mean of {seeds} seed{'s' * (seeds > 1)})", fontsize=9)
+    left.legend(loc="lower left", fontsize=7.5)
+    right.legend(loc="lower left", fontsize=7.5)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
+def print_tables(report: dict) -> None:
+    print(f"Matched skill: task A at the first evaluation with task B >= {MATCH_FRACTION:.0%} of full fine-tuning's best")
+    header = f"{'method':<14} {'lr':>7} {'task A kept':>15} {'step':>6} {'reached':>8}"
+    print(header)
+    print("-" * len(header))
+    for method, row in report["matched"].items():
+        if row["reached"]:
+            kept = f"{row['task_a_mean']:.3f}" + (f" ± {row['task_a_std']:.3f}" if row["task_a_std"] is not None else "")
+            print(f"{method:<14} {row['lr']:>7g} {kept:>15} {row['step_mean']:>6.0f} {'yes':>8}")
+        else:
+            print(f"{method:<14} {row['lr']:>7g} {'not reached':>15} {'-':>6} {row['reached_seeds']:>4}/{row['seeds']:<3}")
+    print()
+    print("End of fine-tuning (mean over seeds)")
+    header = f"{'method':<14} {'lr':>7} {'task B':>7} {'task A':>7} {'changed':>8} {'L2':>6} {'ms/step':>8}"
+    print(header)
+    print("-" * len(header))
+    for method, by_lr in report["curves"].items():
+        for lr, by_seed in by_lr.items():
+            runs = list(by_seed.values())
+            mean = {key: statistics.fmean(run[key] for run in runs) for key in ("changed_fraction", "l2_from_pretrained", "ms_per_step")}
+            print(f"{method:<14} {lr:>7} {statistics.fmean(r['task_b'][-1] for r in runs):>7.3f} "
+                  f"{statistics.fmean(r['task_a'][-1] for r in runs):>7.3f} {mean['changed_fraction']:>8.3f} "
+                  f"{mean['l2_from_pretrained']:>6.2f} {mean['ms_per_step']:>8.1f}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+@dataclass(frozen=True)
+class Preset:
+    seeds: tuple[int, ...]
+    lrs: str  # "all" of each method's sweep, or its "middle" value
+    methods: tuple[str, ...]
+    finetune_steps: int
+
+
+PRESETS = {
+    "demo": Preset((0,), "middle", STUDY_METHODS, 400),  # ~3.5 minutes on one core
+    "full": Preset((0, 1, 2), "all", STUDY_METHODS, 600),
+    "tiny": Preset((0, 1), "all", tuple(METHODS), 20),
+}
+
+
+def parse_lr(text: str) -> tuple[str, tuple[float, ...]]:
+    method, _, values = text.partition("=")
+    if method not in (*METHODS, "all") or not values:
+        raise argparse.ArgumentTypeError(f"expected METHOD=LR[,LR...] with METHOD one of {(*METHODS, 'all')}, got {text!r}")
+    try:
+        lrs = tuple(sorted(float(v) for v in values.split(",")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"learning rates must be numbers, got {values!r}") from None
+    if any(lr <= 0 for lr in lrs):
+        raise argparse.ArgumentTypeError(f"learning rates must be > 0, got {values!r}")
+    return method, lrs
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the empty ones that a preset fills in (their help says what they become)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, []) else super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     size = parser.add_argument_group("model and tasks")
     size.add_argument("--layers", type=int, default=4)
     size.add_argument("--dim", type=int, default=128)
@@ -314,43 +555,69 @@ def parse_args(argv=None) -> argparse.Namespace:
     size.add_argument("--task-b", choices=TASK_B_KINDS, default="add", help="the new skill of phase 2")
     size.add_argument("--modulus", type=int, default=16, help="task B 'add': a + b mod this, over the first value tokens")
     size.add_argument("--reverse-length", type=int, default=6, help="task B 'reverse': tokens to reverse")
+    size.add_argument("--eval-b", type=int, default=256, help="task-B evaluation sequences")
     train = parser.add_argument_group("training")
     train.add_argument("--batch", type=int, default=32, help="sequences per step, both phases")
     train.add_argument("--pretrain-steps", type=int, default=400)
     train.add_argument("--pretrain-lr", type=float, default=3e-3)
-    train.add_argument("--finetune-steps", type=int, default=300)
-    train.add_argument("--lr", type=float, default=1e-3, help="fine-tuning lr, the same for every method")
+    train.add_argument("--finetune-steps", type=int, help="default: 400 (demo), 600 (--full)")
+    train.add_argument("--eval-every", type=int, default=25, help="score task A and B every this many fine-tuning steps")
+    train.add_argument("--lr", type=parse_lr, action="append", default=[], metavar="METHOD=LR[,LR...]",
+                       help="fine-tuning lrs of a method ('all': every method), replacing the preset's; repeatable")
     train.add_argument("--mofo-fraction", type=float, default=0.15)
     train.add_argument("--mofo-block", type=int, default=256)
     train.add_argument("--cofi-layers", default="bottom2")
     train.add_argument("--cofi-modules", nargs="+", default=["up_proj", "down_proj"])
     train.add_argument("--importance-batches", type=int, default=8)
+    train.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r (alpha = 2r)")
     run = parser.add_argument_group("run")
-    run.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    run.add_argument("--seed", type=int, default=0)
+    mode = run.add_mutually_exclusive_group()
+    mode.add_argument("--full", action="store_true", help=f"the committed study: seeds {PRESETS['full'].seeds}, every lr of each method's sweep; writes {RESULTS}")
+    mode.add_argument("--tiny", action="store_true", help="a seconds-long run for CI (overrides the sizes)")
+    run.add_argument("--methods", nargs="+", choices=tuple(METHODS), help=f"default: {' '.join(STUDY_METHODS)}; must include {REFERENCE}")
+    run.add_argument("--seeds", nargs="+", type=int, help="default: 0 (demo), 0 1 2 (--full)")
     run.add_argument("--threads", type=int, default=1, help="torch CPU threads, fixed so results repeat (more threads on a busy machine spin and slow down)")
     run.add_argument("--device", default="cpu")
     run.add_argument("--log-every", type=int, default=100)
-    run.add_argument("--out", type=Path, default=RESULTS, help="folder for forgetting.json and forgetting.png")
-    run.add_argument("--tiny", action="store_true", help="a seconds-long run for CI (overrides the sizes)")
+    run.add_argument("--out", type=Path, help=f"output folder; default {RESULTS} with --full, else a new folder under {RESULTS / 'runs'} (not tracked by git)")
     args = parser.parse_args(argv)
+
+    args.preset = "full" if args.full else "tiny" if args.tiny else "demo"
+    preset = PRESETS[args.preset]
     if args.tiny:
         args.layers, args.dim, args.heads, args.ffn_dim = 2, 32, 2, 64
         args.entities, args.values, args.modulus = 16, 16, 8
-        args.pretrain_steps, args.finetune_steps, args.importance_batches, args.log_every = 60, 20, 2, 20
-        args.mofo_block = 64
-    for name in ("layers", "dim", "heads", "ffn_dim", "entities", "relations", "values", "facts_per_sequence",
-                 "reverse_length", "modulus", "batch", "pretrain_steps", "finetune_steps", "importance_batches", "threads", "log_every"):
+        args.pretrain_steps, args.eval_every, args.log_every = 60, 5, 20
+        args.importance_batches, args.mofo_block, args.lora_rank, args.eval_b = 2, 64, 2, 64
+    args.seeds = args.seeds or list(preset.seeds)
+    args.methods = args.methods or list(preset.methods)
+    args.finetune_steps = args.finetune_steps or preset.finetune_steps
+    overrides = dict(args.lr)
+    args.lrs = {
+        method: list(overrides.get(method, overrides.get("all", METHODS[method].lrs if preset.lrs == "all" else METHODS[method].lrs[1:2])))
+        for method in args.methods
+    }
+    if REFERENCE not in args.methods:
+        parser.error(f"--methods must include {REFERENCE}: full fine-tuning sets the task-B threshold of the matched-skill comparison")
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds must be distinct, got {args.seeds}")
+    for name in ("layers", "dim", "heads", "ffn_dim", "entities", "relations", "values", "facts_per_sequence", "reverse_length",
+                 "modulus", "eval_b", "batch", "pretrain_steps", "finetune_steps", "eval_every", "importance_batches", "lora_rank",
+                 "threads", "log_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.modulus > args.values:
         parser.error(f"--modulus must be <= --values ({args.values}), got {args.modulus}")
     if (args.entities * args.relations) % args.facts_per_sequence:
         parser.error("--entities * --relations must be a multiple of --facts-per-sequence")
+    if args.out is None:
+        args.out = RESULTS if args.full else RESULTS / "runs" / time.strftime(f"%Y%m%d-%H%M%S-{args.preset}")
     return args
 
 
 def main(argv=None) -> dict:
+    started = time.perf_counter()
+    load_before = os.getloadavg()
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -360,55 +627,63 @@ def main(argv=None) -> dict:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
     tasks = Tasks(args.entities, args.relations, args.values, args.facts_per_sequence, args.task_b, args.reverse_length, args.modulus)
-    table = tasks.fact_table(torch.Generator().manual_seed(args.seed))
-    eval_a = tuple(t.to(device) for t in task_a_eval(tasks, table))
-    eval_b = tuple(t.to(device) for t in tasks.task_b_batch(512, torch.Generator().manual_seed(54321)))
+    eval_b = tuple(t.to(device) for t in tasks.task_b_batch(args.eval_b, torch.Generator().manual_seed(54321)))
+    n_runs = len(args.seeds) * sum(len(lrs) for lrs in args.lrs.values())
+    log(f"[setup] {tasks.n_facts} facts, vocab {tasks.vocab_size}, {args.layers} layers x dim {args.dim} on {device}; "
+        f"{len(args.seeds)} seed(s) x {n_runs // len(args.seeds)} (method, lr) = {n_runs} fine-tuning runs of {args.finetune_steps} steps")
 
-    log(f"[setup] {tasks.n_facts} facts, vocab {tasks.vocab_size}, {args.layers} layers x dim {args.dim} on {device}")
-    start = time.perf_counter()
-    pretrained = pretrain(args, tasks, table, device)
-    pretrain_seconds = time.perf_counter() - start
-    task_a_before, task_b_before = accuracy(pretrained, *eval_a), accuracy(pretrained, *eval_b)
-    log(f"[pretrain] task A {task_a_before:.3f}, task B {task_b_before:.3f} ({pretrain_seconds:.0f}s)")
+    # A seed draws everything: the facts, the pre-training, the task-B batches, HFT's halves and
+    # CoFiTune's importance batches. Within a seed, every method and lr starts from the same model
+    # and sees the same batches.
+    pretrained_scores, n_params = {}, 0
+    curves = {method: {f"{lr:g}": {} for lr in lrs} for method, lrs in args.lrs.items()}
+    done = 0
+    for seed in args.seeds:
+        table = tasks.fact_table(torch.Generator().manual_seed(seed))
+        eval_a = tuple(t.to(device) for t in task_a_eval(tasks, table))
+        start = time.perf_counter()
+        pretrained = pretrain(args, seed, tasks, table, device)
+        n_params = sum(p.numel() for p in pretrained.parameters())
+        pretrained_scores[str(seed)] = {
+            "task_a": accuracy(pretrained, *eval_a), "task_b": accuracy(pretrained, *eval_b), "seconds": time.perf_counter() - start,
+        }
+        log(f"[seed {seed} pretrain] task A {pretrained_scores[str(seed)]['task_a']:.3f}, task B {pretrained_scores[str(seed)]['task_b']:.3f}")
+        for method, lrs in args.lrs.items():
+            for lr in lrs:
+                curves[method][f"{lr:g}"][str(seed)] = finetune(method, lr, seed, pretrained, args, device, tasks, table, eval_a, eval_b)
+                done += 1
+                log(f"[progress] {done}/{n_runs} runs, {time.perf_counter() - started:.0f}s")
 
-    results = {}
-    for method in args.methods:
-        row = finetune(method, pretrained, args, device, tasks, table, eval_a, eval_b)
-        results[method] = {"task_a_before": task_a_before, **row}
-        log(f"[{method}] task A {task_a_before:.3f} -> {row['task_a_after']:.3f}, task B {row['task_b']:.3f} ({row['seconds']:.1f}s)")
-
-    n_params = sum(p.numel() for p in pretrained.parameters())
     config = {
-        **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+        **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "lr", "full", "tiny")},
         "weight_decay": 0.0,
+        "match_fraction": MATCH_FRACTION,
         "vocab_size": tasks.vocab_size,
         "n_facts": tasks.n_facts,
         "n_params": n_params,
-        "task_b_before": task_b_before,
-        "pretrain_seconds": pretrain_seconds,
         "task_a_description": "fact recall: accuracy of the value token after 'entity relation', over all facts",
         "task_b_description": (
             f"add two value tokens mod {args.modulus}: accuracy of the sum token" if args.task_b == "add"
             else f"reverse {args.reverse_length} value tokens: token accuracy"
-        ) + " over 512 held-out sequences",
+        ) + f" over {args.eval_b} fixed sequences",
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "selopt": selopt.__version__},
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "command": "python -m bench.forgetting " + " ".join(sys.argv[1:] if argv is None else argv),
     }
-    report = {"config": config, "methods": results}
+    if "lora" in args.methods:
+        import peft
 
-    header = f"{'method':<14} {'task B':>7} {'A before':>9} {'A after':>8} {'changed':>8} {'L2':>7} {'seconds':>8}"
-    print(header)
-    print("-" * len(header))
-    for name, row in results.items():
-        print(
-            f"{name:<14} {row['task_b']:>7.3f} {row['task_a_before']:>9.3f} {row['task_a_after']:>8.3f} "
-            f"{row['changed_fraction']:>8.3f} {row['l2_from_pretrained']:>7.2f} {row['seconds']:>8.1f}"
-        )
+        config["versions"]["peft"] = peft.__version__
+    report = {"config": config, "pretrained": pretrained_scores, **analyse(curves), "curves": curves}
+    # Wall time and load average, so a reader can tell a slow run from a busy machine.
+    config["wall_seconds"] = time.perf_counter() - started
+    config["load_average"] = {"start": load_before, "end": os.getloadavg()}
+
+    print_tables(report)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "forgetting.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(results, task_a_before, task_b_before, "modular addition" if args.task_b == "add" else "reversal", args.out / "forgetting.png")
-    print(f"wrote {args.out / 'forgetting.json'} and {args.out / 'forgetting.png'}")
+    (args.out / "forgetting.json").write_text(json.dumps(report, indent=1) + "\n")
+    plot(report, args.out / "forgetting.png")
+    print(f"wrote {args.out / 'forgetting.json'} and {args.out / 'forgetting.png'} ({config['wall_seconds']:.0f}s)")
     return report
 
 
