@@ -14,8 +14,9 @@ ships in the Triton wheel, and reports per kernel configuration:
   static count is the dynamic one, give or take the never-taken branches;
 * bytes per element: the tensors the kernel must stream (params, grads,
   moments), not counting per-program table reads;
-* a roofline **prediction** of the H100 time of one step over 2^28 elements:
-  bytes / copy bandwidth, and warp-instructions / issue rate, and their max.
+* for sm_90, a roofline **prediction** of the H100 time of one step over 2^28
+  elements: bytes / copy bandwidth, warp-instructions / issue rate, and the
+  sum over the kernels of the larger of the two.
 
 The assumptions of the prediction are in :data:`H100` and written into the
 JSON. ``--check`` exits non-zero on a spill or a compile error (CI runs it on
@@ -206,7 +207,8 @@ def report_path(name: str, config: Configuration, arch: int) -> dict:
         bytes_per_element=sum(k.bytes_per_element for k in streaming),
         min_ctas_per_sm=min(k.ctas_per_sm for k in streaming),
         access_bits=sorted({bits for k in streaming for bits in k.global_access_bits}),
-        h100_prediction=predict_h100(streaming),
+        # The prediction's numbers are an H100's: for other targets the table has none.
+        h100_prediction=predict_h100(streaming) if arch == 90 else None,
     )
 
 
@@ -216,12 +218,12 @@ def markdown(results: list[dict]) -> str:
     for r in results:
         streaming = [k for k in r["kernels"] if k["elements_per_program"]]
         p = r["h100_prediction"]
+        predicted = f"{p['bytes_bound_ms']:.2f} / {p['issue_bound_ms']:.2f} / {p['predicted_ms']:.2f}" if p else "-"
         lines.append(
             f"| {r['path']} | {'/'.join(str(k['registers']) for k in streaming)} | {'yes' if r['spills'] else 'no'} "
             f"| {r['min_ctas_per_sm']} | {','.join(map(str, r['access_bits']))} "
             f"| {sum(k['barriers'] for k in streaming)} | {r['warp_instructions_per_element']:.2f} "
-            f"| {r['bytes_per_element']:g} | {p['bytes_bound_ms']:.2f} / {p['issue_bound_ms']:.2f} / "
-            f"{p['predicted_ms']:.2f} |")
+            f"| {r['bytes_per_element']:g} | {predicted} |")
     return "\n".join(lines)
 
 

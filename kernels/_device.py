@@ -63,16 +63,18 @@ def load_pointer(row_ptr, column, dtype: tl.constexpr):
 
 @triton.jit
 def stream(row_ptr, column, start, lanes, dtype: tl.constexpr, ALIGNED: tl.constexpr):
-    """Addresses of one tile of a streamed tensor (param, grad, a moment, the selection).
+    """Addresses of one tile of a streamed tensor (param, grad, a moment).
 
-    ``ALIGNED``: the host checked that every table address is 16-byte aligned.
-    The hint must sit on the pointer after the int-to-pointer cast (on the
-    integer it is dropped); with it the compiler emits 128-bit accesses.
+    ``ALIGNED``: the host checked that every table address is 16-byte aligned
+    and that tiles hold whole multiples of 8 entries, so every run of
+    contiguous addresses starts 16-byte aligned. The hint sits on the tensor
+    of pointers: on the integer address it is dropped, and Triton 3.6 also
+    drops it on the scalar pointer; with it the compiler emits 128-bit accesses.
     """
-    base = load_pointer(row_ptr, column, dtype)
+    pointers = load_pointer(row_ptr, column, dtype) + start + lanes
     if ALIGNED:
-        base = tl.multiple_of(base, 16)
-    return base + start + lanes
+        pointers = tl.multiple_of(pointers, 16)
+    return pointers
 
 
 @triton.jit
