@@ -39,17 +39,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	TRITON_INTERPRET=$(if $(HAS_GPU_TORCH),0,1) $(PY) -m pytest -q --doctest-modules selopt tests
 
-# Every kernel compiled for real GPUs (no GPU needed) on the oldest supported Triton; `make test`
-# does the same on the newest. Run from a neutral directory so the installed wheel is what runs.
+# Every kernel compiled for real GPUs (no GPU needed) on the oldest supported Triton, and the
+# static report's spill check; `make test` does both on the newest.
 $(OLDEST_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/python -m pip install -q --upgrade pip
 	$(OLDEST_VENV)/bin/python -m pip install -q "$(CPU_TORCH)" "$(OLDEST_TRITON)" numpy
-	$(OLDEST_VENV)/bin/python -m pip install -q --no-deps .
+	$(OLDEST_VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $(OLDEST_STAMP)
 
 compile-check-oldest: $(OLDEST_STAMP)
-	cd $(OLDEST_VENV) && env -u TRITON_INTERPRET bin/python -m selopt.kernels.compile_check --arch 80 90 --jobs 2
+	env -u TRITON_INTERPRET $(OLDEST_VENV)/bin/python -m selopt.kernels.compile_check --arch 80 90 --jobs 2
+	env -u TRITON_INTERPRET $(OLDEST_VENV)/bin/python -m bench.static --arch 90 --quick --check --out ""
 
 bench: $(STAMP)
 	$(PY) -m bench.speed
