@@ -63,19 +63,19 @@ from selopt import cofi, hft
 @dataclass(frozen=True)
 class Method:
     label: str
-    lrs: tuple[float, ...]  # the sweep, low to high; the demo runs the middle one
+    lrs: tuple[float, ...]  # the sweep, low to high; the demo runs lrs[len(lrs) // 2]
 
 
 # Each method gets its own sweep, in steps of 2x. Within a fixed number of steps the lr sets
-# where a run ends on the trade-off (a small lr forgets less but may not learn task B in time),
-# so each sweep spans the smallest lr that reaches the matched skill within the --full budget
-# on seed 0 (found in a wider exploratory sweep, bench/NOTES.md) and larger ones. CoFiTune
-# reaches it at no lr tried; its sweep spans 10x to show that.
+# where a run ends on the trade-off: a small lr forgets less but may not learn task B in time.
+# Each sweep reaches from the largest lr worth trying down to one below the smallest lr that
+# reached the matched skill within the --full budget on seed 0 (bench/NOTES.md, section 3).
+# CoFiTune reached it at no lr; its sweep spans 10x to show that.
 METHODS = {
-    "adamw_torch": Method("full fine-tuning (torch AdamW)", (2.5e-4, 5e-4, 1e-3)),
-    "selopt_adamw": Method("selopt.AdamW", (2.5e-4, 5e-4, 1e-3)),
-    "mofo": Method("MoFO (15% per tensor)", (5e-4, 1e-3, 2e-3)),
-    "mofo_block": Method("MoFO (15% per block)", (5e-4, 1e-3, 2e-3)),
+    "adamw_torch": Method("full fine-tuning (torch AdamW)", (1.25e-4, 2.5e-4, 5e-4, 1e-3)),
+    "selopt_adamw": Method("selopt.AdamW", (1.25e-4, 2.5e-4, 5e-4, 1e-3)),
+    "mofo": Method("MoFO (15% per tensor)", (2.5e-4, 5e-4, 1e-3, 2e-3)),
+    "mofo_block": Method("MoFO (15% per block)", (2.5e-4, 5e-4, 1e-3, 2e-3)),
     "hft": Method("HFT", (1e-3, 2e-3, 4e-3)),
     "cofi_coarse": Method("CoFiTune coarse", (1e-3, 3e-3, 1e-2)),
     "cofi_softmask": Method("CoFiTune coarse + soft masks", (1e-3, 3e-3, 1e-2)),
@@ -274,10 +274,11 @@ def prepare(method: str, model: TinyLlama, lr: float, seed: int, args, device, t
     if method == "lora":
         import peft  # the demo extra; imported here so that the other methods run without it
 
+        base = sum(p.numel() for p in model.parameters())
         config = peft.LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
-        wrapped = peft.get_peft_model(model, config)
+        wrapped = peft.get_peft_model(model, config)  # adds the adapters to `model` in place
         trainable = [p for p in wrapped.parameters() if p.requires_grad]
-        share = sum(p.numel() for p in trainable) / sum(p.numel() for p in model.parameters())
+        share = sum(p.numel() for p in trainable) / base
         detail = f"peft {peft.__version__} LoRA r {args.lora_rank} alpha {2 * args.lora_rank} on {'/'.join(LORA_TARGETS)}, adapters = {share:.1%} of the base's entries"
         return wrapped, torch.optim.AdamW(trainable, lr=lr, weight_decay=wd), detail
     raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
@@ -509,7 +510,7 @@ def print_tables(report: dict) -> None:
 @dataclass(frozen=True)
 class Preset:
     seeds: tuple[int, ...]
-    lrs: str  # "all" of each method's sweep, or its "middle" value
+    lrs: str  # "all" of each method's sweep, or its "middle" value (the upper one of an even count)
     methods: tuple[str, ...]
     finetune_steps: int
 
@@ -519,6 +520,10 @@ PRESETS = {
     "full": Preset((0, 1, 2), "all", STUDY_METHODS, 600),
     "tiny": Preset((0, 1), "all", tuple(METHODS), 20),
 }
+
+
+def middle(lrs: tuple[float, ...]) -> tuple[float]:
+    return (lrs[len(lrs) // 2],)
 
 
 def parse_lr(text: str) -> tuple[str, tuple[float, ...]]:
@@ -594,7 +599,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.finetune_steps = args.finetune_steps or preset.finetune_steps
     overrides = dict(args.lr)
     args.lrs = {
-        method: list(overrides.get(method, overrides.get("all", METHODS[method].lrs if preset.lrs == "all" else METHODS[method].lrs[1:2])))
+        method: list(overrides.get(method, overrides.get("all", METHODS[method].lrs if preset.lrs == "all" else middle(METHODS[method].lrs))))
         for method in args.methods
     }
     if REFERENCE not in args.methods:

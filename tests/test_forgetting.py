@@ -136,7 +136,7 @@ def test_output_folders():
     # The demo writes a fresh, git-ignored run folder; only --full (or --out) writes the committed results.
     demo = forgetting.parse_args([])
     assert demo.out.parent == forgetting.RESULTS / "runs" and demo.seeds == [0]
-    assert demo.lrs == {m: [forgetting.METHODS[m].lrs[1]] for m in forgetting.STUDY_METHODS}
+    assert demo.lrs == {"adamw_torch": [5e-4], "mofo": [1e-3], "hft": [2e-3], "cofi_softmask": [3e-3], "lora": [1e-3]}
     full = forgetting.parse_args(["--full"])
     assert full.out == forgetting.RESULTS and full.seeds == [0, 1, 2]
     assert full.lrs == {m: list(forgetting.METHODS[m].lrs) for m in forgetting.STUDY_METHODS}
