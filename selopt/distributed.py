@@ -244,14 +244,15 @@ def sharded_step_(
     soft_masks: list[Tensor | None],
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
-) -> None:
+) -> list[Tensor]:
     """One selopt step for a param group's DTensor ``params``, in place on their local shards.
 
     ``states`` hold torch's keys with DTensor moments; ``soft_masks`` are whole-
     parameter masks or None. Exact per-tensor selection first agrees on each
     tensor's threshold with :func:`global_thresholds`; that holds one fp32
     (fp64) copy of the group's local ``|m|`` bits at a time. Every rank of the
-    mesh must step the same param groups.
+    mesh must step the same param groups. Returns each param's selection on
+    its local shard.
     """
     options = reference.group_options(group)
     grads = []
@@ -283,8 +284,10 @@ def sharded_step_(
             for i, threshold in zip(indices, global_thresholds(bits, ks, groups)):
                 thresholds[i] = threshold
 
-    for p, grad, state, mask, threshold in zip(params, grads, local_states, masks, thresholds):
+    return [
         reference.adamw_step_(
             local(p), grad, state, found_inf=found_inf, stochastic_rounding=group["stochastic_rounding"],
             soft_mask=mask, threshold=threshold, grad_scale=grad_scale, **options,
         )
+        for p, grad, state, mask, threshold in zip(params, grads, local_states, masks, thresholds)
+    ]

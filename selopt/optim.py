@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from selopt import distributed, reference
+from selopt.stats import UpdateStats, UpdateTracker
 
 BACKENDS = ("auto", "triton", "torch")
 MOMENT_DTYPES = (None, torch.float32, torch.bfloat16)
@@ -304,6 +305,7 @@ class AdamW(torch.optim.Optimizer):
         # As torch.optim.AdamW: one-element tensor betas are kept as 0-d tensors.
         defaults["betas"] = tuple(beta.squeeze() if isinstance(beta, Tensor) and beta.dim() else beta for beta in betas)
         self._soft_masks: dict[Tensor, Tensor] = {}
+        self._update_tracker: UpdateTracker | None = None  # see track_updates
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -339,6 +341,7 @@ class AdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             self._complete_group(group)
         self.__dict__.setdefault("_soft_masks", {})
+        self.__dict__.setdefault("_update_tracker", None)  # tracking is not state: a copy does not track
 
     def set_soft_mask(self, param: Tensor, mask: Tensor | None) -> None:
         """Scale ``param``'s updates (or gradients) by ``mask`` in [0, 1]; None removes it.
@@ -374,6 +377,43 @@ class AdamW(torch.optim.Optimizer):
             mask = mask.unsqueeze(-1).expand(*mask.shape, 2)
         self._soft_masks[param] = mask.contiguous()
 
+    def track_updates(self, enabled: bool = True, *, per_tensor: bool = False) -> None:
+        """Count, from the next step on, what each step moves; read it with :meth:`update_stats`.
+
+        Per param group: the entries the step covered, the entries the update
+        moved (MoFO's selection; all of them at ``fraction=1``) and the entries
+        weight decay changed (every one with ``decay="all"``, the moved ones with
+        ``"selected"``). ``per_tensor=True`` also counts each tensor. Counts stay
+        on the device until read, so steps do not synchronise the host; the
+        cost while tracking is on is described in :mod:`selopt.stats` (dense
+        groups cost nothing). ``enabled=False`` stops tracking and drops the counts.
+
+        >>> model = torch.nn.Linear(10, 10, bias=False)
+        >>> opt = MoFO(model.parameters(), lr=1e-3, fraction=0.1)
+        >>> opt.track_updates()
+        >>> model(torch.randn(2, 10)).sum().backward()
+        >>> opt.step()
+        >>> print(opt.update_stats())
+        last step:
+          group 0: moved 10.0% (10 of 100 entries); weight decay changed 100.0% (decay='all': every entry)
+        """
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {enabled!r}")
+        if not isinstance(per_tensor, bool):
+            raise TypeError(f"per_tensor must be a bool, got {per_tensor!r}")
+        self._update_tracker = UpdateTracker(per_tensor) if enabled else None
+
+    def update_stats(self) -> UpdateStats | None:
+        """What the last step moved (:class:`selopt.stats.UpdateStats`), or None before a tracked step.
+
+        Reads the device counts: one device-to-host copy per device. With sharded
+        (DTensor) params it sums the shards' counts with one ``all_reduce`` per
+        mesh, so every rank must call it, as every rank calls :meth:`step`.
+        """
+        if self._update_tracker is None:
+            raise RuntimeError("update tracking is off: call track_updates() before the steps to count")
+        return self._update_tracker.stats()
+
     def _init_state(self, param: Tensor, group: dict, backend: str) -> dict:
         state = self.state[param]
         if not state:
@@ -390,6 +430,10 @@ class AdamW(torch.optim.Optimizer):
             state["step"] = state["step"].to(step_device)
         return state
 
+    # torch.compile(opt.step) (or a compiled training step) runs the step eagerly: Dynamo would
+    # recompile it for every step count the torch reference reads on the host, and the Triton path
+    # is a few fused launches already.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
@@ -425,6 +469,9 @@ class AdamW(torch.optim.Optimizer):
                 by_backend[backend].append(p)
             plan.extend((group, backend, params) for backend, params in by_backend.items())
 
+        tracker = self._update_tracker
+        if tracker is not None:
+            tracker.begin_step(self.param_groups, found_inf)
         # Then prepare every bucket of every group (the kernels' checks and compiles included) before
         # any runs: a kernel that cannot compile for backend="triton" leaves every param untouched.
         with contextlib.ExitStack() as real_views:
@@ -433,17 +480,20 @@ class AdamW(torch.optim.Optimizer):
                 for p in params:
                     self._init_state(p, group, backend)
                 hyperparameters = _step_hyperparameters(group)
-                params = real_views.enter_context(self._complex_as_real(params))
+                stepped = real_views.enter_context(self._complex_as_real(params))
+                if tracker is not None:
+                    tracker.expect(group, params, stepped)
+                params = stepped
                 if backend == "torch":
                     runs.append(functools.partial(self._torch_step, hyperparameters, params, grad_scale, found_inf))
                 elif backend == "sharded":
-                    runs.append(functools.partial(
-                        distributed.sharded_step_, hyperparameters, params, [self.state[p] for p in params],
-                        [self._soft_masks.get(p) for p in params], grad_scale, found_inf))
+                    runs.append(functools.partial(self._sharded_step, hyperparameters, params, grad_scale, found_inf))
                 else:
                     runs += self._prepare_triton_step(hyperparameters, params, grad_scale, found_inf)
             for run in runs:
                 run()
+        if tracker is not None:
+            tracker.end_step()
         return loss
 
     @contextlib.contextmanager
@@ -477,12 +527,24 @@ class AdamW(torch.optim.Optimizer):
 
     def _torch_step(self, group: dict, params: list[Tensor], grad_scale, found_inf) -> None:
         options = reference.group_options(group)
+        tracker = self._update_tracker
         for p in params:
-            reference.adamw_step_(
+            selected = reference.adamw_step_(
                 p, p.grad, self.state[p],
                 found_inf=found_inf, stochastic_rounding=group["stochastic_rounding"],
                 soft_mask=self._soft_masks.get(p), grad_scale=grad_scale, **options,
             )
+            if tracker is not None:
+                tracker.record_selection(p, selected)
+
+    def _sharded_step(self, group: dict, params: list[Tensor], grad_scale, found_inf) -> None:
+        selections = distributed.sharded_step_(
+            group, params, [self.state[p] for p in params], [self._soft_masks.get(p) for p in params],
+            grad_scale, found_inf,
+        )
+        if self._update_tracker is not None:
+            for p, selected in zip(params, selections):
+                self._update_tracker.record_selection(p, selected)
 
     def _prepare_triton_step(self, group: dict, params: list[Tensor], grad_scale, found_inf) -> list:
         """One checked, compiled step per bucket (device, param dtype, moment dtype), to be called in order."""
@@ -512,6 +574,7 @@ class AdamW(torch.optim.Optimizer):
 
         states = [self.state[p] for p in bucket]
         beta1, beta2 = group["betas"]
+        tracker = self._update_tracker
         return kernels.prepare_multi_tensor_adamw(
             bucket,
             [p.grad for p in bucket],
@@ -524,6 +587,7 @@ class AdamW(torch.optim.Optimizer):
             maximize=group["maximize"], fraction=group["fraction"], block_size=group["block_size"],
             decay=group["decay"], soft_mask_mode=group["soft_mask_mode"],
             stochastic_rounding=group["stochastic_rounding"], grad_scale=grad_scale, found_inf=found_inf,
+            selections=None if tracker is None else tracker.selection_buffers(bucket),
         )
 
     def load_state_dict(self, state_dict: dict) -> None:
