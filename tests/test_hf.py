@@ -119,3 +119,128 @@ def test_trainer_trains_saves_and_resumes_exactly(tmp_path):
     resumed.train(resume_from_checkpoint=str(checkpoint))
     for (name, p), q in zip(model.named_parameters(), model_resumed.parameters()):
         assert torch.equal(p, q), f"{name}: resumed run differs by {(p - q).abs().max()}"
+
+
+# ---------------------------------------------------------------- optimizer_cls_and_kwargs
+
+
+def _args(output_dir, **overrides):
+    options = dict(
+        output_dir=str(output_dir), max_steps=STEPS, per_device_train_batch_size=4, learning_rate=123.0,
+        seed=7, use_cpu=True, report_to="none", disable_tqdm=True, dataloader_pin_memory=False,
+        logging_strategy="no", save_strategy="no",
+    )
+    return transformers.TrainingArguments(**{**options, **overrides})
+
+
+def test_trainer_builds_selopt_with_vectors_dense(tmp_path):
+    model = _tiny_llama()
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = transformers.Trainer(
+        model=model, args=_args(tmp_path, weight_decay=0.1), train_dataset=_Tokens(),
+        optimizer_cls_and_kwargs=(selopt.hf.TrainerMoFO, {"lr": 1e-2, "fraction": 0.05, "weight_decay": 0.9, "decay": "selected"}),
+    )
+    trainer.train()
+    opt = trainer.optimizer.optimizer  # accelerate's wrapper around it
+    assert type(opt) is selopt.hf.TrainerMoFO
+    ours = [(len(g["params"]), g["weight_decay"], g["fraction"], g["initial_lr"]) for g in opt.param_groups]
+    # Trainer's weight decay (not the kwargs') on its decay group; its no-decay group trains densely;
+    # the schedule starts from the kwargs' lr, not from args.learning_rate.
+    assert ours == [(len(selopt.hf.trainer_param_groups(model)[0]["params"]), 0.1, 0.05, 1e-2),
+                    (len(selopt.hf.no_decay_parameter_names(model)), 0.0, 1.0, 1e-2)]
+    params = dict(model.named_parameters())
+    norm_moved = (params["model.layers.0.input_layernorm.weight"] != init["model.layers.0.input_layernorm.weight"])
+    assert norm_moved.all()
+    up = "model.layers.0.mlp.up_proj.weight"
+    assert 0 < (params[up] != init[up]).float().mean().item() <= STEPS * 0.05 + 0.01
+
+
+def test_trainer_optimizer_classes_need_lr():
+    model = torch.nn.Linear(3, 3)
+    for cls in (selopt.hf.TrainerAdamW, selopt.hf.TrainerMoFO):
+        with pytest.raises(TypeError, match="needs lr.*TrainingArguments.learning_rate"):
+            cls([{"params": list(model.parameters()), "weight_decay": 0.0}])
+    opt = selopt.hf.TrainerAdamW(model.parameters(), lr=1e-3)
+    assert [g["fraction"] for g in opt.param_groups] == [1.0, 1.0]
+
+
+def test_dense_vectors_keeps_names_and_options():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    named = selopt.groups.dense_vectors([{"params": list(model.named_parameters()), "lr": 0.5}])
+    assert [[n for n, _ in g["params"]] for g in named] == [["0.weight"], ["0.bias", "1.weight", "1.bias"]]
+    assert [(g["lr"], g.get("fraction")) for g in named] == [(0.5, None), (0.5, 1.0)]
+    explicit = selopt.groups.dense_vectors(
+        [{"params": [model[0].weight, model[0].bias], "param_names": ["w", "b"]}])
+    assert [g["param_names"] for g in explicit] == [["w"], ["b"]]
+
+
+def test_selopt_cannot_be_chosen_by_name():
+    # What the README says: TrainingArguments accepts only transformers' own optimizer names.
+    with pytest.raises(ValueError, match="OptimizerNames"):
+        transformers.TrainingArguments("unused", optim="mofo", use_cpu=True, report_to="none")
+
+
+# ---------------------------------------------------------------- update statistics in Trainer's logs
+
+
+class _Recorder(transformers.TrainerCallback):
+    """Stands in for a reporting integration: keeps what on_log hands it."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_update_stats_reach_trainer_logs(tmp_path, per_tensor):
+    model = _tiny_llama()
+    opt = selopt.MoFO(selopt.hf.trainer_param_groups(model, weight_decay=0.01, fraction=0.1), lr=1e-2)
+    recorder = _Recorder()
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path, logging_strategy="steps", logging_steps=2), train_dataset=_Tokens(),
+                                   optimizers=(opt, None), callbacks=[recorder])
+    selopt.hf.log_update_stats(trainer, per_tensor=per_tensor)
+    trainer.train()
+    training_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in training_logs] == [2, 4, 6]
+    for entry, seen in zip(training_logs, recorder.logs):
+        assert 0.09 < entry["selopt/group0/moved"] < 0.15  # floor(0.1 * n) per matrix, ties aside
+        assert entry["selopt/group1/moved"] == 1.0
+        assert entry["selopt/group0/decayed"] == 1.0  # decay="all": weight decay changes every entry
+        assert "selopt/group1/decayed" not in entry  # no weight decay on biases and norms
+        total = sum(p.numel() for p in opt.param_groups[0]["params"])
+        assert entry["selopt/group0/moved_entries"] == round(entry["selopt/group0/moved"] * total)
+        # Ahead of the "reporting integration": it saw the statistics too.
+        assert {k: v for k, v in seen.items() if k.startswith("selopt/")} == {
+            k: v for k, v in entry.items() if k.startswith("selopt/")}
+    per_tensor_keys = [k for k in training_logs[0] if k.endswith("/moved") and "/group" not in k]
+    if per_tensor:
+        assert "selopt/model.layers.0.self_attn.q_proj.weight/moved" in per_tensor_keys
+        assert len(per_tensor_keys) == len(list(model.parameters()))
+    else:
+        assert not per_tensor_keys
+
+
+def test_update_stats_callback_in_callbacks_list(tmp_path):
+    model = _tiny_llama()
+    opt = selopt.AdamW(selopt.hf.trainer_param_groups(model, weight_decay=0.0, fraction=1.0), lr=1e-3)
+    recorder = _Recorder()
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path, logging_strategy="steps", logging_steps=3), train_dataset=_Tokens(),
+                                   optimizers=(opt, None), callbacks=[recorder, selopt.hf.UpdateStatsCallback()])
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["selopt/group0/moved"] for entry in logged] == [1.0, 1.0]
+    assert not any(k.startswith("selopt/") for entry in recorder.logs for k in entry)  # it came first
+
+
+def test_update_stats_callback_needs_selopt(tmp_path):
+    model = _tiny_llama()
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path), train_dataset=_Tokens(),
+                                   callbacks=[selopt.hf.UpdateStatsCallback()])
+    with pytest.raises(TypeError, match="needs a selopt optimizer"):
+        trainer.train()
+    with pytest.raises(TypeError, match="per_tensor"):
+        selopt.hf.UpdateStatsCallback(per_tensor=1)
+    with pytest.raises(TypeError, match="transformers.Trainer"):
+        selopt.hf.log_update_stats(object())
