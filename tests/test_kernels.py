@@ -231,17 +231,21 @@ def test_launch_plan_is_cached():
     assert len(tables._plans) == cached
 
 
-@pytest.mark.parametrize("block_size", [None, 64, 4])
-@pytest.mark.parametrize("shapes", [[(8,), (4, 264), (520,)], [(8,), (4, 263), (520,)]], ids=["aligned", "generic"])
-def test_aligned_and_generic_variants_match_reference(shapes, block_size):
-    # 16-byte aligned tensors of whole multiples of 8 elements take the 128-bit variant; one odd
-    # size (or a block below 8 elements) sends the whole bucket to the generic one.
+@pytest.mark.parametrize(("shapes", "block_size", "aligned"), [
+    ([(8,), (4, 264), (520,)], None, True),
+    ([(8,), (4, 264), (520,)], 64, True),
+    ([(8,), (4, 263), (520,)], None, False),  # one size not a multiple of 8
+    ([(8,), (4, 263), (520,)], 64, False),
+    ([(8,), (24,)], 4, False),  # blocks of fewer than 8 entries
+], ids=["exact-aligned", "block-aligned", "exact-generic", "block-generic", "small-block-generic"])
+def test_aligned_and_generic_variants_match_reference(shapes, block_size, aligned):
+    # 16-byte aligned tensors of whole multiples of 8 entries take the 128-bit variant; anything
+    # else sends the whole bucket to the generic one.
     bucket = Bucket(shapes, torch.bfloat16, seed=13)
     options = dict(HYPER, fraction=0.2, block_size=block_size)
     bucket.step(**options)
     bucket.check(**options)
-    plan = next(reversed(tables._plans.values()))
-    assert plan.aligned == (shapes[1] == (4, 264) and block_size != 4)
+    assert next(reversed(tables._plans.values())).aligned == aligned
 
 
 def test_plan_used_during_graph_capture_is_never_evicted_or_freed(monkeypatch):
