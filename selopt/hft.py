@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -179,6 +179,11 @@ def freeze_half(
     that is 2 of q/k/v/o, 2 or 1 of gate/up/down and 1 of the 2 norms. All
     parameters of a chosen module (weight and bias) train together.
 
+    This is the first stage. For the next ones, while an optimizer built over
+    the trainable parameters exists, use :func:`next_stage`: it also makes the
+    optimizer step the newly unfrozen parameters, which it would otherwise
+    leave untrained without a word.
+
     Args:
         model: any module; its parameters' ``requires_grad`` is set in place.
         seed: the draw; use a new seed for each training stage.
@@ -203,9 +208,12 @@ def freeze_half(
           layer 0: attention: q_proj, k_proj; ffn: up_proj; norm: input_layernorm
           layer 1: attention: k_proj, o_proj; ffn: gate_proj, up_proj; norm: input_layernorm
         >>> opt = selopt.AdamW(selopt.param_groups(model))
-        >>> freeze_half(model, seed=1).layers != report.layers   # stage 2 (DPO): a new draw
-        True
     """
+    return apply_trainable(model, *_draw_half(model, seed, patterns, layer_pattern, train_others))
+
+
+def _draw_half(model, seed, patterns, layer_pattern, train_others):
+    """HFT's draw for ``model``: ``(trains(name) -> bool, chosen members per layer)``; changes nothing."""
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     if not isinstance(train_others, bool):
@@ -247,4 +255,103 @@ def freeze_half(
         index, category, member = where[name]
         return member in chosen[index][category]
 
-    return apply_trainable(model, trains, chosen)
+    return trains, chosen
+
+
+def next_stage(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    seed: int,
+    patterns: Mapping[str, Sequence[str]] | None = None,
+    *,
+    layer_pattern: str = DEFAULT_LAYER_PATTERN,
+    train_others: bool = True,
+    keep_state: bool = False,
+    group_of: Callable[[str, torch.nn.Parameter], int] | None = None,
+) -> FreezeReport:
+    """Start the next HFT stage: a new draw, and ``optimizer`` made to step exactly the new trainable half.
+
+    HFT draws a new frozen half for each stage (SFT, then DPO, then each
+    continual-learning task). An optimizer built over stage 1's trainable
+    parameters does not hold the ones a new draw unfreezes, so calling
+    :func:`freeze_half` again would leave them untrained, silently. This call
+    redraws (as :func:`freeze_half` with the same arguments) and then:
+
+    - parameters of ``model`` that are now frozen leave their param groups,
+      with their optimizer state (and soft mask), so they cost no memory;
+    - newly trainable ones join the param group that holds the parameters of
+      their kind: matrices (2 dims or more) or vectors (biases, norm weights),
+      as :func:`selopt.param_groups` and :func:`selopt.hf.trainer_param_groups`
+      group them; a single group takes everything. When that is ambiguous
+      (several groups hold matrices, say), ``group_of(name, param)`` must
+      give the group index;
+    - ``keep_state=False`` (default) clears the optimizer state of the
+      model's parameters: each stage starts as a new optimizer would, which
+      is what a new training stage is. ``keep_state=True`` keeps the moments
+      and step counts of parameters that train in both stages.
+
+    Parameter groups keep their options (lr, weight decay, selection), so an
+    lr scheduler attached to ``optimizer`` keeps working. Everything is
+    checked before anything changes.
+
+    Example:
+        >>> model = tiny_llama(layers=2)
+        >>> stage1 = freeze_half(model, seed=0)                            # SFT
+        >>> opt = selopt.AdamW(selopt.param_groups(model, fraction=1.0))
+        >>> stage2 = next_stage(model, opt, seed=1)                        # DPO: a new draw
+        >>> held = {id(p) for group in opt.param_groups for p in group["params"]}
+        >>> held == {id(p) for p in model.parameters() if p.requires_grad}
+        True
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if not isinstance(keep_state, bool):
+        raise TypeError(f"keep_state must be a bool, got {keep_state!r}")
+    if group_of is not None and not callable(group_of):
+        raise TypeError(f"group_of must be None or a callable (name, param) -> group index, got {group_of!r}")
+    trains, chosen = _draw_half(model, seed, patterns, layer_pattern, train_others)
+
+    groups = optimizer.param_groups
+    held = {id(p) for group in groups for p in group["params"]}
+    joining = []  # (group index, name, param) of the params the optimizer must take on
+    for name, param in model.named_parameters():
+        if trains(name) and id(param) not in held:
+            index = _group_for(groups, name, param) if group_of is None else group_of(name, param)
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(groups):
+                raise ValueError(f"group_of({name!r}, param) must be a group index in [0, {len(groups)}), got {index!r}")
+            joining.append((index, name, param))
+
+    report = apply_trainable(model, trains, chosen)
+    leaving = {id(p) for p in model.parameters() if not p.requires_grad}
+    for group in groups:
+        kept = [i for i, p in enumerate(group["params"]) if id(p) not in leaving]
+        for p in group["params"]:
+            if id(p) in leaving:
+                optimizer.state.pop(p, None)
+                if callable(getattr(optimizer, "set_soft_mask", None)):
+                    optimizer.set_soft_mask(p, None)
+        group["params"] = [group["params"][i] for i in kept]
+        if "param_names" in group:
+            group["param_names"] = [group["param_names"][i] for i in kept]
+    for index, name, param in joining:
+        groups[index]["params"].append(param)
+        if "param_names" in groups[index]:
+            groups[index]["param_names"].append(name)
+    if not keep_state:
+        for param in model.parameters():
+            optimizer.state.pop(param, None)
+    return report
+
+
+def _group_for(groups: list[dict], name: str, param: torch.Tensor) -> int:
+    """The one param group holding parameters of ``param``'s kind (matrix or vector); raises if there is not one."""
+    if len(groups) == 1:
+        return 0
+    kind = "matrices" if param.dim() >= 2 else "vectors (fewer than 2 dims)"
+    candidates = [i for i, group in enumerate(groups) if any((p.dim() >= 2) == (param.dim() >= 2) for p in group["params"])]
+    if len(candidates) != 1:
+        raise ValueError(
+            f"cannot tell which param group {name!r} joins: {len(candidates)} of the optimizer's {len(groups)} groups "
+            f"hold {kind}; pass group_of=lambda name, param: <group index>"
+        )
+    return candidates[0]

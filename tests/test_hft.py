@@ -1,12 +1,13 @@
-"""HFT: per-layer counts, seeded draws, report numbers, and frozen tensors that stay put."""
+"""HFT: per-layer counts, seeded draws, report numbers, frozen tensors that stay put, and safe stage switches."""
 
 import pytest
 import torch
 from torch import nn
 
 import selopt
+import selopt.hf
 from bench.tiny_llama import TinyLlama, TinyLlamaConfig
-from selopt.hft import freeze_half
+from selopt.hft import freeze_half, next_stage
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN = ("gate_proj", "up_proj", "down_proj")
@@ -142,3 +143,142 @@ def test_errors():
         freeze_half(tiny(), patterns={"a": ["q_proj"], "b": ["q_proj|k_proj"]})
     with pytest.raises(ValueError, match="layer_pattern"):
         freeze_half(tiny(), layer_pattern=r"layers\.")
+
+
+# ---------------------------------------------------------------- stages
+
+
+def _train(model, opt, steps=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        ids = torch.randint(0, 24, (4, 8), generator=gen)
+        logits = model(ids[:, :-1])
+        nn.functional.cross_entropy(logits.reshape(-1, 24), ids[:, 1:].reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _held(opt):
+    return [p for group in opt.param_groups for p in group["params"]]
+
+
+def test_refreezing_with_the_old_optimizer_is_the_trap_next_stage_avoids():
+    trapped, safe = tiny(), tiny()
+    for model, redraw in ((trapped, lambda m, o: freeze_half(m, seed=1)), (safe, lambda m, o: next_stage(m, o, seed=1))):
+        freeze_half(model, seed=0)
+        opt = selopt.AdamW(selopt.param_groups(model, weight_decay=0.0, fraction=1.0), lr=1e-2, backend="torch")
+        _train(model, opt)
+        stage2 = redraw(model, opt)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        _train(model, opt, seed=1)
+        untrained = [n for n, p in model.named_parameters() if n in stage2.trainable and torch.equal(p, before[n])]
+        if model is trapped:
+            assert untrained  # unfrozen by the new draw, never stepped: what the issue reported
+        else:
+            assert untrained == []
+            assert {id(p) for p in _held(opt)} == {id(p) for p in model.parameters() if p.requires_grad}
+            for name, param in model.named_parameters():
+                if name in stage2.frozen:
+                    assert torch.equal(param, before[name]) and param not in opt.state
+
+
+def test_new_params_join_the_group_of_their_kind():
+    model = tiny()
+    freeze_half(model, seed=0)
+    opt = selopt.MoFO(selopt.param_groups(model, weight_decay=0.1, fraction=0.2), lr=1e-2)
+    next_stage(model, opt, seed=1)
+    selective, dense = opt.param_groups
+    assert all(p.dim() == 2 for p in selective["params"]) and all(p.dim() == 1 for p in dense["params"])
+    assert (selective["fraction"], dense["fraction"], dense["weight_decay"]) == (0.2, 1.0, 0.0)
+    assert {id(p) for p in _held(opt)} == {id(p) for p in model.parameters() if p.requires_grad}
+
+    hf_model = tiny()
+    freeze_half(hf_model, seed=0)
+    opt = selopt.MoFO(selopt.hf.trainer_param_groups(hf_model, weight_decay=0.1), lr=1e-2)
+    next_stage(hf_model, opt, seed=1)
+    no_decay = selopt.hf.no_decay_parameter_names(hf_model)
+    names = {id(p): n for n, p in hf_model.named_parameters()}
+    assert [sorted(names[id(p)] in no_decay for p in g["params"]) for g in opt.param_groups] == [
+        [False] * len(opt.param_groups[0]["params"]), [True] * len(opt.param_groups[1]["params"])]
+
+    single = tiny()
+    freeze_half(single, seed=0)
+    opt = torch.optim.AdamW([p for p in single.parameters() if p.requires_grad], lr=1e-2)  # any optimizer
+    next_stage(single, opt, seed=1)
+    assert {id(p) for p in _held(opt)} == {id(p) for p in single.parameters() if p.requires_grad}
+
+
+def test_ambiguous_groups_need_group_of_and_nothing_changes_before():
+    model = tiny()
+    freeze_half(model, seed=0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    matrices = [p for p in trainable if p.dim() >= 2]
+    # Two groups of matrices (e.g. another lr for the embeddings): where would a new q_proj go?
+    groups = [{"params": matrices[:1], "lr": 1e-3}, {"params": matrices[1:]},
+              {"params": [p for p in trainable if p.dim() < 2], "fraction": 1.0}]
+    opt = selopt.MoFO(groups, lr=1e-2)
+    _train(model, opt, steps=1)
+    flags = [p.requires_grad for p in model.parameters()]
+    held = [list(g["params"]) for g in opt.param_groups]
+    for bad, error in (({}, "cannot tell which param group"), ({"group_of": lambda n, p: 7}, r"group index in \[0, 3\)"),
+                       ({"group_of": "first"}, "group_of must be"), ({"keep_state": 1}, "keep_state")):
+        with pytest.raises((ValueError, TypeError), match=error):
+            next_stage(model, opt, seed=1, **bad)
+        assert [p.requires_grad for p in model.parameters()] == flags
+        assert [list(g["params"]) for g in opt.param_groups] == held and len(opt.state) == len(trainable)
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        next_stage(model, object(), seed=1)
+
+    next_stage(model, opt, seed=1, group_of=lambda name, param: 1 if param.dim() >= 2 else 2)
+    assert {id(p) for p in _held(opt)} == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("keep_state", [False, True])
+def test_state_of_a_new_stage(keep_state):
+    model = tiny()
+    stage1 = freeze_half(model, seed=0)
+    opt = selopt.AdamW(selopt.param_groups(model, fraction=1.0), lr=1e-2, backend="torch")
+    params = dict(model.named_parameters())
+    for name in stage1.trainable:
+        if ".mlp." in name:
+            opt.set_soft_mask(params[name], torch.full(params[name].shape[:1], 0.5))
+    _train(model, opt)
+    stage2 = next_stage(model, opt, seed=1, keep_state=keep_state)
+    both = set(stage1.trainable) & set(stage2.trainable)
+    for name, param in params.items():
+        if name in stage2.frozen:
+            assert param not in opt.state and param not in opt._soft_masks
+        elif name in both:
+            assert (float(opt.state[param]["step"]) == 2) if keep_state else param not in opt.state
+    # The next stage trains, and an lr scheduler built in stage 1 still drives every group.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+    _train(model, opt, steps=1)
+    scheduler.step()
+    assert all(float(opt.state[params[name]]["step"]) == (3 if keep_state and name in both else 1)
+               for name in stage2.trainable)
+    assert [g["lr"] for g in opt.param_groups] == [5e-3, 5e-3]
+
+
+def test_named_param_groups_keep_their_names():
+    model = tiny()
+    freeze_half(model, seed=0)
+    opt = selopt.AdamW([(n, p) for n, p in model.named_parameters() if p.requires_grad], lr=1e-2)
+    next_stage(model, opt, seed=1)
+    group = opt.param_groups[0]
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert group["param_names"] == [names[id(p)] for p in group["params"]]
+    assert sorted(group["param_names"]) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_three_stages_sft_dpo_task():
+    model = tiny()
+    draws = [freeze_half(model, seed=0)]
+    opt = selopt.MoFO(selopt.param_groups(model, weight_decay=0.0, fraction=0.5), lr=1e-2, backend="torch")
+    for seed in (1, 2):
+        _train(model, opt)
+        draws.append(next_stage(model, opt, seed=seed))
+    assert len({tuple(sorted(d.trainable)) for d in draws}) == 3
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _train(model, opt)
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]) == (name in draws[-1].frozen), name
