@@ -14,7 +14,33 @@ dimensions and attention heads by the gradient, with respect to all-ones
 "gates" on those units, of a label-free KL divergence between two dropout
 forward passes on general data; per layer the scores become ``|tanh(z)|``
 in [0, 1). :func:`attach_soft_masks` gives the optimizer ``1 - importance``
-per output row of ``up_proj`` (intermediate) and ``down_proj`` (hidden).
+per output row of ``up_proj`` (intermediate), ``down_proj`` (hidden) and
+``q_proj``/``k_proj``/``v_proj`` (the rows of each head); ``o_proj`` stays
+unmasked, as in the official code.
+
+How this differs from the official code (github.com/rattlesnakey/CoFiTune),
+on purpose:
+
+- The official code multiplies *gradients* by the mask, tiled along
+  DeepSpeed ZeRO's flat partition of each parameter. selopt scales the
+  *update* by default (``mode="update"``): under Adam a constant factor on a
+  row's gradient cancels between ``m`` and ``sqrt(v)`` except through eps, so
+  a gradient mask barely acts; ``mode="grad"`` does what the official code
+  does. Masks are given per row of the whole parameter; sharded parameters
+  (FSDP2) take their slice on each rank (:mod:`selopt.distributed`).
+- The official code accumulates the *signed* gate gradients, and never zeroes
+  the gates' ``.grad`` between batches, so batch ``t`` of ``n`` is counted
+  ``n - t + 1`` times and a unit's positive and negative contributions cancel.
+  selopt sums ``|gradient|`` with every batch counted once: importance is the
+  size of the loss's sensitivity to a unit, whatever its sign (the gradient
+  head-importance of Michel et al., 2019, which the paper builds on, takes
+  the absolute value too), and it must not depend on the batch order.
+- The official loss is one-directional ``KL(p2 || p1)`` scaled by a
+  temperature; selopt uses the symmetric KL, which does not depend on which
+  of the two dropout passes comes first (the scale cancels in the z-score).
+- With grouped-query attention the official mask (one row block per query
+  head) does not fit ``k_proj``/``v_proj``; selopt gives each key/value head
+  the mask of the most important query head it serves.
 
 Typical use::
 
@@ -55,6 +81,8 @@ LAYER_PRESETS: dict[str, tuple[float, float]] = {
     "top_half": (0.5, 1.0),
 }
 DEFAULT_MODULES = ("up_proj", "down_proj")
+# Projections whose output rows belong to one attention head each (Hugging Face Llama/Qwen/Mistral names).
+DEFAULT_ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj")
 SOFT_MASK_MODES = ("update", "grad")
 
 
@@ -475,26 +503,73 @@ def soft_masks(
     *,
     ffn_in: str = "up_proj",
     ffn_out: str = "down_proj",
+    attn_in: Sequence[str] = DEFAULT_ATTENTION_INPUTS,
+    attn_out: str = "o_proj",
     layer_pattern: str = DEFAULT_LAYER_PATTERN,
 ) -> dict[str, Tensor]:
-    """``1 - importance`` per output row: parameter name -> mask, for ``ffn_in`` (intermediate) and ``ffn_out`` (hidden).
+    """``1 - importance`` per output row: parameter name -> mask (weights and biases alike).
 
-    Weights and biases of those modules get the same per-row mask.
+    - ``ffn_in`` (``up_proj``): one row per FFN intermediate neuron, ``scores.ffn``;
+    - ``ffn_out`` (``down_proj``): one row per hidden dimension, ``scores.hidden``;
+    - ``attn_in`` (``q_proj``, ``k_proj``, ``v_proj``): the ``head_dim`` rows of
+      each head take that head's mask, ``scores.heads``. With grouped-query
+      attention a key/value head serves several query heads and takes the
+      mask of the most important of them (``1 - max``), as importances merge.
+      ``head_dim`` is the input width of ``attn_out`` over the number of heads.
+
+    ``attn_out`` (``o_proj``) is not masked, as in the official code: its unit
+    per head is a block of input columns, which a per-row mask cannot express
+    (a full-shape mask would cost 4 bytes per entry). ``attn_in=()`` leaves
+    attention unmasked. Raises ``ValueError`` where a mask cannot apply: a
+    layer with head scores but none of the ``attn_in`` modules, or rows that
+    do not match the units.
     """
-    units = _find_units(model, compile_layer_pattern(layer_pattern), {"ffn_in": ffn_in, "ffn_out": ffn_out})
+    attn_in = _check_module_names(attn_in, "attn_in") if attn_in else ()
+    roles = {"ffn_in": ffn_in, "ffn_out": ffn_out, "attn_out": attn_out, **{f"attn_in:{m}": m for m in attn_in}}
+    units = _find_units(model, compile_layer_pattern(layer_pattern), roles)
     masks = {}
     for role, kind in (("ffn_in", "ffn"), ("ffn_out", "hidden")):
         for index, table in sorted(getattr(scores, kind).items()):
             if role not in units.get(index, {}):
                 raise ValueError(f"importance has {kind} scores for layer {index}, but the model has no {role} module there")
             name, module = units[index][role]
-            for param_name, param in module.named_parameters(recurse=False):
-                if param.dim() == 0 or param.shape[0] != table.numel():
-                    raise ValueError(
-                        f"{name}.{param_name} has {param.shape[0] if param.dim() else 0} output rows, "
-                        f"its importance has {table.numel()} units"
-                    )
-                masks[f"{name}.{param_name}"] = (1.0 - table).to(param.device)
+            masks.update(_row_masks(name, module, 1.0 - table, table.numel()))
+    for index, table in sorted(scores.heads.items()) if attn_in else ():
+        found = {role: units[index][role] for role in units.get(index, {}) if role.startswith("attn_in:")}
+        if not found:
+            raise ValueError(
+                f"importance has head scores for layer {index}, but the model has none of the attention input "
+                f"modules {attn_in} there: pass attn_in= with their names, or attn_in=() to leave attention unmasked"
+            )
+        if "attn_out" not in units.get(index, {}):
+            raise ValueError(f"layer {index} has no {attn_out!r} module to tell the head width from: pass attn_out=")
+        out_name, out_module = units[index]["attn_out"]
+        heads = table.numel()
+        if out_module.weight.shape[1] % heads:
+            raise ValueError(f"{out_name} has {out_module.weight.shape[1]} inputs, not a multiple of {heads} heads")
+        head_dim = out_module.weight.shape[1] // heads
+        for name, module in found.values():
+            rows = module.weight.shape[0]
+            if rows % head_dim or heads % (rows // head_dim):
+                raise ValueError(f"{name} has {rows} output rows: not whole heads of {head_dim} rows each for "
+                                 f"{heads} query heads")
+            # Query heads h * group .. (h + 1) * group - 1 share key/value head h (transformers' repeat_kv).
+            group = heads // (rows // head_dim)
+            per_head = 1.0 - table.view(-1, group).amax(dim=1)
+            masks.update(_row_masks(name, module, per_head.repeat_interleave(head_dim), rows))
+    return masks
+
+
+def _row_masks(name: str, module: nn.Module, mask: Tensor, units: int) -> dict[str, Tensor]:
+    """The per-row ``mask`` for each parameter of ``module``; its rows must be ``units``."""
+    masks = {}
+    for param_name, param in module.named_parameters(recurse=False):
+        if param.dim() == 0 or param.shape[0] != units:
+            raise ValueError(
+                f"{name}.{param_name} has {param.shape[0] if param.dim() else 0} output rows, "
+                f"its importance has {units} units"
+            )
+        masks[f"{name}.{param_name}"] = mask.to(param.device)
     return masks
 
 
@@ -506,36 +581,43 @@ def attach_soft_masks(
     mode: str = "update",
     ffn_in: str = "up_proj",
     ffn_out: str = "down_proj",
+    attn_in: Sequence[str] = DEFAULT_ATTENTION_INPUTS,
+    attn_out: str = "o_proj",
     layer_pattern: str = DEFAULT_LAYER_PATTERN,
 ) -> list[str]:
-    """Give a selopt optimizer the soft masks ``1 - importance``; returns the names of the masked parameters.
+    """Give a selopt optimizer the soft masks of :func:`soft_masks`; returns the names of the masked parameters.
 
-    Parameters the optimizer does not hold (frozen ones) are skipped. ``mode``
-    sets ``soft_mask_mode`` of the param groups that hold masked parameters:
-    ``"update"`` (default) scales each row's step; ``"grad"`` scales its
-    gradient, as the CoFiTune code does, which under Adam barely acts (a
-    constant factor cancels between ``m`` and ``sqrt(v)`` except through eps).
+    FFN rows (``up_proj``, ``down_proj``) and attention heads' rows (``q_proj``,
+    ``k_proj``, ``v_proj``) are masked; ``o_proj`` is not (see
+    :func:`soft_masks`). Parameters the optimizer does not hold (frozen ones)
+    are skipped; every mask is checked against its parameter before any is
+    attached. ``mode`` sets ``soft_mask_mode`` of the param groups that hold
+    masked parameters: ``"update"`` (default) scales each row's step;
+    ``"grad"`` scales its gradient, as the CoFiTune code does, which under
+    Adam barely acts (a constant factor cancels between ``m`` and ``sqrt(v)``
+    except through eps).
 
     Example:
         >>> model = tiny_llama(layers=1)
         >>> opt = selopt.AdamW(model.parameters())
-        >>> attach_soft_masks(opt, model, importance(model, [torch.randint(0, 32, (2, 8))]))
-        ['model.layers.0.mlp.up_proj.weight', 'model.layers.0.mlp.down_proj.weight']
+        >>> for name in attach_soft_masks(opt, model, importance(model, [torch.randint(0, 32, (2, 8))])):
+        ...     print(name)
+        model.layers.0.mlp.up_proj.weight
+        model.layers.0.mlp.down_proj.weight
+        model.layers.0.self_attn.q_proj.weight
+        model.layers.0.self_attn.k_proj.weight
+        model.layers.0.self_attn.v_proj.weight
     """
     if mode not in SOFT_MASK_MODES:
         raise ValueError(f"mode must be one of {SOFT_MASK_MODES}, got {mode!r}")
     if not callable(getattr(optimizer, "set_soft_mask", None)):
         raise TypeError(f"optimizer must be a selopt optimizer with set_soft_mask, got {type(optimizer).__name__}")
-    masks = soft_masks(model, scores, ffn_in=ffn_in, ffn_out=ffn_out, layer_pattern=layer_pattern)
+    masks = soft_masks(model, scores, ffn_in=ffn_in, ffn_out=ffn_out, attn_in=attn_in, attn_out=attn_out,
+                       layer_pattern=layer_pattern)
     params = dict(model.named_parameters())
     group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-    attached = []
-    for name, mask in masks.items():
-        param = params[name]
-        group = group_of.get(id(param))
-        if group is None:
-            continue
-        optimizer.set_soft_mask(param, mask)
-        group["soft_mask_mode"] = mode
-        attached.append(name)
+    attached = [name for name in masks if id(params[name]) in group_of]
+    for name in attached:
+        optimizer.set_soft_mask(params[name], masks[name])
+        group_of[id(params[name])]["soft_mask_mode"] = mode
     return attached

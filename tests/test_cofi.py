@@ -236,3 +236,75 @@ def test_soft_masks_reach_the_kernels_as_the_reference(mode):
         results[backend] = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
     for name, value in results["torch"].items():
         torch.testing.assert_close(results["triton"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------- attention heads
+
+
+def test_head_masks_cover_each_heads_rows_of_q_k_v():
+    model = tiny(2, dim=16, heads=4)
+    torch.manual_seed(0)
+    scores = cofi.importance(model, batches())
+    opt = selopt.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0, backend="torch")
+    names = cofi.attach_soft_masks(opt, model, scores)
+    for layer in range(2):
+        attention = model.model.layers[layer].self_attn
+        expected = (1 - scores.heads[layer]).repeat_interleave(4)  # head_dim = 16 / 4
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            assert f"model.layers.{layer}.self_attn.{proj}.weight" in names
+            assert torch.equal(opt._soft_masks[getattr(attention, proj).weight], expected)
+        assert attention.o_proj.weight not in opt._soft_masks  # its heads are input columns: unmasked, as upstream
+    assert sum(".self_attn." in n for n in names) == 6
+
+
+def test_head_masks_act_on_training_attention():
+    model = tiny(1, dim=16, heads=2)
+    torch.manual_seed(0)
+    scores = cofi.importance(model, batches())
+    scores.heads[0] = torch.tensor([0.9, 0.0])  # head 0 matters, head 1 does not
+    cofi.freeze_coarse(model, layers=(0, 1), modules=("q_proj",))
+    q = model.model.layers[0].self_attn.q_proj.weight
+    masked = selopt.AdamW([q], lr=1e-2, weight_decay=0.0, backend="torch")
+    assert cofi.attach_soft_masks(masked, model, scores) == ["model.layers.0.self_attn.q_proj.weight"]
+    batch = batches(1, seed=7)[0]
+    model(batch[:, :-1]).logsumexp(-1).mean().backward()
+    unmasked = reference.adamw_math(q, q.grad, torch.zeros_like(q), torch.zeros_like(q), None, step=1, lr=1e-2,
+                                    beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0).param
+    start = q.detach().clone()
+    masked.step()
+    ratio = (q.detach() - start).abs().view(2, 8, -1).sum((1, 2)) / (unmasked - start).abs().view(2, 8, -1).sum((1, 2))
+    torch.testing.assert_close(ratio, torch.tensor([0.1, 1.0]), rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_query_heads_take_the_max_of_their_query_heads():
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=24, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, attention_bias=True)
+    model = transformers.LlamaForCausalLM(config)
+    scores = cofi.Importance(ffn={0: torch.zeros(24)}, hidden={0: torch.zeros(16)},
+                             heads={0: torch.tensor([0.1, 0.6, 0.3, 0.2])})
+    masks = cofi.soft_masks(model, scores)
+    prefix = "model.layers.0.self_attn."
+    assert torch.equal(masks[prefix + "q_proj.weight"], (1 - scores.heads[0]).repeat_interleave(4))
+    # Key/value head 0 serves query heads 0 and 1, head 1 serves 2 and 3 (transformers' repeat_kv).
+    for proj in ("k_proj", "v_proj"):
+        assert torch.equal(masks[prefix + f"{proj}.weight"], (1 - torch.tensor([0.6, 0.3])).repeat_interleave(4))
+        assert torch.equal(masks[prefix + f"{proj}.bias"], masks[prefix + f"{proj}.weight"])
+
+
+def test_head_masks_never_silently_skip():
+    model = tiny(2, dim=16, heads=2)
+    scores = cofi.importance(model, batches(1))
+    opt = selopt.AdamW(model.parameters())
+    with pytest.raises(ValueError, match="head scores for layer 0.*attn_in=\\(\\)"):
+        cofi.attach_soft_masks(opt, model, scores, attn_in=("c_attn",))
+    assert not opt._soft_masks  # nothing attached before the error
+    wrong = cofi.Importance(ffn=scores.ffn, hidden=scores.hidden, heads={i: torch.zeros(3) for i in scores.heads})
+    with pytest.raises(ValueError, match="not a multiple of 3 heads"):
+        cofi.attach_soft_masks(opt, model, wrong)
+    with pytest.raises(TypeError, match="attn_in"):
+        cofi.attach_soft_masks(opt, model, scores, attn_in="q_proj")
+    # Leaving attention unmasked is a choice one makes explicitly.
+    names = cofi.attach_soft_masks(opt, model, scores, attn_in=())
+    assert names and not any(".self_attn." in n for n in names)
