@@ -6,8 +6,8 @@
 """
 
 from selopt.groups import param_groups
-from selopt.optim import AdamW, MoFO
-from selopt import cofi, hft
+from selopt.optim import AdamW, MoFO, strip_soft_masks
+from selopt import cofi, hft, stats
 
-__all__ = ["AdamW", "MoFO", "param_groups"]
+__all__ = ["AdamW", "MoFO", "param_groups", "strip_soft_masks"]
 __version__ = "0.1.0"

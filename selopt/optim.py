@@ -348,34 +348,42 @@ class AdamW(torch.optim.Optimizer):
 
         ``mask`` has shape ``(param.shape[0],)`` (one factor per output row, as
         CoFiTune's unit masks) or ``param.shape``. The group's ``soft_mask_mode``
-        chooses whether it scales the update or the gradient. Masks are not part
-        of ``state_dict``: attach them again after a load.
+        chooses whether it scales the update or the gradient. Masks are saved
+        by :meth:`state_dict` (as the per-parameter state entry ``"soft_mask"``)
+        and restored by :meth:`load_state_dict`; ``copy.deepcopy`` and
+        ``pickle`` keep them too.
 
         >>> layer = torch.nn.Linear(3, 2)
         >>> opt = AdamW(layer.parameters())
         >>> opt.set_soft_mask(layer.weight, torch.tensor([1.0, 0.25]))
+        >>> opt.state_dict()["state"][0]["soft_mask"]
+        tensor([1.0000, 0.2500])
         """
         if not any(param is p for group in self.param_groups for p in group["params"]):
             raise ValueError("param is not in this optimizer's param groups")
         if mask is None:
             self._soft_masks.pop(param, None)
             return
-        if not isinstance(mask, Tensor) or not mask.is_floating_point():
-            raise TypeError(f"mask must be a floating-point tensor, got {type(mask).__name__}")
-        rows = (param.shape[0],) if param.dim() else ()
-        if mask.shape not in (torch.Size(rows), param.shape):
-            raise ValueError(
-                f"mask must have shape {tuple(rows)} (per row) or {tuple(param.shape)} (per entry), got {tuple(mask.shape)}"
-            )
-        if mask.device != param.device:
-            raise ValueError(f"mask must be on the param's device {param.device}, got {mask.device}")
-        if mask.numel() and not (mask.min() >= 0 and mask.max() <= 1):
-            raise ValueError("mask values must be in [0, 1]")
-        mask = mask.detach().to(torch.float32)
-        if param.is_complex() and mask.shape == param.shape:
-            # A complex param steps as its real view: the factor of an entry scales both of its parts.
-            mask = mask.unsqueeze(-1).expand(*mask.shape, 2)
-        self._soft_masks[param] = mask.contiguous()
+        self._soft_masks[param] = _checked_soft_mask(param, mask)
+
+    def state_dict(self) -> dict:
+        """``torch.optim.Optimizer.state_dict``, with each soft mask as its parameter's ``"soft_mask"`` entry.
+
+        ``torch.optim.AdamW`` loads such a state dict and keeps the masks as
+        state it does not use, except the entry of a parameter that has a mask
+        but has not stepped yet, which holds only the mask: torch refuses it
+        (``KeyError: 'step'``), and :func:`strip_soft_masks` removes it. The
+        masks are added after the state-dict hooks have run.
+        """
+        state_dict = super().state_dict()
+        if self._soft_masks:
+            params = (p for group in self.param_groups for p in group["params"])
+            index = {id(p): i for i, p in enumerate(params)}  # torch's packing: params numbered across groups
+            for param, mask in self._soft_masks.items():
+                i = index[id(param)]
+                # torch packs the live state dicts: add to a copy.
+                state_dict["state"][i] = {**state_dict["state"].get(i, {}), "soft_mask": _given_soft_mask(param, mask)}
+        return state_dict
 
     def track_updates(self, enabled: bool = True, *, per_tensor: bool = False) -> None:
         """Count, from the next step on, what each step moves; read it with :meth:`update_stats`.
@@ -630,17 +638,80 @@ class AdamW(torch.optim.Optimizer):
             _check_options(saved)
             for p in saved["params"]:
                 _check_param(p, saved)
-        state = defaultdict(dict)
+        state, masks = defaultdict(dict), {}
         for key, entry in state_dict["state"].items():
             if key in targets:
                 param, group = targets[key]
+                if "soft_mask" in entry:
+                    entry = dict(entry)
+                    masks[param] = _loaded_soft_mask(key, entry.pop("soft_mask"), param)
                 state[param] = _loaded_state(key, entry, param, group)
             else:
                 state[key] = entry  # as torch: state that belongs to no param is kept as it is
 
         self.__setstate__({"state": state, "param_groups": saved_groups})
+        self._soft_masks.update(masks)  # a param whose entry has no mask keeps the one attached to it
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+
+def _checked_soft_mask(param: Tensor, mask) -> Tensor:
+    """``mask`` for ``param`` as the step reads it (fp32, contiguous); raises if it does not fit ``param``."""
+    if not isinstance(mask, Tensor) or not mask.is_floating_point():
+        raise TypeError(f"mask must be a floating-point tensor, got {type(mask).__name__}")
+    rows = (param.shape[0],) if param.dim() else ()
+    if mask.shape not in (torch.Size(rows), param.shape):
+        raise ValueError(
+            f"mask must have shape {tuple(rows)} (per row) or {tuple(param.shape)} (per entry), got {tuple(mask.shape)}"
+        )
+    if mask.device != param.device:
+        raise ValueError(f"mask must be on the param's device {param.device}, got {mask.device}")
+    if mask.numel() and not (mask.min() >= 0 and mask.max() <= 1):
+        raise ValueError("mask values must be in [0, 1]")
+    mask = mask.detach().to(torch.float32)
+    if param.is_complex() and mask.shape == param.shape:
+        # A complex param steps as its real view: the factor of an entry scales both of its parts.
+        mask = mask.unsqueeze(-1).expand(*mask.shape, 2)
+    return mask.contiguous()
+
+
+def _given_soft_mask(param: Tensor, mask: Tensor) -> Tensor:
+    """The mask as :meth:`AdamW.set_soft_mask` took it, from the form the step reads."""
+    if param.is_complex() and mask.dim() == param.dim() + 1:
+        return mask[..., 0]  # a full-shape mask of a complex param is kept at its real view's shape
+    return mask
+
+
+def _loaded_soft_mask(param_id, mask, param: Tensor) -> Tensor:
+    """A saved ``"soft_mask"`` entry for ``param``, checked as :meth:`AdamW.set_soft_mask` checks it."""
+    try:
+        return _checked_soft_mask(param, mask.to(param.device) if isinstance(mask, Tensor) else mask)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"state_dict['state'][{param_id!r}]['soft_mask']: {error}") from None
+
+
+def strip_soft_masks(state_dict: dict) -> dict:
+    """A copy of a selopt ``state_dict`` without its soft masks, for an optimizer that has no use for them.
+
+    ``torch.optim.AdamW`` loads a selopt state dict as it is and ignores the
+    masks, except where a parameter has a mask but had not stepped when the
+    state dict was saved: its entry holds only the mask, and torch's
+    ``load_state_dict`` raises ``KeyError: 'step'``. Stripping drops those
+    entries (the parameter then starts fresh, as it would in selopt) and the
+    ``"soft_mask"`` key of the others.
+
+    >>> layer = torch.nn.Linear(3, 2)
+    >>> opt = AdamW(layer.parameters())
+    >>> opt.set_soft_mask(layer.weight, torch.tensor([1.0, 0.25]))
+    >>> torch_opt = torch.optim.AdamW(layer.parameters())
+    >>> torch_opt.load_state_dict(strip_soft_masks(opt.state_dict()))
+    """
+    state = {}
+    for key, entry in state_dict["state"].items():
+        entry = {name: value for name, value in entry.items() if name != "soft_mask"}
+        if entry:
+            state[key] = entry
+    return {**state_dict, "state": state}
 
 
 def _loaded_state(param_id, entry: dict, param: Tensor, group: dict) -> dict:
