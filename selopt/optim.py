@@ -558,17 +558,23 @@ class AdamW(torch.optim.Optimizer):
         """One checked, compiled step per bucket (device, param dtype, moment dtype), to be called in order."""
         from selopt import kernels
 
-        buckets = defaultdict(list)
+        # Each param's state is looked up once: hashing a Tensor is a Python call, and with hundreds
+        # of tensors these lookups are a visible part of a step's host time.
+        buckets, bucket_states = defaultdict(list), defaultdict(list)
         for p in params:
-            buckets[(p.device, p.dtype, self.state[p]["exp_avg"].dtype)].append(p)
+            state = self.state[p]
+            key = (p.device, p.dtype, state["exp_avg"].dtype)
+            buckets[key].append(p)
+            bucket_states[key].append(state)
         runs = []
-        for (_, param_dtype, state_dtype), bucket in buckets.items():
+        for key, bucket in buckets.items():
+            _, param_dtype, state_dtype = key
             if param_dtype not in kernels.PARAM_DTYPES or state_dtype not in kernels.MOMENT_DTYPES:
                 # fp64 has no kernel: the reference runs it (reading the step back to the host).
                 runs.append(functools.partial(self._torch_step, group, bucket, grad_scale, found_inf))
                 continue
             try:
-                runs.append(self._prepare_kernels(group, bucket, grad_scale, found_inf))
+                runs.append(self._prepare_kernels(group, bucket, bucket_states[key], grad_scale, found_inf))
             except kernels.KernelCompileError as error:
                 if group["backend"] != "auto":
                     raise
@@ -577,10 +583,9 @@ class AdamW(torch.optim.Optimizer):
                 runs.append(functools.partial(self._torch_step, group, bucket, grad_scale, found_inf))
         return runs
 
-    def _prepare_kernels(self, group: dict, bucket: list[Tensor], grad_scale, found_inf):
+    def _prepare_kernels(self, group: dict, bucket: list[Tensor], states: list[dict], grad_scale, found_inf):
         from selopt import kernels
 
-        states = [self.state[p] for p in bucket]
         beta1, beta2 = group["betas"]
         tracker = self._update_tracker
         return kernels.prepare_multi_tensor_adamw(
@@ -590,7 +595,7 @@ class AdamW(torch.optim.Optimizer):
             [s["exp_avg_sq"] for s in states],
             [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None,
             [s["step"] for s in states],
-            [self._soft_masks.get(p) for p in bucket],
+            [self._soft_masks.get(p) for p in bucket] if self._soft_masks else None,
             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             maximize=group["maximize"], fraction=group["fraction"], block_size=group["block_size"],
             decay=group["decay"], soft_mask_mode=group["soft_mask_mode"],
