@@ -149,6 +149,7 @@ def prepare_multi_tensor_adamw(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     selections: Sequence[Tensor | None] | None = None,
+    assume_matching: bool = False,
 ) -> PreparedStep:
     """Check and compile one selective AdamW step for tensors sharing device, dtype and moment dtype.
 
@@ -168,6 +169,12 @@ def prepare_multi_tensor_adamw(
     ``selections``, for diagnostics, are bool tensors shaped like the params
     (or None) that receive the selection mask. With bf16 moments, selection
     and update use the moments as stored (rounded to nearest).
+
+    ``assume_matching=True`` skips checking that grads and moments match their
+    params in shape and dtype, for a caller that guarantees it (the optimizer
+    does: torch enforces it for ``.grad``, and selopt creates and loads the
+    state). Devices and contiguity are still checked: a model moved after its
+    optimizer state was made would otherwise hand the kernels foreign pointers.
     """
     count = len(params)
     lists = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "steps": steps}
@@ -190,13 +197,18 @@ def prepare_multi_tensor_adamw(
         raise ValueError(f"decay must be one of {DECAY_MODES}, got {decay!r}")
     if soft_mask_mode not in SOFT_MASK_MODES:
         raise ValueError(f"soft_mask_mode must be one of {SOFT_MASK_MODES}, got {soft_mask_mode!r}")
-    shapes = [p.shape for p in params]
-    _check_column("params", params, shapes, device, param_dtype)
-    _check_column("grads", grads, shapes, device, param_dtype)
-    _check_column("exp_avgs", exp_avgs, shapes, device, moment_dtype)
-    _check_column("exp_avg_sqs", exp_avg_sqs, shapes, device, moment_dtype)
-    if max_exp_avg_sqs is not None:
-        _check_column("max_exp_avg_sqs", max_exp_avg_sqs, shapes, device, moment_dtype)
+    if assume_matching:
+        for name, column in (("params", params), ("exp_avgs", exp_avgs)):
+            if {t.device for t in column} != {device}:
+                raise ValueError(f"{name} must all be on {device}, got {sorted({str(t.device) for t in column})}")
+    else:
+        shapes = [p.shape for p in params]
+        _check_column("params", params, shapes, device, param_dtype)
+        _check_column("grads", grads, shapes, device, param_dtype)
+        _check_column("exp_avgs", exp_avgs, shapes, device, moment_dtype)
+        _check_column("exp_avg_sqs", exp_avg_sqs, shapes, device, moment_dtype)
+        if max_exp_avg_sqs is not None:
+            _check_column("max_exp_avg_sqs", max_exp_avg_sqs, shapes, device, moment_dtype)
     if {(s.dtype, s.device) for s in steps} != {(torch.float32, device)} or any([s.numel() != 1 for s in steps]):
         raise ValueError(f"steps must be one-element fp32 tensors on {device}, got "
                          f"{sorted({f'{s.dtype} on {s.device}, {s.numel()} elements' for s in steps})}")

@@ -601,6 +601,8 @@ class AdamW(torch.optim.Optimizer):
             decay=group["decay"], soft_mask_mode=group["soft_mask_mode"],
             stochastic_rounding=group["stochastic_rounding"], grad_scale=grad_scale, found_inf=found_inf,
             selections=None if tracker is None else tracker.selection_buffers(bucket),
+            # torch enforces a grad's shape, dtype and device; selopt makes (and checks on load) the state.
+            assume_matching=True,
         )
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -308,6 +308,15 @@ def test_non_contiguous_params_go_through_a_copy():
     torch.testing.assert_close(strided.params[0], base.params[0], rtol=0, atol=0)
 
 
+def test_trusted_inputs_still_have_their_devices_checked():
+    # assume_matching (the optimizer's fast path) skips shape and dtype checks, never the device one.
+    bucket = Bucket([(10,), (7,)], seed=0)
+    exp_avgs = [bucket.exp_avgs[0], torch.zeros(7, device="meta")]
+    with pytest.raises(ValueError, match="exp_avgs must all be on"):
+        kernels.prepare_multi_tensor_adamw(bucket.params, bucket.grads, exp_avgs, bucket.exp_avg_sqs, None,
+                                           bucket.steps, assume_matching=True, **HYPER)
+
+
 def test_bad_input_raises_before_anything_changes():
     bucket = Bucket([(10,)], seed=0)
     with pytest.raises(ValueError, match="fraction"):
