@@ -7,7 +7,7 @@ values; the kernels in :mod:`selopt.kernels.block` and
 Launches are described by one int64 table with a row per *segment* (a whole
 tensor, or a run of it), ``NUM_COLUMNS`` columns wide; the ``COL_*`` constants
 name the columns. Pointers are stored as integers and cast back on the device,
-so one launch reaches tensors that live in separate allocations. An int32 map
+so one launch reaches tensors that live in separate allocations. A map
 gives each program its row (one load, where a search of the table would be a
 chain of dependent loads), and a per-tensor row of ``STEP_SCALARS`` floats,
 written by :mod:`selopt.kernels.steps` once per tensor and step, holds the
