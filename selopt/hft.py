@@ -11,7 +11,8 @@ Freezing is ``requires_grad=False``, not a mask in the optimizer: frozen
 weights cost no weight-gradient GEMM, no optimizer state and no step, which is
 where the paper's ~30% training-time saving comes from. Pass the trainable
 parameters (or :func:`selopt.param_groups`, which skips frozen ones) to the
-optimizer after the call.
+optimizer after :func:`freeze_half`, and switch stages with
+:func:`next_stage`, which also brings the optimizer to the new trainable set.
 
 The layer-wise bookkeeping (which parameters belong to which layer and module)
 is shared with :mod:`selopt.cofi`.

@@ -111,7 +111,7 @@ class _Entry:
     def __init__(self, index: int, numel: int, moved, shard_groups: tuple):
         self.index = index  # in its group's "params"
         self.numel = numel  # whole-tensor entries, real components for a complex param
-        self.moved = moved  # int (known on the host), a 0-d device count, or _PENDING
+        self.moved = moved  # int (known on the host), a 0-d device count, _PENDING, or None: in a bucket count
         self.shard_groups = shard_groups  # process groups a DTensor's local counts are summed over
 
 
