@@ -244,3 +244,21 @@ def test_update_stats_callback_needs_selopt(tmp_path):
         selopt.hf.UpdateStatsCallback(per_tensor=1)
     with pytest.raises(TypeError, match="transformers.Trainer"):
         selopt.hf.log_update_stats(object())
+
+
+def test_trainer_built_optimizer_resumes_exactly(tmp_path):
+    def run(output_dir, resume=None):
+        model = _tiny_llama()
+        trainer = transformers.Trainer(
+            model=model, train_dataset=_Tokens(),
+            args=_args(output_dir, weight_decay=0.01, save_strategy="steps", save_steps=SAVE_AT,
+                       lr_scheduler_type="linear", warmup_steps=2),
+            optimizer_cls_and_kwargs=(selopt.hf.TrainerMoFO, {"lr": 1e-2, "fraction": 0.05, "betas": (0.9, 0.99)}),
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return model
+
+    uninterrupted = run(tmp_path / "a")
+    resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / f"checkpoint-{SAVE_AT}"))
+    for (name, p), q in zip(uninterrupted.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), f"{name}: resumed run differs by {(p - q).abs().max()}"
