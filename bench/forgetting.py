@@ -33,8 +33,8 @@ the study reports:
 Written to the output folder: ``forgetting.json`` (config, curves, frontier,
 matched-skill table) and ``forgetting.png`` (the curves and the frontiers).
 
-    python -m bench.forgetting          # the demo: 1 seed, 1 lr per method, ~3 min; writes bench/results/runs/<time>/
-    python -m bench.forgetting --full   # the committed study: 3 seeds x 3 lrs; writes bench/results/
+    python -m bench.forgetting          # the demo: 1 seed, 1 lr per method, 300 steps, ~3.5 min; writes bench/results/runs/<time>-demo/
+    python -m bench.forgetting --full   # the committed study: 3 seeds x 3-4 lrs per method, 600 steps, ~1 hour; writes bench/results/
     python -m bench.forgetting --tiny   # CI smoke run, seconds
     python -m bench.forgetting --device cuda --layers 8 --dim 256 --finetune-steps 1000 --full --out /tmp/gpu
 """
@@ -516,7 +516,7 @@ class Preset:
 
 
 PRESETS = {
-    "demo": Preset((0,), "middle", STUDY_METHODS, 400),  # ~3.5 minutes on one core
+    "demo": Preset((0,), "middle", STUDY_METHODS, 300),  # under 4 minutes on one core
     "full": Preset((0, 1, 2), "all", STUDY_METHODS, 600),
     "tiny": Preset((0, 1), "all", tuple(METHODS), 20),
 }
@@ -565,7 +565,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--batch", type=int, default=32, help="sequences per step, both phases")
     train.add_argument("--pretrain-steps", type=int, default=400)
     train.add_argument("--pretrain-lr", type=float, default=3e-3)
-    train.add_argument("--finetune-steps", type=int, help="default: 400 (demo), 600 (--full)")
+    train.add_argument("--finetune-steps", type=int, help="default: 300 (demo), 600 (--full)")
     train.add_argument("--eval-every", type=int, default=25, help="score task A and B every this many fine-tuning steps")
     train.add_argument("--lr", type=parse_lr, action="append", default=[], metavar="METHOD=LR[,LR...]",
                        help="fine-tuning lrs of a method ('all': every method), replacing the preset's; repeatable")
