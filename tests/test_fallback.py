@@ -7,7 +7,6 @@ one that fails for the chosen kernels, exactly where a real compile would.
 
 from __future__ import annotations
 
-import copy
 import os
 import warnings
 
