@@ -1,8 +1,8 @@
 """The official MoFO update as a plain per-tensor ``torch.topk`` loop: the baseline to beat.
 
 This re-implements, in our own code, the algorithm of the authors' reference
-optimizer (``AdamW_MoFO`` in github.com/YChen-zzz/MoFO), which SPEC.md §1
-follows: for every parameter tensor, one after the other,
+optimizer (``AdamW_MoFO`` in github.com/YChen-zzz/MoFO), which selopt's step
+(``docs/design.md`` §1) follows: for every parameter tensor, one after the other,
 
 1. decoupled decay of every entry, ``p *= 1 - lr*wd``;
 2. dense fp32 moments, ``m = lerp(m, g, 1-b1)``, ``v = b2*v + (1-b2)*g*g``;
@@ -12,8 +12,8 @@ follows: for every parameter tensor, one after the other,
 
 Groups without ``fraction`` (the official code gives norms and biases none)
 take the dense AdamW step. Two deliberate differences from the original, both
-outside what is timed: ``k`` is at least 1 (the original crashes at 0, as
-SPEC.md notes), and the step count is a Python int per tensor, as there.
+outside what is timed: ``k`` is at least 1 (the original crashes at 0; see
+``docs/design.md`` §1, step 3), and the step count is a Python int per tensor, as there.
 """
 
 from __future__ import annotations

@@ -164,7 +164,7 @@ def test_quick_run_on_cuda_prints_targets(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "SPEC targets" in run.stdout
+    assert "Performance targets" in run.stdout
     result = json.loads(out.read_text())
     assert result["device"] == common.slug(torch.cuda.get_device_name(0))
     assert result["targets"] and all(r["time_ms"] > 0 for r in result["records"])

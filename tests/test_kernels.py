@@ -1,4 +1,4 @@
-"""Triton kernels against the torch reference (SPEC §5).
+"""Triton kernels against the torch reference (docs/design.md §3, tolerances).
 
 Runs on CUDA when there is one, else on CPU under Triton's interpreter
 (``TRITON_INTERPRET=1``, as ``make test`` sets it); sizes stay small for the

@@ -1,4 +1,4 @@
-"""MoFO semantics of the reference and of the optimizer built on it (SPEC §1, steps 4-7)."""
+"""MoFO semantics of the reference and of the optimizer built on it (docs/design.md §1, steps 3-5; §2)."""
 
 import math
 
