@@ -52,9 +52,10 @@ Typical use::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -382,6 +383,83 @@ def symmetric_kl(logits_a: Tensor, logits_b: Tensor, weights: Tensor | None = No
     return (per_position * weights).sum() / weights.sum().clamp_min(1)
 
 
+@contextlib.contextmanager
+def _gate_hooks(
+    model: nn.Module, units: dict[int, dict[str, tuple[str, nn.Module]]], dropout: float, num_heads: int | None
+) -> Iterator[dict[str, dict[int, Tensor]]]:
+    """All-ones gates on each layer's units, placed by forward hooks (input gates apply dropout too), removed on exit.
+
+    Yields ``{"ffn": {layer: gate}, "hidden": {...}, "heads": {...}}``, layers in increasing order.
+    """
+    device = next(model.parameters()).device
+    gates: dict[str, dict[int, Tensor]] = {"ffn": {}, "hidden": {}, "heads": {}}
+    hooks = []
+
+    def gate_input(gate: Tensor, groups: int):
+        def hook(module, args):
+            x = args[0]
+            shaped = x.unflatten(-1, (groups, -1)) if groups > 0 else x
+            shaped = F.dropout(shaped, dropout, training=True) if dropout else shaped
+            scale = gate.to(x.dtype)[:, None] if groups > 0 else gate.to(x.dtype)
+            return ((shaped * scale).flatten(-2) if groups > 0 else shaped * scale, *args[1:])
+        return hook
+
+    def gate_output(gate: Tensor):
+        def hook(module, args, output):
+            return output * gate.to(output.dtype)
+        return hook
+
+    try:
+        for index, roles in sorted(units.items()):
+            if "ffn_out" in roles:
+                _, module = roles["ffn_out"]
+                out_features, in_features = module.weight.shape
+                gates["ffn"][index] = torch.ones(in_features, device=device, requires_grad=True)
+                gates["hidden"][index] = torch.ones(out_features, device=device, requires_grad=True)
+                hooks.append(module.register_forward_pre_hook(gate_input(gates["ffn"][index], 0)))
+                hooks.append(module.register_forward_hook(gate_output(gates["hidden"][index])))
+            if "attn_out" in roles:
+                name, module = roles["attn_out"]
+                parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+                heads = _num_heads(model, parent, num_heads)
+                if module.weight.shape[1] % heads:
+                    raise ValueError(f"{name} has {module.weight.shape[1]} inputs, not divisible by num_heads={heads}")
+                gates["heads"][index] = torch.ones(heads, device=device, requires_grad=True)
+                hooks.append(module.register_forward_pre_hook(gate_input(gates["heads"][index], heads)))
+        yield gates
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _accumulate_gate_grads(model: nn.Module, batches: Iterable, gates: Sequence[Tensor]) -> list[Tensor]:
+    """Per gate, the sum over ``batches`` of ``|grad|`` of the symmetric KL between two dropout passes.
+
+    The passes run in train mode; the model's mode is restored afterwards.
+    """
+    totals = [torch.zeros_like(gate) for gate in gates]
+    was_training = model.training
+    model.train()
+    seen = 0
+    try:
+        for batch in batches:
+            kwargs = dict(batch) if isinstance(batch, Mapping) else {"input_ids": batch}
+            weights = kwargs.get("attention_mask")
+            call = (lambda: model(**kwargs)) if isinstance(batch, Mapping) else (lambda: model(batch))
+            with torch.enable_grad():
+                loss = symmetric_kl(_logits(call()), _logits(call()), weights)
+                grads = torch.autograd.grad(loss, gates, allow_unused=True)
+            for total, grad in zip(totals, grads):
+                if grad is not None:
+                    total.add_(grad.abs())
+            seen += 1
+    finally:
+        model.train(was_training)
+    if not seen:
+        raise ValueError("batches must yield at least one batch")
+    return totals
+
+
 def importance(
     model: nn.Module,
     batches: Iterable,
@@ -431,69 +509,10 @@ def importance(
     if not units:
         raise _no_match_error(model, f"modules {ffn_out!r} / {attn_out!r} inside layers")
 
-    device = next(model.parameters()).device
-    gates: dict[str, dict[int, Tensor]] = {"ffn": {}, "hidden": {}, "heads": {}}
-    hooks = []
-
-    def gate_input(gate: Tensor, groups: int):
-        def hook(module, args):
-            x = args[0]
-            shaped = x.unflatten(-1, (groups, -1)) if groups > 0 else x
-            shaped = F.dropout(shaped, dropout, training=True) if dropout else shaped
-            scale = gate.to(x.dtype)[:, None] if groups > 0 else gate.to(x.dtype)
-            return ((shaped * scale).flatten(-2) if groups > 0 else shaped * scale, *args[1:])
-        return hook
-
-    def gate_output(gate: Tensor):
-        def hook(module, args, output):
-            return output * gate.to(output.dtype)
-        return hook
-
-    try:
-        for index, roles in sorted(units.items()):
-            if "ffn_out" in roles:
-                _, module = roles["ffn_out"]
-                out_features, in_features = module.weight.shape
-                gates["ffn"][index] = torch.ones(in_features, device=device, requires_grad=True)
-                gates["hidden"][index] = torch.ones(out_features, device=device, requires_grad=True)
-                hooks.append(module.register_forward_pre_hook(gate_input(gates["ffn"][index], 0)))
-                hooks.append(module.register_forward_hook(gate_output(gates["hidden"][index])))
-            if "attn_out" in roles:
-                name, module = roles["attn_out"]
-                parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-                heads = _num_heads(model, parent, num_heads)
-                if module.weight.shape[1] % heads:
-                    raise ValueError(f"{name} has {module.weight.shape[1]} inputs, not divisible by num_heads={heads}")
-                gates["heads"][index] = torch.ones(heads, device=device, requires_grad=True)
-                hooks.append(module.register_forward_pre_hook(gate_input(gates["heads"][index], heads)))
-
-        flat_gates = [g for table in gates.values() for g in table.values()]
-        totals = [torch.zeros_like(g) for g in flat_gates]
-        was_training = model.training
-        model.train()
-        seen = 0
-        try:
-            for batch in batches:
-                kwargs = dict(batch) if isinstance(batch, Mapping) else {"input_ids": batch}
-                weights = kwargs.get("attention_mask")
-                call = (lambda: model(**kwargs)) if isinstance(batch, Mapping) else (lambda: model(batch))
-                with torch.enable_grad():
-                    loss = symmetric_kl(_logits(call()), _logits(call()), weights)
-                    grads = torch.autograd.grad(loss, flat_gates, allow_unused=True)
-                for total, grad in zip(totals, grads):
-                    if grad is not None:
-                        total.add_(grad.abs())
-                seen += 1
-        finally:
-            model.train(was_training)
-        if not seen:
-            raise ValueError("batches must yield at least one batch")
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-    position = iter(totals)
-    scores = {kind: {i: normalize_per_layer(next(position)).cpu() for i in table} for kind, table in gates.items()}
+    with _gate_hooks(model, units, dropout, num_heads) as gates:
+        flat_gates = [gate for table in gates.values() for gate in table.values()]
+        totals = iter(_accumulate_gate_grads(model, batches, flat_gates))
+    scores = {kind: {i: normalize_per_layer(next(totals)).cpu() for i in table} for kind, table in gates.items()}
     return Importance(**scores)
 
 

@@ -136,6 +136,20 @@ def test_importance_is_seeded_and_takes_dict_batches():
         cofi.importance(model, [])
 
 
+def test_importance_removes_its_hooks_and_restores_the_mode_on_errors():
+    model = tiny(2)
+    model.eval()
+    probe = batches(1)[0]
+    before = model(probe)
+    with pytest.raises(ValueError, match="at least one batch"):
+        cofi.importance(model, [])
+    with pytest.raises(ValueError, match="not divisible by num_heads=3"):
+        cofi.importance(model, batches(), num_heads=3)
+    assert not model.training
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert torch.equal(model(probe), before)
+
+
 def test_merge_save_load(tmp_path):
     model = tiny(2)
     torch.manual_seed(0)
