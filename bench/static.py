@@ -226,14 +226,15 @@ def host_time_ms(tensors: int = 300, steps: int = 30) -> dict:
     from unittest import mock
 
     import selopt
-    from selopt import optim
+    from selopt import functional
 
     shapes = [(64, 64)] * 7 + [(64,)] * 2  # a decoder layer's matrices and norms, in miniature
     params = [torch.nn.Parameter(torch.randn(shapes[i % len(shapes)])) for i in range(tensors)]
     for p in params:
         p.grad = torch.randn_like(p)
     # The optimizer sends CUDA tensors to the kernels; these CPU tensors stand in for them.
-    with mock.patch.object(optim, "_resolve_backend", lambda requested, device: "triton"), compile_only(90):
+    with mock.patch.object(functional, "choose_implementation", lambda *args, **kwargs: functional.TRITON), \
+            compile_only(90):
         opt = selopt.MoFO(params)
         opt.step()
         opt.step()

@@ -1,16 +1,17 @@
 """Triton kernels of selopt, installed as ``selopt.kernels``.
 
-:func:`multi_tensor_adamw_` runs one selective AdamW step for a bucket of
-tensors: the one-pass block kernel (:mod:`.block`) or the exact per-tensor
-radix select (:mod:`.exact`). :func:`prepare_multi_tensor_adamw` checks and
-compiles the same step without writing anything, for callers that must not
-half-update (the optimizer prepares every bucket before running any).
+:func:`prepare_adamw` is the Triton implementation of
+:func:`selopt.functional.adamw`: the one-pass block kernel (:mod:`.block`) or
+the exact per-tensor radix select (:mod:`.exact`), compiled before anything is
+written. :func:`multi_tensor_adamw_` checks a bucket (:func:`check_bucket`),
+prepares and runs it.
 """
 
 from selopt.kernels.adamw import (
-    MOMENT_DTYPES, PARAM_DTYPES, PreparedStep, multi_tensor_adamw_, prepare_multi_tensor_adamw,
+    TRITON_MOMENT_DTYPES, TRITON_PARAM_DTYPES, PreparedStep, check_bucket, multi_tensor_adamw_, prepare_adamw,
 )
 from selopt.kernels.launch import KernelCompileError
+from selopt.kernels.tables import PlanCache
 
-__all__ = ["MOMENT_DTYPES", "PARAM_DTYPES", "KernelCompileError", "PreparedStep", "multi_tensor_adamw_",
-           "prepare_multi_tensor_adamw"]
+__all__ = ["TRITON_MOMENT_DTYPES", "TRITON_PARAM_DTYPES", "KernelCompileError", "PlanCache", "PreparedStep",
+           "check_bucket", "multi_tensor_adamw_", "prepare_adamw"]

@@ -4,8 +4,8 @@ Every function here is ``@triton.jit`` and pure: it takes values and returns
 values; the kernels in :mod:`selopt.kernels.block` and
 :mod:`selopt.kernels.exact` do the loads and stores around them.
 
-Launches are described by one int64 table with a row per *segment* (a whole
-tensor, or a run of it), ``NUM_COLUMNS`` columns wide; the ``COL_*`` constants
+Launches are described by one int64 table with a row per run of a tensor
+(the whole tensor, or one block of the exact path), ``NUM_COLUMNS`` columns wide; the ``COL_*`` constants
 name the columns. Pointers are stored as integers and cast back on the device,
 so one launch reaches tensors that live in separate allocations. A map
 gives each program its row (one load, where a search of the table would be a
@@ -17,6 +17,8 @@ step's scalars, so no program recomputes them.
 import triton
 import triton.language as tl
 
+from selopt import selection
+
 COL_PARAM = tl.constexpr(0)
 COL_GRAD = tl.constexpr(1)
 COL_EXP_AVG = tl.constexpr(2)
@@ -25,13 +27,13 @@ COL_MAX_EXP_AVG_SQ = tl.constexpr(4)
 COL_SOFT_MASK = tl.constexpr(5)
 COL_SELECTION = tl.constexpr(6)
 COL_NUMEL = tl.constexpr(7)
-COL_K_FULL = tl.constexpr(8)  # k of a full block (one-pass) or of the whole segment (exact)
-COL_K_TAIL = tl.constexpr(9)  # k of the last, shorter block of a tensor (one-pass)
+COL_K_FULL = tl.constexpr(8)  # k of a full program (one-pass) or of the whole row (exact)
+COL_K_TAIL = tl.constexpr(9)  # k of the row's last, shorter program (one-pass)
 COL_MASK_DIV = tl.constexpr(10)  # elements per soft-mask value; 0 means no soft mask
-COL_FIRST_PROGRAM = tl.constexpr(11)  # index of the segment's first program in the grid
-COL_OFFSET = tl.constexpr(12)  # where the segment starts inside its tensor
-COL_TENSOR = tl.constexpr(13)  # index of the segment's tensor in the bucket (its step-scalars row)
-COL_SALT = tl.constexpr(14)  # per-tensor constant that keeps random streams apart
+COL_FIRST_PROGRAM = tl.constexpr(11)  # index of the row's first program in the grid
+COL_OFFSET = tl.constexpr(12)  # where the row starts inside its tensor
+COL_TENSOR = tl.constexpr(13)  # index of the row's tensor in the bucket (its step-scalars row)
+COL_ROUNDING_SEED = tl.constexpr(14)  # address of the tensor's int64 stochastic-rounding seed, or 0
 NUM_COLUMNS = tl.constexpr(15)
 
 # Per tensor: step size, 1 / sqrt(bias correction 2), decay factor, step count before the update.
@@ -41,12 +43,11 @@ SCALAR_DECAY = tl.constexpr(2)
 SCALAR_STEP = tl.constexpr(3)
 STEP_SCALARS = tl.constexpr(4)
 
-# Counters per segment in the exact path's histogram (the widest radix round, 2^11 bins).
-RADIX_BINS = tl.constexpr(2048)
+# Counters per row in the exact path's histogram: the widest radix round's bins.
+RADIX_BINS = tl.constexpr(selection.RADIX_BINS)
 
-# |m| keys are the int32 bit patterns of non-negative floats: same order as the values.
-# NaN (and padding) gets this key, below every number, so it is never selected.
-NOT_A_CANDIDATE = tl.constexpr(-1)
+# The key of NaN (and of padding lanes), below every number: never selected (selopt.selection).
+NOT_A_CANDIDATE = tl.constexpr(selection.NOT_A_CANDIDATE)
 
 
 @triton.jit
@@ -116,7 +117,7 @@ def round_for_store(x, DTYPE: tl.constexpr):
 
 @triton.jit
 def magnitude_key(m, valid):
-    """Integer sort key of |m|: larger |m|, larger key; NaN and padding get NOT_A_CANDIDATE.
+    """The key of |m| (:func:`selopt.selection.magnitude_keys`); padding lanes get NOT_A_CANDIDATE too.
 
     The bits of ``tl.abs(m)``, not ``bits & 0x7FFFFFFF``: the same key, but the
     mask would tell the compiler the key is non-negative, from which it proves
@@ -254,7 +255,7 @@ def masked_update(p, m, second_moment, selected, scale, step_size, inv_bias_corr
 
 @triton.jit
 def load_soft_mask(row_ptr, start, lanes, in_block):
-    """The segment's soft-mask factor for each lane (1 where the tensor has no mask)."""
+    """The row's soft-mask factor for each lane (1 where the tensor has no mask)."""
     mask_div = tl.load(row_ptr + COL_MASK_DIV)
     index = (tl.load(row_ptr + COL_OFFSET) + start + lanes) // tl.maximum(mask_div, 1)
     has_mask = broadcast(mask_div, lanes) > 0
@@ -304,7 +305,7 @@ def update_moments(row_ptr, start, lanes, in_block, store_mask, g, lerp_weight, 
 
 @triton.jit
 def update_param(
-    row_ptr, start, lanes, in_block, store_mask, step_scalars, m, second_moment, selected, scale, eps, seed_ptr,
+    row_ptr, start, lanes, in_block, store_mask, step_scalars, m, second_moment, selected, scale, eps,
     PARAM_DTYPE: tl.constexpr, DECAY_SELECTED: tl.constexpr, SOFT_MASK_ON_UPDATE: tl.constexpr,
     STOCHASTIC_ROUNDING: tl.constexpr, WRITE_SELECTION: tl.constexpr, ALIGNED: tl.constexpr,
 ):
@@ -316,12 +317,14 @@ def update_param(
                       tl.load(scalars + SCALAR_INV_BIAS_CORRECTION2_SQRT), eps, tl.load(scalars + SCALAR_DECAY),
                       DECAY_SELECTED, SOFT_MASK_ON_UPDATE)
     if STOCHASTIC_ROUNDING:
-        # Philox counter = (element offset, step, tensor salt): a fresh, independent stream per
-        # element and step, derived from device values only, so graph replays draw new numbers.
+        # Philox keyed by the tensor's seed (saved in its state: a resumed run draws the same
+        # numbers), counter = (element offset, step): a fresh stream per element and step, read
+        # from device values only, so graph replays draw new numbers.
         offset = tl.load(row_ptr + COL_OFFSET) + start + lanes
+        seed = tl.load(load_pointer(row_ptr, COL_ROUNDING_SEED, tl.int64))
         random_bits, _, _, _ = tl.philox(
-            tl.load(seed_ptr), offset.to(tl.uint32), (offset >> 32).to(tl.uint32),
-            tl.load(scalars + SCALAR_STEP).to(tl.uint32), tl.load(row_ptr + COL_SALT).to(tl.uint32))
+            seed, offset.to(tl.uint32), (offset >> 32).to(tl.uint32),
+            tl.load(scalars + SCALAR_STEP).to(tl.uint32), tl.zeros_like(lanes).to(tl.uint32))
         p = round_to_bf16_stochastic(p, random_bits)
     else:
         p = round_for_store(p, PARAM_DTYPE)
@@ -336,7 +339,7 @@ def update_param(
 @triton.jit
 def tile_of(table, program_rows, found_inf_ptr, TILE: tl.constexpr, FOUND_INF: tl.constexpr,
             ALIGNED: tl.constexpr):
-    """Where this program works: (row, row pointer, tile start in the segment, lanes, in-bounds
+    """Where this program works: (row, row pointer, tile start in the row, lanes, in-bounds
     mask, store mask). A set found_inf masks every store."""
     pid = tl.program_id(0)
     row = tl.load(program_rows + pid)

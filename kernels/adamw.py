@@ -1,4 +1,4 @@
-"""``multi_tensor_adamw_``: one selective AdamW step for a bucket of tensors, on the device.
+"""The Triton implementation of one selective AdamW step for a bucket of tensors.
 
 The bucket shares a device, a parameter dtype and a moment dtype. Which
 kernels run:
@@ -11,8 +11,12 @@ kernels run:
   block: the exact radix select of :mod:`selopt.kernels.exact`, seven
   launches whatever the number of tensors.
 
-Nothing here reads a device value back, so the step neither waits for the
-GPU nor breaks CUDA-graph capture.
+:func:`prepare_adamw` has the signature of every implementation of
+:func:`selopt.functional.adamw` and, as torch's functional optimizers, trusts
+its caller; :func:`check_bucket` is the validation, and
+:func:`multi_tensor_adamw_` checks, prepares and runs. Nothing here reads a
+device value back, so the step neither waits for the GPU nor breaks
+CUDA-graph capture.
 """
 
 from __future__ import annotations
@@ -29,11 +33,10 @@ import triton.language as tl
 
 from selopt.kernels import block, exact, tables
 from selopt.kernels.launch import Launch, compile_launches
-from selopt.reference import DECAY_MODES, SOFT_MASK_MODES
+from selopt.options import AdamWOptions
 
-PARAM_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-MOMENT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
-_seeds: dict[torch.device, Tensor] = {}
+TRITON_PARAM_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+TRITON_MOMENT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
 
 
 def _split_double(x: float) -> tuple[float, float]:
@@ -42,62 +45,61 @@ def _split_double(x: float) -> tuple[float, float]:
     return hi, x - hi
 
 
-def _rounding_seed(device: torch.device) -> Tensor:
-    # Drawn once per device from torch's generator (so torch.manual_seed makes runs repeatable)
-    # and kept on the device: the random streams also depend on each tensor's step count.
-    if device not in _seeds:
-        _seeds[device] = torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
-    return _seeds[device]
-
-
-def _check_column(name: str, tensors: Sequence[Tensor], shapes: list, device: torch.device,
-                  dtype: torch.dtype) -> None:
-    """Each tensor shaped like its param, on ``device``, of ``dtype``.
-
-    Compared a column at a time (list and set comparisons run in C): this runs
-    on every step for every tensor, and per-tensor Python checks cost more
-    host time than the launches. Only a failure looks at tensors one by one.
-    """
-    if [t.shape for t in tensors] == shapes and {t.device for t in tensors} == {device} and {
-            t.dtype for t in tensors} == {dtype}:
-        return
-    for t, shape in zip(tensors, shapes):
-        if t.shape != shape or t.device != device or t.dtype != dtype:
-            raise ValueError(f"{name} must match its param in shape and device and be {dtype}, got "
-                             f"{tuple(t.shape)} {t.dtype} on {t.device} for a param {tuple(shape)} on {device}")
-
-
-def _contiguous(column: list) -> list:
-    # The kernels address flattened memory; a strided tensor goes through a contiguous copy.
-    if all([t is None or t.is_contiguous() for t in column]):
-        return column
-    return [t if t is None or t.is_contiguous() else t.contiguous() for t in column]
-
-
 class KernelScalars(NamedTuple):
-    """The step's scalar kernel arguments."""
+    """The step's scalar kernel arguments, named as the kernels' parameters."""
 
-    # Inputs of the per-tensor scalars (selopt.kernels.steps): lr (device pointer or None, then an
-    # fp32 hi/lo pair), the host decay factor, and weight decay, beta1, beta2 as hi/lo pairs.
-    step: tuple
+    # Inputs of the per-tensor scalars (selopt.kernels.steps): lr as a device pointer, or an fp32
+    # hi/lo pair with the host decay factor; weight decay and the betas as hi/lo pairs.
+    lr_ptr: Tensor | None
+    lr_hi: float
+    lr_lo: float
+    decay_factor: float
+    weight_decay_hi: float
+    weight_decay_lo: float
+    beta1_hi: float
+    beta1_lo: float
+    beta2_hi: float
+    beta2_lo: float
+    # The element kernels' inputs.
     beta2: float
     lerp_weight: float  # 1 - beta1
     one_minus_beta2: float
     eps: float
-    grad_scale: Tensor | None
-    found_inf: Tensor | None
-    seed: Tensor | None
+    grad_scale_ptr: Tensor | None
+    found_inf_ptr: Tensor | None
 
-    @property
-    def elementwise(self) -> tuple:
-        """The arguments the element kernels take, in their order."""
-        return (self.beta2, self.lerp_weight, self.one_minus_beta2, self.eps, self.grad_scale, self.found_inf,
-                self.seed)
+    @classmethod
+    def of(cls, options: AdamWOptions, device: torch.device, grad_scale: Tensor | None,
+           found_inf: Tensor | None) -> KernelScalars:
+        lr = options.lr
+        lr_on_device = isinstance(lr, Tensor) and lr.device == device
+        lr_value = 0.0 if lr_on_device else float(lr)  # a CPU tensor reads back without a device sync
+        beta1, beta2 = options.beta1, options.beta2
+        return cls(lr if lr_on_device else None, *_split_double(lr_value), 1.0 - lr_value * options.weight_decay,
+                   *_split_double(options.weight_decay), *_split_double(beta1), *_split_double(beta2),
+                   beta2, 1.0 - beta1, 1.0 - beta2, options.eps, grad_scale, found_inf)
+
+
+def kernel_flags(options: AdamWOptions, param_dtype: torch.dtype, moment_dtype: torch.dtype,
+                 scalars: KernelScalars, has_soft_mask: bool, writes_selection: bool) -> dict:
+    """The kernels' constexpr flags, named as their parameters: the options and what the bucket holds."""
+    return dict(
+        PARAM_DTYPE=TRITON_PARAM_DTYPES[param_dtype], MOMENT_DTYPE=TRITON_MOMENT_DTYPES[moment_dtype],
+        AMSGRAD=options.amsgrad, MAXIMIZE=options.maximize, DECAY_SELECTED=options.decay == "selected",
+        SOFT_MASK=has_soft_mask,
+        SOFT_MASK_ON_GRAD=has_soft_mask and options.soft_mask_mode == "grad",
+        SOFT_MASK_ON_UPDATE=has_soft_mask and options.soft_mask_mode == "update",
+        LR_ON_DEVICE=scalars.lr_ptr is not None, GRAD_SCALE=scalars.grad_scale_ptr is not None,
+        FOUND_INF=scalars.found_inf_ptr is not None,
+        STOCHASTIC_ROUNDING=options.stochastic_rounding and param_dtype == torch.bfloat16,
+        WRITE_SELECTION=writes_selection,
+        LERP_FROM_END=scalars.lerp_weight >= 0.5,  # torch's lerp switches formula at weight 0.5
+    )
 
 
 @dataclass(frozen=True)
 class PreparedStep:
-    """A checked, compiled step: calling it launches the kernels and writes strided tensors back."""
+    """A compiled step: calling it launches the kernels and writes strided tensors back."""
 
     launches: list[Launch]
     write_back: list[tuple[Tensor, Tensor]]  # (strided original, the contiguous copy the kernels update)
@@ -112,156 +114,154 @@ class PreparedStep:
             original.copy_(copy)
 
 
-def multi_tensor_adamw_(*args, **kwargs) -> None:
-    """One selective AdamW step, in place: ``prepare_multi_tensor_adamw(...)()``; same arguments.
-
-    Example (on CPU this needs ``TRITON_INTERPRET=1``):
-        >>> p, g = torch.zeros(6, device="cuda"), torch.arange(6.0, device="cuda")
-        >>> m, v, t = torch.zeros_like(p), torch.zeros_like(p), torch.zeros((), device="cuda")
-        >>> multi_tensor_adamw_([p], [g], [m], [v], None, [t], lr=0.1, beta1=0.9, beta2=0.999,
-        ...                     eps=1e-8, weight_decay=0.0, fraction=0.5, block_size=None)
-        >>> (p != 0).tolist(), t.item()
-        ([False, False, False, True, True, True], 1.0)
-    """
-    prepare_multi_tensor_adamw(*args, **kwargs)()
+def _contiguous(column: list) -> list:
+    # The kernels address flattened memory; a strided tensor goes through a contiguous copy.
+    if all([t is None or t.is_contiguous() for t in column]):
+        return column
+    return [t if t is None or t.is_contiguous() else t.contiguous() for t in column]
 
 
-def prepare_multi_tensor_adamw(
+def _column(values: Sequence | None, count: int) -> list:
+    return [None] * count if values is None else list(values)
+
+
+def prepare_adamw(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     exp_avgs: Sequence[Tensor],
     exp_avg_sqs: Sequence[Tensor],
     max_exp_avg_sqs: Sequence[Tensor] | None,
-    steps: Sequence[Tensor],
-    soft_masks: Sequence[Tensor | None] | None = None,
+    state_steps: Sequence[Tensor],
     *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool = False,
-    fraction: float = 1.0,
-    block_size: int | None = None,
-    decay: str = "all",
-    soft_mask_mode: str = "update",
-    stochastic_rounding: bool = False,
+    options: AdamWOptions,
+    soft_masks: Sequence[Tensor | None] | None = None,
+    rounding_seeds: Sequence[Tensor | None] | None = None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     selections: Sequence[Tensor | None] | None = None,
-    assume_matching: bool = False,
+    cache: tables.PlanCache | None = None,
 ) -> PreparedStep:
-    """Check and compile one selective AdamW step for tensors sharing device, dtype and moment dtype.
+    """Compile one step of the bucket; nothing is written until the returned step is called.
 
-    Nothing is written until the returned :class:`PreparedStep` is called, so
-    a bad argument (``ValueError``/``TypeError``) or a kernel that cannot
-    compile here (:class:`~selopt.kernels.launch.KernelCompileError`) leaves
-    every tensor as it was. The optimizer prepares all its buckets before
-    running any.
-
-    Semantics are :func:`selopt.reference.adamw_step_`'s (SPEC §1): dense
-    moments, per block the entries with the ``block_k(fraction, n)`` largest
-    ``|m|`` (ties included, NaN never), decoupled decay, the masked update.
-    ``max_exp_avg_sqs`` given means amsgrad. ``steps`` are 0-d fp32 tensors
-    on the params' device; each advances by 1 (by 0 when ``found_inf`` is
-    set, in which case nothing else changes either). ``soft_masks`` entries
-    are None, a ``(rows,)`` or a full-shape fp32 tensor in [0, 1].
-    ``selections``, for diagnostics, are bool tensors shaped like the params
-    (or None) that receive the selection mask. With bf16 moments, selection
-    and update use the moments as stored (rounded to nearest).
-
-    ``assume_matching=True`` skips checking that grads and moments match their
-    params in shape and dtype, for a caller that guarantees it (the optimizer
-    does: torch enforces it for ``.grad``, and selopt creates and loads the
-    state). Devices and contiguity are still checked: a model moved after its
-    optimizer state was made would otherwise hand the kernels foreign pointers.
+    The arguments are :func:`selopt.functional.adamw`'s, trusted as torch's
+    functional optimizers trust theirs (:func:`check_bucket` checks them), with
+    ``state_steps`` fp32 and ``rounding_seeds`` int64 on the params' device.
+    ``cache`` keeps the launch plans between steps (an optimizer owns one);
+    without it every call builds its plan. A kernel that cannot compile raises
+    :class:`~selopt.kernels.launch.KernelCompileError` with every tensor untouched.
     """
     count = len(params)
-    lists = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "steps": steps}
-    optional = {"max_exp_avg_sqs": max_exp_avg_sqs, "soft_masks": soft_masks, "selections": selections}
-    for name, values in {**lists, **{k: v for k, v in optional.items() if v is not None}}.items():
-        if len(values) != count:
-            raise ValueError(f"{name} must have one entry per param ({count}), got {len(values)}")
     if count == 0:
         return PreparedStep([], [], [])
-    device, param_dtype, moment_dtype = params[0].device, params[0].dtype, exp_avgs[0].dtype
-    if param_dtype not in PARAM_DTYPES:
-        raise TypeError(f"params must be one of {list(PARAM_DTYPES)} for the Triton kernels, got {param_dtype}")
-    if moment_dtype not in MOMENT_DTYPES:
-        raise TypeError(f"exp_avgs must be one of {list(MOMENT_DTYPES)}, got {moment_dtype}")
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
-    if block_size is not None and (block_size <= 0 or block_size & (block_size - 1)):
-        raise ValueError(f"block_size must be None or a positive power of two, got {block_size!r}")
-    if decay not in DECAY_MODES:
-        raise ValueError(f"decay must be one of {DECAY_MODES}, got {decay!r}")
-    if soft_mask_mode not in SOFT_MASK_MODES:
-        raise ValueError(f"soft_mask_mode must be one of {SOFT_MASK_MODES}, got {soft_mask_mode!r}")
-    if assume_matching:
-        for name, column in (("params", params), ("exp_avgs", exp_avgs)):
-            if {t.device for t in column} != {device}:
-                raise ValueError(f"{name} must all be on {device}, got {sorted({str(t.device) for t in column})}")
-    else:
-        shapes = [p.shape for p in params]
-        _check_column("params", params, shapes, device, param_dtype)
-        _check_column("grads", grads, shapes, device, param_dtype)
-        _check_column("exp_avgs", exp_avgs, shapes, device, moment_dtype)
-        _check_column("exp_avg_sqs", exp_avg_sqs, shapes, device, moment_dtype)
-        if max_exp_avg_sqs is not None:
-            _check_column("max_exp_avg_sqs", max_exp_avg_sqs, shapes, device, moment_dtype)
-    if {(s.dtype, s.device) for s in steps} != {(torch.float32, device)} or any([s.numel() != 1 for s in steps]):
-        raise ValueError(f"steps must be one-element fp32 tensors on {device}, got "
-                         f"{sorted({f'{s.dtype} on {s.device}, {s.numel()} elements' for s in steps})}")
-    soft_masks = list(soft_masks) if soft_masks is not None else [None] * count
-    for mask, p in zip(soft_masks, params):
-        if mask is None:
-            continue
-        rows = p.shape[:1]
-        if mask.dtype != torch.float32 or mask.device != device or mask.shape not in (rows, p.shape):
-            raise ValueError(
-                f"soft_masks must be fp32 on {device} with shape {tuple(rows)} or {tuple(p.shape)}, "
-                f"got {tuple(mask.shape)} {mask.dtype} on {mask.device}"
-            )
-    selections = list(selections) if selections is not None else [None] * count
-    for selection, p in zip(selections, params):
-        if selection is not None and (selection.dtype != torch.bool or selection.shape != p.shape
-                                      or not selection.is_contiguous() or selection.device != device):
-            raise ValueError(f"selections must be contiguous bool tensors shaped like their params on {device}")
-
-    columns = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or [None] * count, soft_masks]
+    device = params[0].device
+    for name, column in (("params", params), ("exp_avgs", exp_avgs)):
+        # A model moved after its state was made would hand the kernels foreign pointers.
+        if {t.device for t in column} != {device}:
+            raise ValueError(f"{name} must all be on {device}, got {sorted({str(t.device) for t in column})}")
+    columns = [params, grads, exp_avgs, exp_avg_sqs, _column(max_exp_avg_sqs, count), _column(soft_masks, count)]
     work = [_contiguous(column) for column in columns]
+    selections, rounding_seeds = _column(selections, count), _column(rounding_seeds, count)
 
-    lr_on_device = isinstance(lr, Tensor) and lr.device == device
-    lr_value = 0.0 if lr_on_device else float(lr)  # a CPU tensor reads back without a device sync
-    dense_step = fraction >= 1.0
-    one_pass = dense_step or (block_size is not None and block_size <= block.MAX_BLOCK)
-    has_soft_mask = any(m is not None for m in soft_masks)
-    flags = dict(
-        PARAM_DTYPE=PARAM_DTYPES[param_dtype], MOMENT_DTYPE=MOMENT_DTYPES[moment_dtype],
-        AMSGRAD=max_exp_avg_sqs is not None, MAXIMIZE=maximize, DECAY_SELECTED=decay == "selected",
-        SOFT_MASK=has_soft_mask,
-        SOFT_MASK_ON_GRAD=has_soft_mask and soft_mask_mode == "grad",
-        SOFT_MASK_ON_UPDATE=has_soft_mask and soft_mask_mode == "update",
-        LR_ON_DEVICE=lr_on_device, GRAD_SCALE=grad_scale is not None, FOUND_INF=found_inf is not None,
-        STOCHASTIC_ROUNDING=stochastic_rounding and param_dtype == torch.bfloat16,
-        WRITE_SELECTION=any(s is not None for s in selections),
-        LERP_FROM_END=(1.0 - beta1) >= 0.5,  # torch's lerp switches formula at weight 0.5
-    )
-    scalars = KernelScalars(
-        step=(lr if lr_on_device else None, *_split_double(lr_value), 1.0 - lr_value * weight_decay,
-              *_split_double(weight_decay), *_split_double(beta1), *_split_double(beta2)),
-        beta2=beta2, lerp_weight=1.0 - beta1, one_minus_beta2=1.0 - beta2, eps=eps, grad_scale=grad_scale,
-        found_inf=found_inf, seed=_rounding_seed(device) if flags["STOCHASTIC_ROUNDING"] else None,
-    )
+    scalars = KernelScalars.of(options, device, grad_scale, found_inf)
+    flags = kernel_flags(options, params[0].dtype, exp_avgs[0].dtype, scalars,
+                         has_soft_mask=any(m is not None for m in work[5]),
+                         writes_selection=any(s is not None for s in selections))
+    cache = tables.PlanCache() if cache is None else cache
+    one_pass = options.dense or (options.block_size is not None and options.block_size <= block.MAX_BLOCK)
     if one_pass:
-        tile = block.DENSE_TILE if dense_step else block_size
-        plan = tables.plan_for(*work, steps, selections, tile=tile, segment=None, fraction=fraction, exact=False)
-        launches = block.block_adamw_launches(plan, scalars, flags, tile, dense_step)
+        program_size = block.DENSE_TILE if options.dense else options.block_size
+        plan = tables.plan_for(cache, *work, rounding_seeds, state_steps, selections, program_size=program_size,
+                               row_size=None, fraction=options.fraction, select_per_row=False)
+        values = {**plan.arguments(), **scalars._asdict(), **flags}
+        launches = block.block_adamw_launches(plan, values, program_size, options.dense)
     else:
-        plan = tables.plan_for(*work, steps, selections, tile=exact.CHUNK, segment=block_size, fraction=fraction,
-                               exact=True)
-        launches = exact.exact_adamw_launches(plan, scalars, flags)
+        plan = tables.plan_for(cache, *work, rounding_seeds, state_steps, selections, program_size=exact.CHUNK,
+                               row_size=options.block_size, fraction=options.fraction, select_per_row=True)
+        launches = exact.exact_adamw_launches(plan, {**plan.arguments(), **scalars._asdict(), **flags})
     compile_launches(launches, device)
     write_back = [(original, copy) for index in (0, 2, 3, 4)  # params and moments: what the step writes
                   for original, copy in zip(columns[index], work[index]) if copy is not original]
     return PreparedStep(launches, write_back, work)
+
+
+def check_bucket(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor] | None,
+    state_steps: Sequence[Tensor],
+    *,
+    options: AdamWOptions,
+    soft_masks: Sequence[Tensor | None] | None = None,
+    rounding_seeds: Sequence[Tensor | None] | None = None,
+    selections: Sequence[Tensor | None] | None = None,
+) -> None:
+    """Raise ``ValueError``/``TypeError`` unless the bucket is one :func:`prepare_adamw` can step.
+
+    One entry per param in every list; params of one kernel dtype on one
+    device; grads and moments shaped like their params (moments of one kernel
+    moment dtype); ``state_steps`` one-element fp32 tensors on the device;
+    soft masks fp32, ``(rows,)`` or full shape; selections contiguous bool
+    tensors shaped like their params; an int64 seed per bf16 param when the
+    options ask for stochastic rounding.
+    """
+    count = len(params)
+    lists = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "state_steps": state_steps}
+    optional = {"max_exp_avg_sqs": max_exp_avg_sqs, "soft_masks": soft_masks, "rounding_seeds": rounding_seeds,
+                "selections": selections}
+    for name, values in {**lists, **{k: v for k, v in optional.items() if v is not None}}.items():
+        if len(values) != count:
+            raise ValueError(f"{name} must have one entry per param ({count}), got {len(values)}")
+    if (max_exp_avg_sqs is not None) != options.amsgrad:
+        raise ValueError(f"max_exp_avg_sqs must be given exactly when options.amsgrad, got amsgrad={options.amsgrad}")
+    if count == 0:
+        return
+    device, param_dtype, moment_dtype = params[0].device, params[0].dtype, exp_avgs[0].dtype
+    if param_dtype not in TRITON_PARAM_DTYPES:
+        raise TypeError(f"params must be one of {list(TRITON_PARAM_DTYPES)} for the Triton kernels, got {param_dtype}")
+    if moment_dtype not in TRITON_MOMENT_DTYPES:
+        raise TypeError(f"exp_avgs must be one of {list(TRITON_MOMENT_DTYPES)}, got {moment_dtype}")
+    shapes = [p.shape for p in params]
+    for name, column, dtype in (("params", params, param_dtype), ("grads", grads, param_dtype),
+                                ("exp_avgs", exp_avgs, moment_dtype), ("exp_avg_sqs", exp_avg_sqs, moment_dtype),
+                                ("max_exp_avg_sqs", max_exp_avg_sqs or (), moment_dtype)):
+        for t, shape in zip(column, shapes):
+            if t.shape != shape or t.device != device or t.dtype != dtype:
+                raise ValueError(f"{name} must match its param in shape and device and be {dtype}, got "
+                                 f"{tuple(t.shape)} {t.dtype} on {t.device} for a param {tuple(shape)} on {device}")
+    if {(s.dtype, s.device) for s in state_steps} != {(torch.float32, device)} or any(
+            s.numel() != 1 for s in state_steps):
+        raise ValueError(f"state_steps must be one-element fp32 tensors on {device}, got "
+                         f"{sorted({f'{s.dtype} on {s.device}, {s.numel()} elements' for s in state_steps})}")
+    for mask, p in zip(_column(soft_masks, count), params):
+        if mask is not None and (mask.dtype != torch.float32 or mask.device != device
+                                 or mask.shape not in (p.shape[:1], p.shape)):
+            raise ValueError(
+                f"soft_masks must be fp32 on {device} with shape {tuple(p.shape[:1])} or {tuple(p.shape)}, "
+                f"got {tuple(mask.shape)} {mask.dtype} on {mask.device}"
+            )
+    for selection, p in zip(_column(selections, count), params):
+        if selection is not None and (selection.dtype != torch.bool or selection.shape != p.shape
+                                      or not selection.is_contiguous() or selection.device != device):
+            raise ValueError(f"selections must be contiguous bool tensors shaped like their params on {device}")
+    if options.stochastic_rounding and param_dtype == torch.bfloat16:
+        seeds = _column(rounding_seeds, count)
+        if any(s is None or s.dtype != torch.int64 or s.device != device or s.numel() != 1 for s in seeds):
+            raise ValueError(f"stochastic rounding of bf16 params needs rounding_seeds: one-element int64 tensors "
+                             f"on {device}, one per param (an optimizer keeps them in its state)")
+
+
+def multi_tensor_adamw_(*args, **kwargs) -> None:
+    """One selective AdamW step, in place: :func:`check_bucket`, then :func:`prepare_adamw`, then run.
+
+    Example (on CPU this needs ``TRITON_INTERPRET=1``):
+        >>> p, g = torch.zeros(6, device="cuda"), torch.arange(6.0, device="cuda")
+        >>> m, v, t = torch.zeros_like(p), torch.zeros_like(p), torch.zeros((), device="cuda")
+        >>> options = AdamWOptions(lr=0.1, weight_decay=0.0, fraction=0.5)
+        >>> multi_tensor_adamw_([p], [g], [m], [v], None, [t], options=options)
+        >>> (p != 0).tolist(), t.item()
+        ([False, False, False, True, True, True], 1.0)
+    """
+    check_bucket(*args, **{k: v for k, v in kwargs.items() if k not in ("grad_scale", "found_inf", "cache")})
+    prepare_adamw(*args, **kwargs)()

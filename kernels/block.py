@@ -34,7 +34,7 @@ def num_warps_for(block: int) -> int:
 @triton.jit
 def _block_adamw_kernel(
     table, program_rows, step_scalars, beta2, lerp_weight, one_minus_beta2, eps, grad_scale_ptr, found_inf_ptr,
-    seed_ptr, BLOCK: tl.constexpr, DENSE: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr, DENSE: tl.constexpr, ALIGNED: tl.constexpr,
     PARAM_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECAY_SELECTED: tl.constexpr,
     SOFT_MASK: tl.constexpr, SOFT_MASK_ON_GRAD: tl.constexpr, SOFT_MASK_ON_UPDATE: tl.constexpr,
@@ -55,16 +55,15 @@ def _block_adamw_kernel(
         key = d.magnitude_key(m, in_block)
         selected = key >= d.kth_largest_key(key, k)
     d.update_param(row_ptr, start, lanes, in_block, store_mask, step_scalars, m, second_moment, selected, scale,
-                   eps, seed_ptr, PARAM_DTYPE, DECAY_SELECTED, SOFT_MASK_ON_UPDATE, STOCHASTIC_ROUNDING,
+                   eps, PARAM_DTYPE, DECAY_SELECTED, SOFT_MASK_ON_UPDATE, STOCHASTIC_ROUNDING,
                    WRITE_SELECTION, ALIGNED)
 
 
-def block_adamw_launches(plan, scalars, flags, block: int, dense: bool) -> list[Launch]:
-    """The launches of the one-pass kernel over every block of ``plan`` (see :mod:`selopt.kernels.tables`)."""
-    block_flags = {k: v for k, v in flags.items() if k != "LR_ON_DEVICE"}
-    return [step_scalars_launch(plan, scalars, flags), Launch(
-        _block_adamw_kernel, (plan.num_programs,),
-        (plan.table, plan.program_rows, plan.step_scalars, *scalars.elementwise),
-        dict(BLOCK=block, DENSE=dense, ALIGNED=plan.aligned, **block_flags,
-             num_warps=DENSE_WARPS if dense else num_warps_for(block)),
-    )]
+def block_adamw_launches(plan, values: dict, block: int, dense: bool) -> list[Launch]:
+    """The step's scalars, then the one-pass kernel over every ``block`` of ``plan`` (:mod:`selopt.kernels.tables`).
+
+    ``values`` holds the step's arguments and flags by kernel parameter name.
+    """
+    warps = DENSE_WARPS if dense else num_warps_for(block)
+    return [step_scalars_launch(plan, values),
+            Launch.bind(_block_adamw_kernel, (plan.num_programs,), {**values, "BLOCK": block, "DENSE": dense}, warps)]

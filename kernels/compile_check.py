@@ -40,6 +40,7 @@ from triton.runtime.jit import JITFunction
 from selopt.kernels import block
 from selopt.kernels.adamw import multi_tensor_adamw_
 from selopt.kernels.launch import KernelCompileError
+from selopt.options import AdamWOptions
 
 
 class CompileOnlyDriver(DriverBase):
@@ -93,7 +94,7 @@ def compile_only(arch: int) -> Iterator[list]:
         >>> p = torch.zeros(10)
         >>> with compile_only(90) as compiled:
         ...     multi_tensor_adamw_([p], [p.clone()], [p.clone()], [p.clone()], None, [torch.zeros(())],
-        ...                         lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+        ...                         options=AdamWOptions())
         >>> [(c.name, c.options["BLOCK"]) for c in compiled]
         [('_block_adamw_kernel', 4096)]
     """
@@ -103,7 +104,8 @@ def compile_only(arch: int) -> Iterator[list]:
     def run_as_compile(self, *args, grid, warmup, **kwargs):
         kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
         if all(kernel is not seen.binary for seen in compiled):
-            compiled.append(Compiled(self.fn.__name__, kwargs, kernel))
+            constexprs = {p.name: kwargs[p.name] for p in self.params if p.is_constexpr and p.name in kwargs}
+            compiled.append(Compiled(self.fn.__name__, {**constexprs, "num_warps": kwargs.get("num_warps")}, kernel))
         return kernel
 
     # Read the private slot, not driver.active: on a machine without a GPU the public property
@@ -187,15 +189,17 @@ def run_configuration(config: Configuration) -> None:
             if f"soft_mask_{rows_or_full}_{mode}" in opts:
                 soft_masks = [torch.ones(shape[:1] if rows_or_full == "rows" else shape) for _ in params]
                 soft_mask_mode = mode
-    multi_tensor_adamw_(
-        params, [torch.zeros_like(p) for p in params], state[0], state[1],
-        state[2] if "amsgrad" in opts else None, [torch.zeros(()) for _ in params], soft_masks,
+    options = AdamWOptions(
         lr=torch.tensor(1e-3) if "lr_on_device" in opts else 1e-3,
-        beta1=0.3 if "beta1_below_half" in opts else 0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
-        maximize="maximize" in opts, fraction=config.fraction, block_size=config.block_size,
-        decay="selected" if "decay_selected" in opts else "all",
-        soft_mask_mode=soft_mask_mode if soft_masks else "update",
-        stochastic_rounding="stochastic_rounding" in opts,
+        betas=(0.3 if "beta1_below_half" in opts else 0.9, 0.999), eps=1e-8, weight_decay=0.01,
+        amsgrad="amsgrad" in opts, maximize="maximize" in opts, fraction=config.fraction,
+        block_size=config.block_size, decay="selected" if "decay_selected" in opts else "all",
+        soft_mask_mode=soft_mask_mode if soft_masks else "update", stochastic_rounding="stochastic_rounding" in opts,
+    )
+    multi_tensor_adamw_(
+        params, [torch.zeros_like(p) for p in params], state[0], state[1], state[2] if options.amsgrad else None,
+        [torch.zeros(()) for _ in params], options=options, soft_masks=soft_masks,
+        rounding_seeds=[torch.zeros((), dtype=torch.int64) for _ in params] if options.stochastic_rounding else None,
         grad_scale=torch.tensor(1.0) if "grad_scale" in opts else None,
         found_inf=torch.tensor(0.0) if "found_inf" in opts else None,
         selections=[torch.zeros(shape, dtype=torch.bool) for _ in params] if "selections" in opts else None,

@@ -1,12 +1,12 @@
 """Exact selection over whole tensors (``block_size=None``, the MoFO paper): radix select on device.
 
 A block of millions of entries does not fit in one program, so the k-th
-largest ``|m|`` of each segment is found in rounds over the 31 value bits of
-its key (the fp32 bit pattern of ``|m|``, see :func:`_device.magnitude_key`):
+largest ``|m|`` of each row (a tensor, or a block of it) is found in rounds over the 31 value bits of
+its key (:mod:`selopt.selection`), in the rounds of ``selection.RADIX_ROUNDS``:
 
-1. moments + histogram of the top 10 key bits, per segment (a register
+1. moments + histogram of the top 10 key bits, per row (a register
    histogram per tile, then one atomic per non-empty bin);
-2. per segment, the boundary bin: the bin holding the k-th largest, and the
+2. per row, the boundary bin: the bin holding the k-th largest, and the
    rank still to find inside it;
 3. histogram of the next 11 bits among the keys in that bin (one atomic per
    such key: they are few), then select again;
@@ -15,23 +15,25 @@ its key (the fp32 bit pattern of ``|m|``, see :func:`_device.magnitude_key`):
 
 Seven launches for the whole bucket (after the step's scalars,
 :mod:`selopt.kernels.steps`) and no host synchronisation; scratch is a
-histogram of ``d.RADIX_BINS`` counters and two scalars per segment, never per
+histogram of ``d.RADIX_BINS`` counters and two scalars per row, never per
 element. Bytes per fp32 element: 20 (moments) + 4 + 4 (two rereads of m) +
 16 (update) = 44, against 28 for AdamW.
 """
 
+import torch
 import triton
 import triton.language as tl
 
+from selopt import selection
 from selopt.kernels import _device as d
 from selopt.kernels.launch import Launch
 from selopt.kernels.steps import step_scalars_launch
 
 CHUNK = 4096
-# (lowest key bit, number of bits) of each round, most significant first; together bits 30..0.
-# The first round sees every key and uses a register histogram (8 exponent bits + 2 mantissa
-# bits: its cost grows with the bins, so few); the others see only the boundary bin's keys.
-ROUNDS = ((21, 10), (10, 11), (0, 10))
+# The rounds of selopt.selection for int32 keys. The first round sees every key and uses a register
+# histogram (8 exponent bits + 2 mantissa bits: its cost grows with the bins, so few); the others
+# see only the boundary bin's keys.
+ROUNDS = selection.RADIX_ROUNDS[torch.int32]
 _NUM_WARPS = 8
 
 
@@ -87,7 +89,7 @@ def _refine_histogram_kernel(
 
 @triton.jit
 def _select_bin_kernel(table, histogram, select_state, FIRST_ROUND: tl.constexpr, BIN_BITS: tl.constexpr):
-    """One program per segment: the bin that holds the k-th largest key, then clear the histogram."""
+    """One program per row: the bin that holds the k-th largest key, then clear the histogram."""
     row = tl.program_id(0).to(tl.int64)
     bins = tl.arange(0, 1 << BIN_BITS)
     counts = tl.load(histogram + row.to(tl.int64) * d.RADIX_BINS + bins)
@@ -109,7 +111,7 @@ def _select_bin_kernel(table, histogram, select_state, FIRST_ROUND: tl.constexpr
 
 @triton.jit
 def _exact_update_kernel(
-    table, program_rows, step_scalars, select_state, eps, found_inf_ptr, seed_ptr,
+    table, program_rows, step_scalars, select_state, eps, found_inf_ptr,
     CHUNK: tl.constexpr, ALIGNED: tl.constexpr,
     PARAM_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr,
     DECAY_SELECTED: tl.constexpr, SOFT_MASK: tl.constexpr, SOFT_MASK_ON_UPDATE: tl.constexpr,
@@ -127,40 +129,27 @@ def _exact_update_kernel(
     if SOFT_MASK_ON_UPDATE:
         scale = d.load_soft_mask(row_ptr, start, lanes, in_block)
     d.update_param(row_ptr, start, lanes, in_block, store_mask, step_scalars, m, second_moment, selected, scale,
-                   eps, seed_ptr, PARAM_DTYPE, DECAY_SELECTED, SOFT_MASK_ON_UPDATE, STOCHASTIC_ROUNDING,
+                   eps, PARAM_DTYPE, DECAY_SELECTED, SOFT_MASK_ON_UPDATE, STOCHASTIC_ROUNDING,
                    WRITE_SELECTION, ALIGNED)
 
 
-def exact_adamw_launches(plan, scalars, flags) -> list[Launch]:
-    """The launches of the exact path over ``plan`` (see :mod:`selopt.kernels.tables`)."""
-    grid, per_segment = (plan.num_programs,), (plan.num_rows,)
-    common = dict(CHUNK=CHUNK, ALIGNED=plan.aligned, num_warps=_NUM_WARPS)
-    moment_flags = {k: flags[k] for k in ("PARAM_DTYPE", "MOMENT_DTYPE", "AMSGRAD", "MAXIMIZE", "SOFT_MASK",
-                                          "SOFT_MASK_ON_GRAD", "GRAD_SCALE", "FOUND_INF", "LERP_FROM_END")}
-    update_flags = {k: flags[k] for k in ("PARAM_DTYPE", "MOMENT_DTYPE", "AMSGRAD", "DECAY_SELECTED", "SOFT_MASK",
-                                          "SOFT_MASK_ON_UPDATE", "FOUND_INF", "STOCHASTIC_ROUNDING",
-                                          "WRITE_SELECTION")}
-    selection_args = (plan.table, plan.histogram, plan.select_state)
+def exact_adamw_launches(plan, values: dict) -> list[Launch]:
+    """The step's scalars, then the exact path over ``plan`` (:mod:`selopt.kernels.tables`).
+
+    ``values`` holds the step's arguments and flags by kernel parameter name.
+    """
+    grid, per_row = (plan.num_programs,), (plan.num_rows,)
+    values = {**values, "CHUNK": CHUNK}
     (shift, bits), *refinements = ROUNDS
     launches = [
-        step_scalars_launch(plan, scalars, flags),
-        Launch(_moments_histogram_kernel, grid,
-               (plan.table, plan.program_rows, plan.histogram, scalars.beta2, scalars.lerp_weight,
-                scalars.one_minus_beta2, scalars.grad_scale, scalars.found_inf),
-               dict(BIN_SHIFT=shift, BIN_BITS=bits, **common, **moment_flags)),
-        Launch(_select_bin_kernel, per_segment, selection_args,
-               dict(FIRST_ROUND=True, BIN_BITS=bits, num_warps=_NUM_WARPS)),
+        step_scalars_launch(plan, values),
+        Launch.bind(_moments_histogram_kernel, grid, {**values, "BIN_SHIFT": shift, "BIN_BITS": bits}, _NUM_WARPS),
+        Launch.bind(_select_bin_kernel, per_row, {**values, "FIRST_ROUND": True, "BIN_BITS": bits}, _NUM_WARPS),
     ]
     for shift, bits in refinements:
         launches += [
-            Launch(_refine_histogram_kernel, grid, (plan.table, plan.program_rows, plan.histogram, plan.select_state),
-                   dict(BIN_SHIFT=shift, BIN_BITS=bits, MOMENT_DTYPE=flags["MOMENT_DTYPE"], **common)),
-            Launch(_select_bin_kernel, per_segment, selection_args,
-                   dict(FIRST_ROUND=False, BIN_BITS=bits, num_warps=_NUM_WARPS)),
+            Launch.bind(_refine_histogram_kernel, grid, {**values, "BIN_SHIFT": shift, "BIN_BITS": bits}, _NUM_WARPS),
+            Launch.bind(_select_bin_kernel, per_row, {**values, "FIRST_ROUND": False, "BIN_BITS": bits}, _NUM_WARPS),
         ]
-    launches.append(Launch(
-        _exact_update_kernel, grid,
-        (plan.table, plan.program_rows, plan.step_scalars, plan.select_state, scalars.eps, scalars.found_inf,
-         scalars.seed),
-        dict(**common, **update_flags)))
+    launches.append(Launch.bind(_exact_update_kernel, grid, values, _NUM_WARPS))
     return launches

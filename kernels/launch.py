@@ -9,13 +9,16 @@ untouched, and the optimizer can fall back to the reference for that bucket.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 import triton
+import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 
@@ -80,14 +83,37 @@ def _argument_key(value: Any) -> Any:
     return type(value)
 
 
+@functools.cache
+def _parameters(kernel: Any) -> tuple[tuple[str, ...], frozenset[str]]:
+    """The kernel's parameter names, in order, and which of them are ``tl.constexpr``."""
+    parameters = inspect.signature(kernel.fn).parameters.values()
+    constexprs = frozenset(p.name for p in parameters if p.annotation in (tl.constexpr, "tl.constexpr"))
+    return tuple(p.name for p in parameters), constexprs
+
+
 @dataclass(frozen=True)
 class Launch:
-    """One kernel launch: ``kernel[grid](*args, **options)``."""
+    """One kernel launch: ``kernel[grid](**args, **constexprs, num_warps=num_warps)``."""
 
     kernel: Any  # a JITFunction (or Triton's interpreter's stand-in for one)
     grid: tuple[int, ...]
-    args: tuple
-    options: dict = field(default_factory=dict)
+    args: dict[str, Any]
+    constexprs: dict[str, Any]
+    num_warps: int
+
+    @classmethod
+    def bind(cls, kernel: Any, grid: tuple[int, ...], values: dict[str, Any], num_warps: int) -> Launch:
+        """The launch of ``kernel`` taking each of its parameters, by name, from ``values``.
+
+        ``values`` may hold more than the kernel takes: one record of a step's
+        arguments and flags serves every kernel of the step.
+        """
+        names, constexprs = _parameters(kernel)
+        missing = [name for name in names if name not in values]
+        if missing:
+            raise TypeError(f"no value for {kernel.fn.__name__}'s parameters {missing}")
+        return cls(kernel, grid, {n: values[n] for n in names if n not in constexprs},
+                   {n: values[n] for n in names if n in constexprs}, num_warps)
 
     @property
     def name(self) -> str:
@@ -95,17 +121,19 @@ class Launch:
 
     def specialization(self) -> tuple:
         """What picks the compiled binary: the kernel, its constexprs and how its arguments specialize."""
-        return (self.name, tuple(sorted(self.options.items())), tuple(_argument_key(a) for a in self.args))
+        return (self.name, self.num_warps, tuple(self.constexprs.items()),
+                tuple(_argument_key(a) for a in self.args.values()))
 
     def compile(self, target: Any = None) -> Any:
         """Compile without launching (Triton's warmup); failures become :class:`KernelCompileError`."""
         try:
-            return self.kernel.run(*self.args, grid=self.grid, warmup=True, **self.options, **_COMPILE_OPTIONS)
+            return self.kernel.run(grid=self.grid, warmup=True, **self.args, **self.constexprs,
+                                   num_warps=self.num_warps, **_COMPILE_OPTIONS)
         except Exception as error:  # noqa: BLE001 - any compiler failure, reported with its cause
-            raise KernelCompileError(self.name, self.options, target, _innermost(error)) from error
+            raise KernelCompileError(self.name, self.constexprs, target, _innermost(error)) from error
 
     def __call__(self) -> None:
-        self.kernel[self.grid](*self.args, **self.options, **_COMPILE_OPTIONS)
+        self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps, **_COMPILE_OPTIONS)
 
 
 # Outcome of compiling each specialization, per (device, target): a kernel compiles once per

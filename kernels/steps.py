@@ -37,8 +37,6 @@ def _step_scalars_kernel(
     tl.store(step_ptr, step + increment)
 
 
-def step_scalars_launch(plan, scalars, flags) -> Launch:
+def step_scalars_launch(plan, values: dict) -> Launch:
     """The launch that fills ``plan.step_scalars`` and advances every tensor's step count."""
-    return Launch(_step_scalars_kernel, (plan.num_tensors,),
-                  (plan.steps, plan.step_scalars, *scalars.step, scalars.found_inf),
-                  dict(LR_ON_DEVICE=flags["LR_ON_DEVICE"], FOUND_INF=flags["FOUND_INF"], num_warps=1))
+    return Launch.bind(_step_scalars_kernel, (plan.num_tensors,), values, num_warps=1)

@@ -30,8 +30,9 @@ from torch import Tensor
 
 import selopt
 from selopt import reference
+from selopt.options import AdamWOptions
 
-HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+HYPER = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)  # AdamWOptions keywords
 # One rounding of each parameter dtype; fp32 gets a few ulps.
 PARAM_RTOL = {torch.float32: 4e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}
 
@@ -61,7 +62,7 @@ def cases(tiny: bool) -> list[Case]:
         Case("MoFO exact bf16/bf16", odd, torch.bfloat16, torch.bfloat16, options=dict(fraction=0.15)),
         Case(f"MoFO block {blocks[-1]} fp16/fp32", odd, torch.float16, options=dict(fraction=0.2, block_size=blocks[-1])),
         Case("amsgrad, maximize, decay=selected, beta1=0.3", odd,
-             options=dict(fraction=0.25, amsgrad=True, maximize=True, decay="selected", beta1=0.3)),
+             options=dict(fraction=0.25, amsgrad=True, maximize=True, decay="selected", betas=(0.3, 0.999))),
         Case("soft mask per row on the update", odd, options=dict(fraction=0.3), soft_mask="rows"),
         Case("soft mask per entry on the gradient", odd, options=dict(fraction=0.3, block_size=blocks[0],
                                                                        soft_mask_mode="grad"), soft_mask="full"),
@@ -93,33 +94,33 @@ def environment(device: torch.device) -> list[tuple[str, str]]:
             ("triton", triton.__version__), ("selopt", selopt.__version__)]
 
 
-def step_problems(before: dict, after: dict, *, soft_mask: Tensor | None = None, grad_scale: Tensor | None = None,
-                  **options) -> list[str]:
+def step_problems(before: dict, after: dict, *, options: AdamWOptions, soft_mask: Tensor | None = None,
+                  grad_scale: Tensor | None = None) -> list[str]:
     """How one tensor's kernel step differs from the reference; empty when it matches.
 
     ``before`` and ``after`` hold ``param``, ``exp_avg``, ``exp_avg_sq``,
     ``max_exp_avg_sq`` (or None) and ``step``; ``before`` also the ``grad``,
-    ``after`` the kernel's ``selection``. ``options`` are the step's keywords.
+    ``after`` the kernel's ``selection``.
 
-    >>> p = torch.tensor([1.0, 2.0])
+    >>> p, options = torch.tensor([1.0, 2.0]), AdamWOptions(**HYPER)
     >>> before = dict(param=p, grad=torch.ones(2), exp_avg=torch.zeros(2), exp_avg_sq=torch.zeros(2),
     ...               max_exp_avg_sq=None, step=torch.tensor(0.0))
-    >>> want = reference.adamw_math(p, torch.ones(2), torch.zeros(2), torch.zeros(2), None, step=1, **HYPER)
+    >>> want = reference.adamw_math(p, torch.ones(2), torch.zeros(2), torch.zeros(2), None, step=1, options=options)
     >>> after = dict(param=want.param, exp_avg=want.exp_avg, exp_avg_sq=want.exp_avg_sq, max_exp_avg_sq=None,
     ...              step=torch.tensor(1.0), selection=want.selected)
-    >>> step_problems(before, after, **HYPER)
+    >>> step_problems(before, after, options=options)
     []
     """
-    fraction, block_size = options.get("fraction", 1.0), options.get("block_size")
     m, p = after["exp_avg"], after["param"]
     problems = []
-    selection = reference.selection_mask(m.float(), fraction, block_size)
+    selection = reference.selection_mask(m.float(), options.fraction, options.block_size)
     if not torch.equal(after["selection"], selection):
         problems.append(f"selection differs in {int((after['selection'] != selection).sum())} entries")
-    lr = float(options["lr"])
+    lr = float(options.lr)
     want = reference.adamw_math(
         before["param"], before["grad"], before["exp_avg"], before["exp_avg_sq"], before["max_exp_avg_sq"],
-        step=float(before["step"]) + 1, soft_mask=soft_mask, grad_scale=grad_scale, **{**options, "lr": lr})
+        step=float(before["step"]) + 1, soft_mask=soft_mask, grad_scale=grad_scale,
+        options=AdamWOptions.from_group({**options.group_defaults(), "lr": lr}))
     # bf16 moments round to 2^-8; fp32 moments are within a few ulps (torch's CPU lerp may fuse).
     tolerance = dict(rtol=2**-8, atol=1e-8) if m.dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-8)
     pairs = [("exp_avg", want.exp_avg), ("exp_avg_sq", want.exp_avg_sq), ("max_exp_avg_sq", want.max_exp_avg_sq)]
@@ -146,8 +147,8 @@ def run_case(case: Case, device: torch.device, seed: int = 0) -> list[str]:
     from selopt import kernels
 
     gen = torch.Generator().manual_seed(seed)
-    options = {**HYPER, **case.options}
-    amsgrad = options.pop("amsgrad", False)
+    options = AdamWOptions(**{**HYPER, **case.options})
+    amsgrad = options.amsgrad
     tensors = []
     for shape in case.shapes:
         def random(scale=1.0, positive=False, dtype=case.moment_dtype):
@@ -167,8 +168,8 @@ def run_case(case: Case, device: torch.device, seed: int = 0) -> list[str]:
     try:
         kernels.multi_tensor_adamw_(
             columns["param"], columns["grad"], columns["exp_avg"], columns["exp_avg_sq"],
-            columns["max_exp_avg_sq"] if amsgrad else None, columns["step"], masks,
-            selections=columns["selection"], **options)
+            columns["max_exp_avg_sq"] if amsgrad else None, columns["step"], options=options, soft_masks=masks,
+            selections=columns["selection"])
     except kernels.KernelCompileError as error:
         return [str(error)]
     if device.type == "cuda":
@@ -176,7 +177,7 @@ def run_case(case: Case, device: torch.device, seed: int = 0) -> list[str]:
     problems = []
     for index, (old, new) in enumerate(zip(before, tensors)):
         mask = None if masks is None else masks[index]
-        for problem in step_problems(old, new, soft_mask=mask, amsgrad=amsgrad, **options):
+        for problem in step_problems(old, new, options=options, soft_mask=mask):
             problems.append(f"tensor {tuple(case.shapes[index])}: {problem}")
     return problems
 
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         # The interpreter must be chosen before Triton decorates the kernels, so in a fresh process.
         env = {**os.environ, "TRITON_INTERPRET": "1"}
         return subprocess.run([sys.executable, "-m", "selopt.check", *(argv or [])], env=env).returncode
-    problem = selopt.optim.triton_problem()
+    problem = selopt.functional.triton_problem()
     if problem is not None:
         print(f"FAIL  selopt's Triton kernels cannot run here: {problem}")
         return 1

@@ -1,135 +1,33 @@
 """``selopt.AdamW`` and ``selopt.MoFO``: drop-in replacements for ``torch.optim.AdamW``.
 
-The classes only gather tensors, keep torch's state layout and dispatch; the
-math is :func:`selopt.reference.adamw_math` (``backend="torch"``) or the fused
-Triton kernels in :mod:`selopt.kernels` (``backend="triton"``).
+The classes gather a param group's tensors into lists, keep torch's state
+layout, and hand each bucket of tensors (same device, dtypes and sharding) to
+:func:`selopt.functional.prepare_adamw` with the group's validated
+:class:`~selopt.options.AdamWOptions` (``docs/design.md`` §4).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import functools
-import importlib.util
-import os
-import re
-import warnings
 from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
-from selopt import distributed, reference
+from selopt import distributed, functional
+from selopt.options import AdamWOptions, optimizer_signature
 from selopt.stats import UpdateStats, UpdateTracker
 
-BACKENDS = ("auto", "triton", "torch")
-MOMENT_DTYPES = (None, torch.float32, torch.bfloat16)
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
-# The ranges a numeric hyper-parameter may take, spelled as the error messages print them.
-_RANGES = {
-    ">= 0": lambda x: x >= 0,
-    "in [0, 1)": lambda x: 0 <= x < 1,
-    "in (0, 1]": lambda x: 0 < x <= 1,
-}
 
-
-def _check_number(name: str, value, allowed: str) -> None:
-    """Refuse ``value`` unless it is a real number in the range ``allowed`` (a key of ``_RANGES``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number {allowed}, got {type(value).__name__}")
-    if not _RANGES[allowed](value):  # NaN fails every comparison, so it is refused too
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-
-
-def _check_tensor_hyperparameter(name: str, value: Tensor, *, foreach: bool | None, capturable: bool) -> None:
-    # torch.optim.AdamW's rules for lr and betas given as tensors, with its exception types, so that a
-    # configuration is valid for both optimizers or for neither. (The foreach rule is a limit of
-    # torch's foreach implementation; selopt keeps it so that switching back to torch cannot break.)
-    if value.numel() != 1:
-        raise ValueError(f"{name} as a tensor must have exactly one element, got shape {tuple(value.shape)}")
-    if not value.is_floating_point():
-        raise TypeError(f"{name} as a tensor must be floating-point, got {value.dtype}")
-    if foreach and not capturable:
-        raise ValueError(f"{name} as a tensor needs capturable=True when foreach=True (as in torch.optim.AdamW)")
-
-
-def _check_options(options: dict) -> None:
-    """Validate every hyper-parameter of a param group; raises before any state changes.
-
-    Where ``torch.optim.AdamW`` refuses a value, the exception type is torch's.
-    """
-    for flag in ("amsgrad", "maximize", "capturable", "differentiable", "stochastic_rounding"):
-        if not isinstance(options[flag], bool):
-            raise TypeError(f"{flag} must be a bool, got {options[flag]!r}")
-    for flag in ("foreach", "fused"):
-        if options[flag] is not None and not isinstance(options[flag], bool):
-            raise TypeError(f"{flag} must be None, True or False, got {options[flag]!r}")
-    if options["differentiable"]:
-        # NotImplementedError is a RuntimeError: torch's type when it refuses differentiable=True with fused=True.
-        raise NotImplementedError(
-            "differentiable=True is not supported: selopt's step runs under torch.no_grad and updates in place; "
-            "use differentiable=False (the default)"
-        )
-    if options["foreach"] and options["fused"]:
-        raise RuntimeError("foreach=True and fused=True cannot be set together (as in torch.optim.AdamW)")
-    if options["decoupled_weight_decay"] is not True:
-        raise ValueError(
-            f"decoupled_weight_decay must be True (selopt's weight decay is AdamW's, decoupled), "
-            f"got {options['decoupled_weight_decay']!r}"
-        )
-    foreach, capturable = options["foreach"], options["capturable"]
-
-    lr = options["lr"]
-    if isinstance(lr, Tensor):
-        _check_tensor_hyperparameter("lr", lr, foreach=foreach, capturable=capturable)
-        if lr.device.type == "cpu":  # a device lr is not read back: that would sync the host
-            _check_number("lr", lr.item(), ">= 0")
-    else:
-        _check_number("lr", lr, ">= 0")
-
-    betas = options["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
-        raise ValueError(f"betas must be both numbers or both tensors (as in torch.optim.AdamW), got {betas!r}")
-    for i, beta in enumerate(betas):
-        name = f"betas[{i}]"
-        if isinstance(beta, Tensor):
-            _check_tensor_hyperparameter(name, beta, foreach=foreach, capturable=capturable)
-            if capturable and beta.device.type != "cpu":
-                raise ValueError(
-                    f"{name} is a tensor on {beta.device}: selopt reads betas on the host each step, which a "
-                    f"captured graph cannot do; with capturable=True give betas as numbers or CPU tensors"
-                )
-            beta = beta.item()
-        _check_number(name, beta, "in [0, 1)")
-
-    _check_number("eps", options["eps"], ">= 0")
-    _check_number("weight_decay", options["weight_decay"], ">= 0")
-    _check_number("fraction", options["fraction"], "in (0, 1]")
-    block_size = options["block_size"]
-    if block_size is not None and (
-        isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0 or block_size & (block_size - 1)
-    ):
-        raise ValueError(f"block_size must be None (one block per tensor) or a positive power of two, got {block_size!r}")
-    for name, allowed in (
-        ("decay", reference.DECAY_MODES),
-        ("soft_mask_mode", reference.SOFT_MASK_MODES),
-        ("backend", BACKENDS),
-    ):
-        if options[name] not in allowed:
-            raise ValueError(f"{name} must be one of {allowed}, got {options[name]!r}")
-    if options["moment_dtype"] not in MOMENT_DTYPES:
-        raise ValueError(f"moment_dtype must be one of {MOMENT_DTYPES}, got {options['moment_dtype']!r}")
-
-
-def _check_param(param: Tensor, options: dict) -> None:
-    """Refuse a parameter the step cannot update under ``options``."""
-    if not (param.is_floating_point() or param.is_complex()):
-        raise TypeError(f"params must be floating-point or complex tensors, got one of dtype {param.dtype}")
-    if param.is_complex() and options["moment_dtype"] == torch.bfloat16:
+def _check_param_dtype(dtype: torch.dtype, options: AdamWOptions) -> None:
+    """Refuse parameters of ``dtype`` that the step cannot update under ``options``."""
+    if not (dtype.is_floating_point or dtype.is_complex):
+        raise TypeError(f"params must be floating-point or complex tensors, got one of dtype {dtype}")
+    if dtype.is_complex and options.moment_dtype == torch.bfloat16:
         raise ValueError(
             "moment_dtype=torch.bfloat16 has no complex counterpart: "
             "complex params need moment_dtype None or torch.float32"
@@ -152,67 +50,10 @@ def moment_dtype(param_dtype: torch.dtype, requested: torch.dtype | None) -> tor
     return param_dtype if param_dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _step_hyperparameters(group: dict) -> dict:
-    """``group`` as the backends read it: betas as Python numbers.
-
-    The kernels and the reference take betas as numbers; a group may hold them as
-    one-element tensors (as torch allows), which are read here, on the host.
-    """
-    betas = group["betas"]
-    if not isinstance(betas[0], Tensor):
-        return group
-    return {**group, "betas": tuple(beta.item() for beta in betas)}
-
-
-MIN_TRITON = (3, 6)  # the oldest Triton whose compile selopt's CI checks (torch 2.11's on CUDA)
-
-
-@functools.cache
-def triton_problem() -> str | None:
-    """Why selopt's Triton kernels cannot run in this environment, or None when they can."""
-    if importlib.util.find_spec("triton") is None:
-        return "Triton is not installed: `pip install triton` (or `pip install 'selopt[triton]'`)"
-    try:
-        import triton
-
-        from selopt import kernels  # noqa: F401 - import errors of the kernels themselves count too
-    except Exception as error:  # noqa: BLE001 - a broken install must not break the optimizer
-        return f"importing the Triton kernels failed with {type(error).__name__}: {error}"
-    version = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
-    if version < MIN_TRITON:
-        return f"Triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}, the oldest selopt supports"
-    return None
-
-
-def _resolve_backend(requested: str, device: torch.device) -> str:
-    if requested == "torch" or (requested == "auto" and device.type != "cuda"):
-        return "torch"
-    problem = triton_problem()
-    if requested == "auto":
-        if problem is not None:
-            _warn_fallback(f"selopt runs its torch reference instead of the Triton kernels: {problem}")
-            return "torch"
-        return "triton"
-    if problem is not None:
-        raise ImportError(f"backend='triton' cannot run: {problem}. Or use backend='auto' to fall back to "
-                          "the torch reference")
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            "backend='triton' on CPU tensors runs only under Triton's interpreter: "
-            "set TRITON_INTERPRET=1 before importing triton, or use backend='torch'"
-        )
-    return "triton"
-
-
-_fallback_warnings: set[str] = set()
-
-
-def _warn_fallback(message: str) -> None:
-    """Warn once per process and message: the fallback holds for every later step too."""
-    if message not in _fallback_warnings:
-        _fallback_warnings.add(message)
-        warnings.warn(f"{message}. Please report this to the selopt maintainers with the output of "
-                      "`python -m selopt.check`.", RuntimeWarning, stacklevel=4)
+def _new_rounding_seed() -> Tensor:
+    # From torch's generator, so torch.manual_seed makes runs repeatable; saved with the state, so a
+    # resumed run rounds as an uninterrupted one.
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
 
 
 class AdamW(torch.optim.Optimizer):
@@ -269,48 +110,38 @@ class AdamW(torch.optim.Optimizer):
     # GradScaler hands grad_scale and found_inf over as attributes instead of
     # unscaling the gradients itself: one pass less, and no host sync.
     _step_supports_amp_scaling = True
+    __signature__ = optimizer_signature()
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float | Tensor = 1e-3,
-        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        amsgrad: bool = False,
-        *,
-        maximize: bool = False,
-        foreach: bool | None = None,
-        capturable: bool = False,
-        differentiable: bool = False,
-        fused: bool | None = None,
-        fraction: float = 1.0,
-        block_size: int | None = None,
-        decay: str = "all",
-        soft_mask_mode: str = "update",
-        moment_dtype: torch.dtype | None = None,
-        stochastic_rounding: bool = False,
-        backend: str = "auto",
-    ):
-        defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-            foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
-            # Not an argument, but a group key of torch.optim.AdamW (always True there): with it,
-            # selopt's groups carry every key torch's do, and state dicts round-trip unchanged.
-            decoupled_weight_decay=True,
-            fraction=fraction, block_size=block_size, decay=decay, soft_mask_mode=soft_mask_mode,
-            moment_dtype=moment_dtype, stochastic_rounding=stochastic_rounding, backend=backend,
-        )
-        _check_options(defaults)
+    def __init__(self, params: Iterable, *args, **kwargs):
+        # One definition of the options (selopt.options): the signature is derived from it.
+        bound = type(self).__signature__.bind(params, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        del arguments["params"]
         # As torch.optim.AdamW: one-element tensor betas are kept as 0-d tensors.
-        defaults["betas"] = tuple(beta.squeeze() if isinstance(beta, Tensor) and beta.dim() else beta for beta in betas)
+        arguments["betas"] = tuple(beta.squeeze() if isinstance(beta, Tensor) and beta.dim() else beta
+                                   for beta in arguments["betas"])
+        defaults = AdamWOptions(**arguments).group_defaults()
         self._soft_masks: dict[Tensor, Tensor] = {}
         self._update_tracker: UpdateTracker | None = None  # see track_updates
+        self._reset_caches()
         super().__init__(params, defaults)
 
+    def _reset_caches(self) -> None:
+        # Derived from the groups and the state, rebuilt when they are replaced: each group's
+        # validated options (by id of the group dict) and each implementation's cache (the kernels' plans).
+        self._options: dict[int, AdamWOptions] = {}
+        self._caches: dict[str, object] = {}
+
+    def _options_of(self, group: dict) -> AdamWOptions:
+        """``group``'s options, validated when added; a value changed since (lr by a scheduler) is checked alone."""
+        known = self._options.get(id(group))
+        options = AdamWOptions.from_group(group) if known is None else known.of(group)
+        self._options[id(group)] = options
+        return options
+
     def add_param_group(self, param_group: dict) -> None:
-        options = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
-        _check_options(options)
+        options = AdamWOptions.from_group({**self.defaults, **param_group})
         params = param_group["params"]
         if isinstance(params, Tensor):
             params = [params]
@@ -321,7 +152,7 @@ class AdamW(torch.optim.Optimizer):
             # (name, tensor) pairs are named parameters; torch refuses anything else that is not a tensor.
             tensor = p[1] if isinstance(p, tuple) else p
             if isinstance(tensor, Tensor):
-                _check_param(tensor, options)
+                _check_param_dtype(tensor.dtype, options)
         super().add_param_group(param_group)
 
     def _complete_group(self, group: dict) -> None:
@@ -334,14 +165,18 @@ class AdamW(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict:
         # Soft masks are keyed by param: deepcopy maps them to the copied params along with the state.
-        return {**super().__getstate__(), "_soft_masks": self._soft_masks}
+        state = {**super().__getstate__(), "_soft_masks": self._soft_masks}
+        for derived in ("_options", "_caches", "_update_tracker"):
+            state.pop(derived, None)
+        return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             self._complete_group(group)
         self.__dict__.setdefault("_soft_masks", {})
-        self.__dict__.setdefault("_update_tracker", None)  # tracking is not state: a copy does not track
+        self._update_tracker = None  # tracking is not state: a copy does not track
+        self._reset_caches()
 
     def set_soft_mask(self, param: Tensor, mask: Tensor | None) -> None:
         """Scale ``param``'s updates (or gradients) by ``mask`` in [0, 1]; None removes it.
@@ -422,20 +257,17 @@ class AdamW(torch.optim.Optimizer):
             raise RuntimeError("update tracking is off: call track_updates() before the steps to count")
         return self._update_tracker.stats()
 
-    def _init_state(self, param: Tensor, group: dict, backend: str) -> dict:
+    def _init_state(self, param: Tensor, options: AdamWOptions) -> dict:
         state = self.state[param]
         if not state:
-            dtype = moment_dtype(param.dtype, group["moment_dtype"])
+            dtype = moment_dtype(param.dtype, options.moment_dtype)
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-        if group["amsgrad"] and "max_exp_avg_sq" not in state:
+        if options.amsgrad and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
-        # The kernels read and advance the step on the device (no sync, graph-capturable);
-        # the torch backend keeps it on the host as torch's AdamW does.
-        step_device = param.device if backend == "triton" else torch.device("cpu")
-        if state["step"].device != step_device:
-            state["step"] = state["step"].to(step_device)
+        if options.stochastic_rounding and param.dtype == torch.bfloat16 and "rounding_seed" not in state:
+            state["rounding_seed"] = _new_rounding_seed().to(state["step"].device)
         return state
 
     # torch.compile(opt.step) (or a compiled training step) runs the step eagerly: Dynamo would
@@ -452,30 +284,19 @@ class AdamW(torch.optim.Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
 
-        # Check everything first, so that bad input changes nothing.
-        plan = []
+        # Check and choose everything first, so that bad input changes nothing.
+        work = []
         for group in self.param_groups:
-            _check_options(group)
-            by_backend = defaultdict(list)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            options = self._options_of(group)
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
                 if p.grad.is_sparse:
                     raise RuntimeError("selopt does not support sparse gradients; use torch.optim.SparseAdam for them")
-                _check_param(p, group)
-                # DTensor (FSDP2 / tensor-parallel) params step their local shards on the torch path.
-                if distributed.is_dtensor(p):
-                    backend = distributed.sharded_backend(group["backend"])
-                else:
-                    backend = _resolve_backend(group["backend"], p.device)
-                if group["capturable"] and backend != "triton" and p.device.type != "cpu":
-                    raise ValueError(
-                        f"capturable=True, but a param on {p.device} steps on the torch reference, which reads the "
-                        "step count on the host and so cannot be captured; device params step capturably on the "
-                        "Triton backend (backend='triton' or 'auto', not for DTensors), or set capturable=False"
-                    )
-                by_backend[backend].append(p)
-            plan.extend((group, backend, params) for backend, params in by_backend.items())
+            for dtype in {p.dtype for p in params}:
+                _check_param_dtype(dtype, options)
+            buckets = [(functional.choose_implementation(device, dtype, state_dtype, sharded=sharded, options=options),
+                        bucket) for (device, dtype, state_dtype, sharded), bucket in self._buckets(params, options)]
+            work.append((group, options, params, buckets))
 
         tracker = self._update_tracker
         if tracker is not None:
@@ -484,33 +305,77 @@ class AdamW(torch.optim.Optimizer):
         # any runs: a kernel that cannot compile for backend="triton" leaves every param untouched.
         with contextlib.ExitStack() as real_views:
             runs = []
-            for group, backend, params in plan:
+            for group, options, params, buckets in work:
                 for p in params:
-                    self._init_state(p, group, backend)
-                hyperparameters = _step_hyperparameters(group)
-                stepped = real_views.enter_context(self._complex_as_real(params))
-                if tracker is not None:
-                    tracker.expect(group, params, stepped)
-                params = stepped
-                if backend == "torch":
-                    runs.append(functools.partial(self._torch_step, hyperparameters, params, grad_scale, found_inf))
-                elif backend == "sharded":
-                    runs.append(functools.partial(self._sharded_step, hyperparameters, params, grad_scale, found_inf))
-                else:
-                    runs += self._prepare_triton_step(hyperparameters, params, grad_scale, found_inf)
+                    self._init_state(p, options)
+                for implementation, bucket in buckets:
+                    stepped = real_views.enter_context(self._complex_as_real(bucket))
+                    if tracker is not None:
+                        tracker.expect(group, bucket, stepped)
+                    runs.append(self._prepare(implementation, stepped, options, grad_scale, found_inf))
             for run in runs:
                 run()
         if tracker is not None:
             tracker.end_step()
         return loss
 
+    def _buckets(self, params: list[Tensor], options: AdamWOptions) -> list[tuple[tuple, list[Tensor]]]:
+        """``params`` grouped by what picks an implementation: device, (real) param and moment dtypes, DTensor.
+
+        Complex params count as their real views, which is what steps. Moments not
+        made yet count with the dtype they will be made in.
+        """
+        buckets = defaultdict(list)
+        state = self.state
+        for p in params:
+            # Each param's state is looked up once: hashing a Tensor is a Python call, and with hundreds
+            # of tensors these lookups are a visible part of a step's host time.
+            entry = state.get(p)
+            state_dtype = entry["exp_avg"].dtype if entry else moment_dtype(p.dtype, options.moment_dtype)
+            dtype = p.dtype
+            if dtype.is_complex:
+                dtype, state_dtype = dtype.to_real(), state_dtype.to_real()
+            buckets[p.device, dtype, state_dtype, distributed.is_dtensor(p)].append(p)
+        return list(buckets.items())
+
+    def _prepare(self, implementation: functional.Implementation, bucket: list[Tensor], options: AdamWOptions,
+                 grad_scale, found_inf):
+        states = [self.state[p] for p in bucket]
+        # The kernels keep step counts and seeds on the device, the reference on the host.
+        counts_device = bucket[0].device if implementation.counts_on_device else torch.device("cpu")
+        if any([s["step"].device != counts_device for s in states]):
+            for s in states:
+                for key in ("step", "rounding_seed"):
+                    if key in s:
+                        s[key] = s[key].to(counts_device)
+        if implementation.make_cache is not None and implementation.name not in self._caches:
+            self._caches[implementation.name] = implementation.make_cache()
+        tracker = self._update_tracker
+        return functional.prepare_adamw(
+            bucket,
+            [p.grad for p in bucket],
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if options.amsgrad else None,
+            [s["step"] for s in states],
+            options=options,
+            soft_masks=[self._soft_masks.get(p) for p in bucket] if self._soft_masks else None,
+            rounding_seeds=[s.get("rounding_seed") for s in states] if options.stochastic_rounding else None,
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            selections=None if tracker is None else tracker.selection_buffers(bucket),
+            cache=self._caches.get(implementation.name),
+            implementation=implementation,
+        )
+
     @contextlib.contextmanager
     def _complex_as_real(self, params: list[Tensor]):
         """``params`` with every complex tensor replaced by its real view, for the length of a step.
 
         The view gets the real views of the param's grad and moments as its state
-        (the step count is shared) and its soft mask, so the backends update the
-        complex tensors in place without knowing about them. Nothing is left behind.
+        (the step count is shared) and its soft mask, so the implementations update
+        the complex tensors in place without knowing about them. Nothing is left
+        behind but a step count moved to another device, which the param keeps.
         """
         stepped, views = [], []
         for p in params:
@@ -529,81 +394,10 @@ class AdamW(torch.optim.Optimizer):
         try:
             yield stepped
         finally:
-            for view in views:
-                del self.state[view]
+            for p, view in zip([p for p in params if p.is_complex()], views):
+                view_state = self.state.pop(view)
+                self.state[p]["step"] = view_state["step"]  # the implementation may have moved it
                 self._soft_masks.pop(view, None)
-
-    def _torch_step(self, group: dict, params: list[Tensor], grad_scale, found_inf) -> None:
-        options = reference.group_options(group)
-        tracker = self._update_tracker
-        for p in params:
-            selected = reference.adamw_step_(
-                p, p.grad, self.state[p],
-                found_inf=found_inf, stochastic_rounding=group["stochastic_rounding"],
-                soft_mask=self._soft_masks.get(p), grad_scale=grad_scale, **options,
-            )
-            if tracker is not None:
-                tracker.record_selection(p, selected)
-
-    def _sharded_step(self, group: dict, params: list[Tensor], grad_scale, found_inf) -> None:
-        selections = distributed.sharded_step_(
-            group, params, [self.state[p] for p in params], [self._soft_masks.get(p) for p in params],
-            grad_scale, found_inf,
-        )
-        if self._update_tracker is not None:
-            for p, selected in zip(params, selections):
-                self._update_tracker.record_selection(p, selected)
-
-    def _prepare_triton_step(self, group: dict, params: list[Tensor], grad_scale, found_inf) -> list:
-        """One checked, compiled step per bucket (device, param dtype, moment dtype), to be called in order."""
-        from selopt import kernels
-
-        # Each param's state is looked up once: hashing a Tensor is a Python call, and with hundreds
-        # of tensors these lookups are a visible part of a step's host time.
-        buckets, bucket_states = defaultdict(list), defaultdict(list)
-        for p in params:
-            state = self.state[p]
-            key = (p.device, p.dtype, state["exp_avg"].dtype)
-            buckets[key].append(p)
-            bucket_states[key].append(state)
-        runs = []
-        for key, bucket in buckets.items():
-            _, param_dtype, state_dtype = key
-            if param_dtype not in kernels.PARAM_DTYPES or state_dtype not in kernels.MOMENT_DTYPES:
-                # fp64 has no kernel: the reference runs it (reading the step back to the host).
-                runs.append(functools.partial(self._torch_step, group, bucket, grad_scale, found_inf))
-                continue
-            try:
-                runs.append(self._prepare_kernels(group, bucket, bucket_states[key], grad_scale, found_inf))
-            except kernels.KernelCompileError as error:
-                if group["backend"] != "auto":
-                    raise
-                _warn_fallback(f"selopt runs its torch reference for {param_dtype} params with "
-                               f"{state_dtype} moments: {error}")
-                runs.append(functools.partial(self._torch_step, group, bucket, grad_scale, found_inf))
-        return runs
-
-    def _prepare_kernels(self, group: dict, bucket: list[Tensor], states: list[dict], grad_scale, found_inf):
-        from selopt import kernels
-
-        beta1, beta2 = group["betas"]
-        tracker = self._update_tracker
-        return kernels.prepare_multi_tensor_adamw(
-            bucket,
-            [p.grad for p in bucket],
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None,
-            [s["step"] for s in states],
-            [self._soft_masks.get(p) for p in bucket] if self._soft_masks else None,
-            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-            maximize=group["maximize"], fraction=group["fraction"], block_size=group["block_size"],
-            decay=group["decay"], soft_mask_mode=group["soft_mask_mode"],
-            stochastic_rounding=group["stochastic_rounding"], grad_scale=grad_scale, found_inf=found_inf,
-            selections=None if tracker is None else tracker.selection_buffers(bucket),
-            # torch enforces a grad's shape, dtype and device; selopt makes (and checks on load) the state.
-            assume_matching=True,
-        )
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a selopt or ``torch.optim.AdamW`` state_dict, checked before anything changes.
@@ -642,9 +436,9 @@ class AdamW(torch.optim.Optimizer):
             if "param_names" in group and "param_names" not in saved:
                 saved["param_names"] = group["param_names"]
             self._complete_group(saved)
-            _check_options(saved)
-            for p in saved["params"]:
-                _check_param(p, saved)
+            options = AdamWOptions.from_group(saved)
+            for dtype in {p.dtype for p in saved["params"]}:
+                _check_param_dtype(dtype, options)
         state, masks = defaultdict(dict), {}
         for key, entry in state_dict["state"].items():
             if key in targets:
@@ -656,7 +450,7 @@ class AdamW(torch.optim.Optimizer):
             else:
                 state[key] = entry  # as torch: state that belongs to no param is kept as it is
 
-        self.__setstate__({"state": state, "param_groups": saved_groups})
+        self.__setstate__({"state": state, "param_groups": saved_groups})  # resets the derived caches
         self._soft_masks.update(masks)  # a param whose entry has no mask keeps the one attached to it
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
@@ -750,8 +544,13 @@ def _loaded_state(param_id, entry: dict, param: Tensor, group: dict) -> dict:
                 f"{where}[{key!r}] is {value.dtype}, but its param is {param.dtype}: both or neither must be complex"
             )
         loaded[key] = value.to(device=param.device, dtype=dtype)
-    # The step moves the count to the device its backend keeps it on (see _init_state).
+    # The step moves the count (and the seed) to the device its implementation keeps them on.
     loaded["step"] = torch.as_tensor(step, dtype=torch.float32)
+    if "rounding_seed" in entry:
+        seed = entry["rounding_seed"]
+        if not (isinstance(seed, int) or isinstance(seed, Tensor) and seed.numel() == 1 and not seed.is_floating_point()):
+            raise ValueError(f"{where}['rounding_seed'] must be an integer or a one-element integer tensor, got {seed!r}")
+        loaded["rounding_seed"] = torch.as_tensor(seed, dtype=torch.int64).reshape(())
     return loaded
 
 
@@ -771,31 +570,4 @@ class MoFO(AdamW):
         10
     """
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float | Tensor = 1e-3,
-        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        amsgrad: bool = False,
-        *,
-        maximize: bool = False,
-        foreach: bool | None = None,
-        capturable: bool = False,
-        differentiable: bool = False,
-        fused: bool | None = None,
-        fraction: float = 0.15,
-        block_size: int | None = None,
-        decay: str = "all",
-        soft_mask_mode: str = "update",
-        moment_dtype: torch.dtype | None = None,
-        stochastic_rounding: bool = False,
-        backend: str = "auto",
-    ):
-        super().__init__(
-            params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, foreach=foreach,
-            capturable=capturable, differentiable=differentiable, fused=fused, fraction=fraction,
-            block_size=block_size, decay=decay, soft_mask_mode=soft_mask_mode, moment_dtype=moment_dtype,
-            stochastic_rounding=stochastic_rounding, backend=backend,
-        )
+    __signature__ = optimizer_signature(fraction=0.15)

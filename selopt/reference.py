@@ -1,93 +1,46 @@
 """Pure-torch reference of one selective AdamW step: the ground truth.
 
-Everything here follows ``SPEC.md`` §1 line by line and is written to be read,
-not to be fast. The Triton kernels are tested against it, and the optimizer's
-``backend="torch"`` runs it. With ``fraction=1`` and no soft mask it performs
-the same floating-point operations, in the same order, as
-``torch.optim.AdamW(foreach=False)``, so the two agree bit for bit in fp32 and
-fp64.
+Written to be read, not to be fast: the Triton kernels are tested against it,
+and ``backend="torch"`` runs it. The five steps of ``docs/design.md`` §1, for
+a parameter ``p`` with gradient ``g`` and step count ``t``:
 
-One step for a parameter ``p`` with gradient ``g`` and step count ``t``:
-
-1. ``g = g / grad_scale`` (GradScaler), ``g = -g`` if maximizing, and
-   ``g = s * g`` for a soft mask ``s`` in ``"grad"`` mode;
+1. the effective gradient: ``g / grad_scale`` (GradScaler), ``-g`` to maximize,
+   ``s * g`` for a soft mask ``s`` in ``"grad"`` mode;
 2. dense moments: ``m = b1*m + (1-b1)*g``, ``v = b2*v + (1-b2)*g*g``
    (``vmax = max(vmax, v)`` replaces ``v`` below with amsgrad);
-3. selection ``S``: per block of ``n`` entries the ``k = max(1, floor(fraction*n))``
-   largest ``|m|``, ties at the threshold included, NaN never;
+3. the selection ``S`` (:mod:`selopt.selection`): per block the ``k`` largest
+   ``|m|``, ties included, NaN never;
 4. decoupled decay ``p = p * (1 - lr*wd)`` on every entry (``decay="all"``) or
    on ``S`` only (``decay="selected"``);
 5. ``p = p - lr * s * [S] * m_hat / (sqrt(v_hat) + eps)``, with ``s`` applied
    here in ``"update"`` mode.
 
-If ``found_inf`` is set, nothing (parameter, moments, step) changes.
+Steps 1-2 are :func:`adam_moments`, 4-5 :func:`apply_update`, so a caller that
+chooses ``S`` itself (the sharded path agrees on a threshold across ranks)
+computes ``m`` once. With ``fraction=1`` and no soft mask the operations and
+their order are ``torch.optim.AdamW(foreach=False)``'s: the two agree bit for
+bit in fp32 and fp64. If ``found_inf`` is set, nothing (parameter, moments,
+step) changes.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-DECAY_MODES = ("all", "selected")
-SOFT_MASK_MODES = ("update", "grad")
+from selopt.options import AdamWOptions
+from selopt.selection import block_k, selection_mask
+
+__all__ = ["AdamWOptions", "Moments", "StepResult", "adam_moments", "adamw_math", "adamw_step_", "apply_update",
+           "block_k", "compute_dtype", "effective_grad", "expand_soft_mask", "prepare_adamw", "rounding_generator",
+           "selection_mask", "stochastic_round_to_bf16", "store_moments_", "update_param_"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the step is computed in: fp64 stays fp64, everything else is fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def block_k(fraction: float, n: int) -> int:
-    """Entries selected in a block of ``n``: ``max(1, floor(fraction * n))``.
-
-    Computed on the host in Python floats, once, so that every backend selects
-    the same count (the official MoFO code crashes when ``floor`` gives 0).
-
-    >>> block_k(0.15, 100), block_k(0.15, 3)
-    (15, 1)
-    """
-    return max(1, math.floor(fraction * n))
-
-
-def selection_mask(exp_avg: Tensor, fraction: float, block_size: int | None = None) -> Tensor:
-    """MoFO's selection: the entries of each block with the largest ``|m|``.
-
-    The flattened tensor is cut into contiguous blocks of ``block_size`` (the
-    last may be shorter), or is one block when ``block_size`` is None. In a
-    block of ``n`` entries the threshold is the ``k``-th largest ``|m|``
-    (:func:`block_k`), and every entry at or above it is selected, so ties can
-    select more than ``k``. NaN ranks below every number and is never selected,
-    except at ``fraction == 1``, which selects everything as dense AdamW does.
-
-    >>> m = torch.tensor([0.1, -3.0, 2.0, 0.5])
-    >>> selection_mask(m, 0.5).tolist()
-    [False, True, True, False]
-    """
-    if fraction >= 1.0:
-        return torch.ones_like(exp_avg, dtype=torch.bool)
-    flat = exp_avg.detach().flatten()
-    if flat.dtype not in (torch.float32, torch.float64):
-        flat = flat.float()
-    is_nan = flat.isnan()
-    # |m| >= 0, so -1 puts NaN below every real magnitude without changing the order of the rest.
-    magnitude = flat.abs().masked_fill(is_nan, -1.0)
-    n = magnitude.numel()
-    block = n if block_size is None else block_size
-    n_full = (n // block) * block if block else 0
-    thresholds = []
-    if n_full:
-        full = magnitude[:n_full].view(-1, block)
-        kth = full.topk(block_k(fraction, block), dim=1).values[:, -1:]
-        thresholds.append(kth.expand(-1, block).reshape(-1))
-    if n_full < n:
-        tail = magnitude[n_full:]
-        kth = tail.topk(block_k(fraction, tail.numel())).values[-1]
-        thresholds.append(kth.expand(tail.numel()))
-    threshold = torch.cat(thresholds) if thresholds else magnitude
-    return ((magnitude >= threshold) & ~is_nan).view_as(exp_avg)
 
 
 def expand_soft_mask(soft_mask: Tensor, param: Tensor) -> Tensor:
@@ -97,16 +50,9 @@ def expand_soft_mask(soft_mask: Tensor, param: Tensor) -> Tensor:
     return soft_mask.view(-1, *([1] * (param.dim() - 1)))
 
 
-def effective_grad(
-    param: Tensor,
-    grad: Tensor,
-    *,
-    maximize: bool = False,
-    soft_mask: Tensor | None = None,
-    soft_mask_mode: str = "update",
-    grad_scale: Tensor | None = None,
-) -> Tensor:
-    """The gradient the moments see, in :func:`compute_dtype`: unscaled, negated, soft-masked.
+def effective_grad(param: Tensor, grad: Tensor, *, maximize: bool = False, soft_mask: Tensor | None = None,
+                   soft_mask_mode: str = "update", grad_scale: Tensor | None = None) -> Tensor:
+    """Step 1: the gradient the moments see, in :func:`compute_dtype`: unscaled, negated, soft-masked.
 
     >>> effective_grad(torch.ones(2), torch.tensor([4.0, -2.0]), maximize=True,
     ...                grad_scale=torch.tensor(2.0)).tolist()
@@ -123,20 +69,66 @@ def effective_grad(
     return g
 
 
-def group_options(group: dict) -> dict:
-    """The keywords of :func:`adamw_math` that a param group sets (all but the per-tensor ones).
+class Moments(NamedTuple):
+    """New moments of one parameter, in the compute dtype (steps 1-2)."""
 
-    >>> group_options({"lr": 0.1, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False,
-    ...                "maximize": False, "fraction": 0.5, "block_size": None, "decay": "all",
-    ...                "soft_mask_mode": "update"})["beta2"]
-    0.99
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    max_exp_avg_sq: Tensor | None
+
+    @property
+    def second_moment(self) -> Tensor:
+        """What the denominator uses: ``max_exp_avg_sq`` with amsgrad, else ``exp_avg_sq``."""
+        return self.exp_avg_sq if self.max_exp_avg_sq is None else self.max_exp_avg_sq
+
+
+def adam_moments(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor | None,
+                 *, options: AdamWOptions, soft_mask: Tensor | None = None,
+                 grad_scale: Tensor | None = None) -> Moments:
+    """Steps 1-2: the dense moments after this step's gradient; inputs are not modified.
+
+    >>> z = torch.zeros(2)
+    >>> adam_moments(z, torch.tensor([1.0, -2.0]), z, z, None, options=AdamWOptions()).exp_avg.tolist()
+    [0.10000000149011612, -0.20000000298023224]
     """
-    beta1, beta2 = group["betas"]
-    return dict(
-        lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-        amsgrad=group["amsgrad"], maximize=group["maximize"], fraction=group["fraction"],
-        block_size=group["block_size"], decay=group["decay"], soft_mask_mode=group["soft_mask_mode"],
-    )
+    dtype = compute_dtype(param.dtype)
+    g = effective_grad(param, grad, maximize=options.maximize, soft_mask=soft_mask,
+                       soft_mask_mode=options.soft_mask_mode, grad_scale=grad_scale)
+    beta1, beta2 = options.beta1, options.beta2
+    m = exp_avg.to(dtype).lerp(g, 1 - beta1)
+    v = exp_avg_sq.to(dtype).mul(beta2).addcmul(g, g, value=1 - beta2)
+    vmax = torch.maximum(max_exp_avg_sq.to(dtype), v) if options.amsgrad else None
+    return Moments(m, v, vmax)
+
+
+def apply_update(param: Tensor, moments: Moments, selected: Tensor, *, step: float, options: AdamWOptions,
+                 soft_mask: Tensor | None = None) -> Tensor:
+    """Steps 4-5: the new parameter, in the compute dtype, moving only the ``selected`` entries.
+
+    ``step`` is the count *after* this update (1 on the first step).
+
+    >>> p, m = torch.ones(2), Moments(torch.tensor([0.1, 0.1]), torch.full((2,), 1e-3), None)
+    >>> new = apply_update(p, m, torch.tensor([True, False]), step=1, options=AdamWOptions(lr=0.1))
+    >>> new.round(decimals=4).tolist()  # decayed by lr * weight_decay; the selected one also steps by lr
+    [0.8989999890327454, 0.9990000128746033]
+    """
+    dtype = compute_dtype(param.dtype)
+    p = param.detach().to(dtype)
+    lr, beta1, beta2 = float(options.lr), options.beta1, options.beta2
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    denom = (moments.second_moment.sqrt() / bias_correction2**0.5).add_(options.eps)
+
+    if options.weight_decay != 0:
+        decayed = p.mul(1 - lr * options.weight_decay)
+        p = decayed if options.decay == "all" else torch.where(selected, decayed, p)
+    numerator = moments.exp_avg
+    if soft_mask is not None and options.soft_mask_mode == "update":
+        numerator = numerator * expand_soft_mask(soft_mask, param).to(dtype)
+    # where() rather than a multiply by [S]: an unselected entry keeps p exactly,
+    # even where m/denom is NaN (eps=0 with v=0).
+    return torch.where(selected, p.addcdiv(numerator, denom, value=-step_size), p)
 
 
 class StepResult(NamedTuple):
@@ -149,71 +141,25 @@ class StepResult(NamedTuple):
     selected: Tensor
 
 
-def adamw_math(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    max_exp_avg_sq: Tensor | None,
-    *,
-    step: float,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    amsgrad: bool = False,
-    maximize: bool = False,
-    fraction: float = 1.0,
-    block_size: int | None = None,
-    decay: str = "all",
-    soft_mask: Tensor | None = None,
-    soft_mask_mode: str = "update",
-    grad_scale: Tensor | None = None,
-    threshold: Tensor | None = None,
-) -> StepResult:
-    """One selective AdamW step as a pure function: inputs are not modified.
+def adamw_math(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor | None,
+               *, step: float, options: AdamWOptions, soft_mask: Tensor | None = None,
+               grad_scale: Tensor | None = None) -> StepResult:
+    """One selective AdamW step (steps 1-5) as a pure function: inputs are not modified.
 
-    ``step`` is the count *after* this update (1 on the first step). Returns
-    the new parameter and moments in :func:`compute_dtype` and the selection.
-    A given ``threshold`` (0-d, on ``|m|``) replaces the per-block top-k when
-    ``fraction < 1``: the entries with ``|m| >= threshold`` are selected, NaN
-    never. :mod:`selopt.distributed` passes one agreed by all shards of a tensor.
+    ``step`` is the count *after* this update. Returns the new parameter and
+    moments in :func:`compute_dtype` and the selection.
 
     >>> p, g = torch.zeros(4, dtype=torch.float64), torch.tensor([1.0, -4, 2, 0.5], dtype=torch.float64)
     >>> z = torch.zeros_like(p)
-    >>> out = adamw_math(p, g, z, z, None, step=1, lr=0.1, beta1=0.9, beta2=0.999,
-    ...                  eps=1e-8, weight_decay=0.0, fraction=0.5)
+    >>> out = adamw_math(p, g, z, z, None, step=1, options=AdamWOptions(lr=0.1, weight_decay=0.0, fraction=0.5))
     >>> out.selected.tolist(), out.param.round(decimals=6).tolist()
     ([False, True, True, False], [0.0, 0.1, -0.1, 0.0])
     """
-    dtype = compute_dtype(param.dtype)
-    p = param.detach().to(dtype)
-    g = effective_grad(param, grad, maximize=maximize, soft_mask=soft_mask,
-                       soft_mask_mode=soft_mask_mode, grad_scale=grad_scale)
-    scale = None if soft_mask is None else expand_soft_mask(soft_mask, param).to(dtype)
-
-    m = exp_avg.to(dtype).lerp(g, 1 - beta1)
-    v = exp_avg_sq.to(dtype).mul(beta2).addcmul(g, g, value=1 - beta2)
-    vmax = torch.maximum(max_exp_avg_sq.to(dtype), v) if amsgrad else None
-    if threshold is None or fraction >= 1.0:
-        selected = selection_mask(m, fraction, block_size)
-    else:
-        selected = (m.abs() >= threshold) & ~m.isnan()
-
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    step_size = lr / bias_correction1
-    denom = ((vmax if amsgrad else v).sqrt() / bias_correction2**0.5).add_(eps)
-
-    if weight_decay != 0:
-        decayed = p.mul(1 - lr * weight_decay)
-        p = decayed if decay == "all" else torch.where(selected, decayed, p)
-    numerator = m if scale is None or soft_mask_mode == "grad" else m * scale
-    # where() rather than a multiply by [S]: an unselected entry keeps p exactly,
-    # even where m/denom is NaN (eps=0 with v=0).
-    p = torch.where(selected, p.addcdiv(numerator, denom, value=-step_size), p)
-    return StepResult(p, m, v, vmax, selected)
+    moments = adam_moments(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, options=options,
+                           soft_mask=soft_mask, grad_scale=grad_scale)
+    selected = selection_mask(moments.exp_avg, options.fraction, options.block_size)
+    new_param = apply_update(param, moments, selected, step=step, options=options, soft_mask=soft_mask)
+    return StepResult(new_param, *moments, selected)
 
 
 def stochastic_round_to_bf16(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -228,49 +174,98 @@ def stochastic_round_to_bf16(x: Tensor, generator: torch.Generator | None = None
     return torch.where(x.isfinite(), rounded, x).to(torch.bfloat16)
 
 
+def rounding_generator(seed: Tensor, step: float, device: torch.device) -> torch.Generator:
+    """The generator of one parameter's stochastic rounding at one step: its seed and the step count.
+
+    Derived from state the optimizer saves (the per-parameter seed and the step),
+    so a resumed run draws the same numbers as an uninterrupted one.
+    """
+    mixed = (int(seed) + int(step) * 0x9E3779B97F4A7C15) % (1 << 63)  # odd multiplier: steps map apart
+    return torch.Generator(device=device).manual_seed(mixed)
+
+
 def _commit_(dst: Tensor, new: Tensor, found_inf: Tensor | None) -> None:
     if found_inf is not None:
         new = torch.where(found_inf.to(dst.device).bool(), dst, new.to(dst.dtype))
     dst.copy_(new)
 
 
-def adamw_step_(
-    param: Tensor,
-    grad: Tensor,
-    state: dict,
-    *,
-    found_inf: Tensor | None = None,
-    stochastic_rounding: bool = False,
-    generator: torch.Generator | None = None,
-    **options,
-) -> Tensor:
-    """Apply :func:`adamw_math` in place to ``param`` and its optimizer ``state``.
+def store_moments_(state: dict, moments: Moments, found_inf: Tensor | None = None) -> None:
+    """Write steps 1-2's moments into ``state`` (rounded once to its dtype); unchanged when ``found_inf`` is set."""
+    _commit_(state["exp_avg"], moments.exp_avg, found_inf)
+    _commit_(state["exp_avg_sq"], moments.exp_avg_sq, found_inf)
+    if moments.max_exp_avg_sq is not None:
+        _commit_(state["max_exp_avg_sq"], moments.max_exp_avg_sq, found_inf)
+
+
+def update_param_(param: Tensor, state: dict, selected: Tensor, *, options: AdamWOptions,
+                  moments: Moments | None = None, soft_mask: Tensor | None = None,
+                  found_inf: Tensor | None = None) -> None:
+    """Steps 4-5 in place, then advance ``state["step"]``; ``moments`` default to the stored ones.
+
+    A low-precision param is rounded once on store, stochastically for bf16
+    when the options ask for it (from ``state["rounding_seed"]`` when there is
+    one, else from torch's generator).
+    """
+    step_tensor = state["step"]
+    step = float(step_tensor) + 1
+    if moments is None:
+        dtype = compute_dtype(param.dtype)
+        vmax = state.get("max_exp_avg_sq") if options.amsgrad else None
+        moments = Moments(state["exp_avg"].to(dtype), state["exp_avg_sq"].to(dtype),
+                          None if vmax is None else vmax.to(dtype))
+    new_param = apply_update(param, moments, selected, step=step, options=options, soft_mask=soft_mask)
+    if options.stochastic_rounding and param.dtype == torch.bfloat16:
+        seed = state.get("rounding_seed")
+        generator = None if seed is None else rounding_generator(seed, step, param.device)
+        new_param = stochastic_round_to_bf16(new_param, generator)
+    _commit_(param, new_param, found_inf)
+    step_tensor.add_(1 if found_inf is None else 1 - found_inf.to(step_tensor))
+
+
+@torch.no_grad()
+def adamw_step_(param: Tensor, grad: Tensor, state: dict, *, options: AdamWOptions,
+                soft_mask: Tensor | None = None, grad_scale: Tensor | None = None,
+                found_inf: Tensor | None = None) -> Tensor:
+    """Steps 1-5 in place on ``param`` and its optimizer ``state``; returns the selection.
 
     ``state`` holds torch's keys (``step``, ``exp_avg``, ``exp_avg_sq`` and, with
-    amsgrad, ``max_exp_avg_sq``); ``options`` are :func:`adamw_math`'s keywords
-    other than ``step``. A set ``found_inf`` leaves everything unchanged without
-    a host synchronisation. Low-precision results are rounded once on store,
-    stochastically for bf16 parameters when asked. Returns the selection.
+    amsgrad, ``max_exp_avg_sq``) and, for stochastic rounding of a bf16 param,
+    ``rounding_seed``. A set ``found_inf`` leaves everything unchanged without a
+    host synchronisation.
 
     >>> p, g = torch.ones(3), torch.tensor([1.0, -2.0, 0.5])
     >>> state = {"step": torch.tensor(0.0), "exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3)}
-    >>> adamw_step_(p, g, state, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8,
-    ...             weight_decay=0.0, fraction=0.34).tolist()
+    >>> adamw_step_(p, g, state, options=AdamWOptions(lr=0.1, weight_decay=0.0, fraction=0.34)).tolist()
     [False, True, False]
     """
-    step_tensor = state["step"]
-    result = adamw_math(
-        param, grad, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
-        step=float(step_tensor) + 1, **options,
-    )
-    new_param = result.param
-    if stochastic_rounding and param.dtype == torch.bfloat16:
-        new_param = stochastic_round_to_bf16(new_param, generator)
-    with torch.no_grad():
-        _commit_(param, new_param, found_inf)
-        _commit_(state["exp_avg"], result.exp_avg, found_inf)
-        _commit_(state["exp_avg_sq"], result.exp_avg_sq, found_inf)
-        if result.max_exp_avg_sq is not None:
-            _commit_(state["max_exp_avg_sq"], result.max_exp_avg_sq, found_inf)
-        step_tensor.add_(1 if found_inf is None else 1 - found_inf.to(step_tensor))
-    return result.selected
+    moments = adam_moments(param, grad, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
+                           options=options, soft_mask=soft_mask, grad_scale=grad_scale)
+    selected = selection_mask(moments.exp_avg, options.fraction, options.block_size)
+    store_moments_(state, moments, found_inf)
+    update_param_(param, state, selected, options=options, moments=moments, soft_mask=soft_mask, found_inf=found_inf)
+    return selected
+
+
+def prepare_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, options: AdamWOptions,
+                  soft_masks=None, rounding_seeds=None, grad_scale=None, found_inf=None, selections=None,
+                  cache=None):
+    """The reference implementation of :func:`selopt.functional.adamw`: :func:`adamw_step_` tensor by tensor.
+
+    Same signature as every implementation; ``cache`` is unused. The step
+    counts are read on the host (a device count syncs).
+    """
+    count = len(params)
+    columns = [max_exp_avg_sqs, soft_masks, rounding_seeds, selections]
+    max_exp_avg_sqs, soft_masks, rounding_seeds, selections = (
+        [None] * count if column is None else list(column) for column in columns)
+
+    def step() -> None:
+        for i, (p, g) in enumerate(zip(params, grads)):
+            state = {"step": state_steps[i], "exp_avg": exp_avgs[i], "exp_avg_sq": exp_avg_sqs[i],
+                     "max_exp_avg_sq": max_exp_avg_sqs[i], "rounding_seed": rounding_seeds[i]}
+            selected = adamw_step_(p, g, state, options=options, soft_mask=soft_masks[i], grad_scale=grad_scale,
+                                   found_inf=found_inf)
+            if selections[i] is not None:
+                selections[i].copy_(selected)
+    return step

@@ -21,7 +21,8 @@ Counting happens on the device and nothing is read back until
 synchronise the host. What tracking costs, only while it is on:
 
 - dense groups (``fraction=1``): nothing on the device, their count is known;
-- the torch backend: one reduction of each selective tensor's selection mask;
+- the torch reference: a copy of each selective tensor's selection into a scratch
+  bool buffer, counted as the kernels' are;
 - the Triton kernels: they write the selection of each selective tensor to a
   scratch bool buffer (1 byte per entry, allocated for the step), which one
   reduction per bucket of tensors counts (per tensor with ``per_tensor=True``);
@@ -137,9 +138,8 @@ class UpdateTracker:
     """Collects one step's counts for :class:`selopt.AdamW`; the optimizer calls it at fixed points of a step.
 
     ``begin_step``, then ``expect`` for each set of tensors about to step,
-    then the counts from the paths that compute a selection
-    (``record_selection`` for the torch and sharded paths,
-    ``selection_buffers`` for the kernels), then ``end_step``. A step that
+    then ``selection_buffers`` for each bucket, which every implementation
+    writes its selection into, then ``end_step``. A step that
     raises before ``end_step`` leaves the previous step's counts in place.
     """
 
@@ -164,22 +164,17 @@ class UpdateTracker:
             step.entries[group_index].append(entry)
             step.by_tensor[id(tensor)] = (group_index, entry)
 
-    def record_selection(self, tensor: Tensor, selected: Tensor) -> None:
-        """The selection mask the torch or sharded path computed for ``tensor`` (a local shard for a DTensor)."""
-        _, entry = self._current.by_tensor[id(tensor)]
-        if entry.moved is _PENDING:  # a dense tensor's count is known already
-            entry.moved = selected.sum(dtype=torch.int64)
-
     def selection_buffers(self, bucket: list[Tensor]) -> list[Tensor] | None:
-        """Bool buffers for the kernels to write ``bucket``'s selections into; None for a dense bucket."""
+        """Bool buffers to write ``bucket``'s selections into (local shards' for DTensors); None when dense."""
         step = self._current
         group_index, first = step.by_tensor[id(bucket[0])]
         if first.moved is not _PENDING:
             return None
         entries = [step.by_tensor[id(p)][1] for p in bucket]
-        flat = torch.empty(sum(p.numel() for p in bucket), dtype=torch.bool, device=bucket[0].device)
+        shards = [distributed.local(p) for p in bucket]
+        flat = torch.empty(sum(p.numel() for p in shards), dtype=torch.bool, device=shards[0].device)
         views, offset = [], 0
-        for p in bucket:
+        for p in shards:
             views.append(flat[offset:offset + p.numel()].view(p.shape))
             offset += p.numel()
         step.buffers.append((group_index, entries, flat, views))
@@ -189,9 +184,8 @@ class UpdateTracker:
         """Count the kernels' selections (on the device) and keep this step as the last one."""
         step = self._current
         for group_index, entries, flat, views in step.buffers:
-            if any(entry.moved is not _PENDING for entry in entries):
-                continue  # the bucket's kernels could not compile and the torch path stepped it instead
-            if self.per_tensor:
+            # Shards are counted per tensor: update_stats sums each over its own process groups.
+            if self.per_tensor or entries[0].shard_groups:
                 for entry, view in zip(entries, views):
                     entry.moved = view.sum(dtype=torch.int64)
             else:

@@ -9,6 +9,7 @@ from torch import nn
 import selopt
 from bench.tiny_llama import TinyLlama, TinyLlamaConfig
 from selopt import cofi, reference
+from selopt.options import AdamWOptions
 
 
 def tiny(n_layers=4, dim=16, heads=2, ffn=24, seed=0):
@@ -197,14 +198,11 @@ def test_soft_masks_reach_the_reference(mode):
 
     batch = batches(1, seed=7)[0]
     model(batch[:, :-1]).logsumexp(-1).mean().backward()
-    expected = reference.adamw_math(
-        up, up.grad, torch.zeros_like(up), torch.zeros_like(up), None, step=1, lr=1e-2, beta1=0.9, beta2=0.999,
-        eps=1e-8, weight_decay=0.0, soft_mask=1 - scores.ffn[0], soft_mask_mode=mode,
-    ).param
-    unmasked = reference.adamw_math(
-        up, up.grad, torch.zeros_like(up), torch.zeros_like(up), None, step=1, lr=1e-2, beta1=0.9, beta2=0.999,
-        eps=1e-8, weight_decay=0.0,
-    ).param
+    options = AdamWOptions(lr=1e-2, weight_decay=0.0, soft_mask_mode=mode)
+    expected = reference.adamw_math(up, up.grad, torch.zeros_like(up), torch.zeros_like(up), None, step=1,
+                                    options=options, soft_mask=1 - scores.ffn[0]).param
+    unmasked = reference.adamw_math(up, up.grad, torch.zeros_like(up), torch.zeros_like(up), None, step=1,
+                                    options=options).param
     start = up.detach().clone()
     opt.step()
     torch.testing.assert_close(up.detach(), expected, rtol=0, atol=0)
@@ -282,8 +280,8 @@ def test_head_masks_act_on_training_attention():
     assert cofi.attach_soft_masks(masked, model, scores) == ["model.layers.0.self_attn.q_proj.weight"]
     batch = batches(1, seed=7)[0]
     model(batch[:, :-1]).logsumexp(-1).mean().backward()
-    unmasked = reference.adamw_math(q, q.grad, torch.zeros_like(q), torch.zeros_like(q), None, step=1, lr=1e-2,
-                                    beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0).param
+    unmasked = reference.adamw_math(q, q.grad, torch.zeros_like(q), torch.zeros_like(q), None, step=1,
+                                    options=AdamWOptions(lr=1e-2, weight_decay=0.0)).param
     start = q.detach().clone()
     masked.step()
     ratio = (q.detach() - start).abs().view(2, 8, -1).sum((1, 2)) / (unmasked - start).abs().view(2, 8, -1).sum((1, 2))

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 import selopt
-from selopt import distributed, reference
+from selopt import distributed, reference, selection
 
 WORLD = 2
 STEPS = 4
@@ -32,7 +32,7 @@ STEPS = 4
 @pytest.mark.parametrize("numel", [1, 2, 7, 100, 1031])
 @pytest.mark.parametrize("fraction", [0.01, 0.15, 0.5, 0.999])
 @pytest.mark.parametrize("values", ["normal", "ties", "nan", "all_nan", "zeros"])
-def test_radix_threshold_matches_topk_selection(dtype, numel, fraction, values):
+def test_radix_select_matches_topk_selection(dtype, numel, fraction, values):
     gen = torch.Generator().manual_seed(numel)
     m = torch.randn(numel, generator=gen, dtype=dtype) * torch.logspace(-30, 30, numel, dtype=dtype)
     if values == "ties":
@@ -45,15 +45,15 @@ def test_radix_threshold_matches_topk_selection(dtype, numel, fraction, values):
     elif values == "zeros":
         m.zero_()
     k = reference.block_k(fraction, numel)
-    (threshold,) = distributed.global_thresholds([distributed.magnitude_bits(m)], [k], ())
-    assert threshold.dtype == dtype
-    selected = (m.abs() >= threshold) & ~m.isnan()
-    assert torch.equal(selected, reference.selection_mask(m, fraction))
+    keys = selection.magnitude_keys(m)
+    (threshold,) = selection.radix_thresholds([keys], [k])
+    assert threshold.dtype == (torch.int64 if dtype == torch.float64 else torch.int32)
+    assert torch.equal(keys >= threshold, reference.selection_mask(m, fraction))
 
 
-def test_magnitude_bits_order_like_magnitudes():
+def test_magnitude_keys_order_like_magnitudes():
     m = torch.tensor([0.0, -0.0, 1e-45, -2.0, 3.0, float("inf"), float("nan"), -float("nan")])
-    bits = distributed.magnitude_bits(m)
+    bits = selection.magnitude_keys(m)
     finite_order = bits[:6].argsort(stable=True)
     assert torch.equal(m[:6].abs()[finite_order], m[:6].abs().sort(stable=True).values)
     assert (bits[6:] < 0).all() and (bits[:6] >= 0).all()
@@ -145,7 +145,7 @@ def _scenario_dtensor_exact(tmp):
 
     # Uneven rows (7 over 2 ranks), a rank with no rows (1 row), 1-D, 3-D, Shard(1), and a matrix
     # large enough that the exchanged bytes are a small share of it.
-    shapes = [(7, 3), (1, 5), (5,), (2, 3, 5), (3, 7), (256, 96)]
+    shapes = [(7, 3), (1, 5), (5,), (2, 3, 5), (3, 7), (1024, 96)]
     placements = [Shard(0), Shard(0), Shard(0), Shard(0), Shard(1), Shard(0)]
     report = {}
     for dtype in (torch.float64, torch.float32, torch.bfloat16):
@@ -157,8 +157,10 @@ def _scenario_dtensor_exact(tmp):
                 _tie_heavy_grad,
             )
             per_step = distributed.selection_bytes_per_step(opt)
-            rounds = 8 if dtype == torch.float64 else 4
-            assert per_step == len(shapes) * rounds * 256 * 8
+            rounds = selection.RADIX_ROUNDS[torch.int64 if dtype == torch.float64 else torch.int32]
+            # One int32 count per bin of every round: 16 KiB a tensor (fp32 keys), 36 KiB (fp64 keys).
+            assert per_step == len(shapes) * sum(1 << bits for _, bits in rounds) * 4
+            rounds = len(rounds)
             assert distributed.traffic.bytes == STEPS * per_step
             assert distributed.traffic.all_reduces == STEPS * rounds  # one per round for the whole group
             if dtype == torch.bfloat16:
@@ -202,7 +204,7 @@ def _scenario_hsdp_meshes(tmp):
                               lambda ps: selopt.MoFO(ps, lr=0.05, weight_decay=0.0, fraction=0.3),
                               _tie_heavy_grad, mesh_shape=mesh_shape)
         sharded_over = mesh_shape[1] > 1
-        assert distributed.selection_bytes_per_step(opt) == (len(shapes) * 4 * 256 * 8 if sharded_over else 0)
+        assert distributed.selection_bytes_per_step(opt) == (len(shapes) * 4096 * 4 if sharded_over else 0)
         assert distributed.traffic.bytes == STEPS * distributed.selection_bytes_per_step(opt)
 
 

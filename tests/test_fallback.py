@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import selopt
-from selopt import optim
+from selopt import functional
+from selopt.options import AdamWOptions
 
 triton = pytest.importorskip("triton", reason="the fallback wraps the Triton kernels (pip install 'selopt[triton]')")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -32,17 +33,15 @@ def failing_compile(monkeypatch):
 
     def compile_launches(launches, device):
         last = launches[-1]
-        if last.options["PARAM_DTYPE"] == triton.language.bfloat16:
-            raise launch.KernelCompileError(last.name, last.options, "cuda:90",
+        if last.constexprs["PARAM_DTYPE"] == triton.language.bfloat16:
+            raise launch.KernelCompileError(last.name, last.constexprs, "cuda:90",
                                             NameError("Cannot access global variable X"))
         real(launches, device)
 
     monkeypatch.setattr(adamw, "compile_launches", compile_launches)
-    monkeypatch.setattr(optim, "_fallback_warnings", set())
+    monkeypatch.setattr(functional, "_fallback_warnings", set())
     # backend="auto" picks the kernels for CUDA tensors only; on CPU the interpreter stands in.
-    resolve = optim._resolve_backend
-    monkeypatch.setattr(optim, "_resolve_backend",
-                        lambda requested, device: "triton" if requested == "auto" else resolve(requested, device))
+    monkeypatch.setattr(functional, "AUTO_KERNEL_DEVICES", ("cuda", "cpu"))
 
 
 def mixed_model():
@@ -102,20 +101,24 @@ def test_triton_backend_raises_the_compile_error_before_anything_moves(failing_c
 
 def test_a_triton_older_than_supported_is_reported(monkeypatch):
     monkeypatch.setattr(triton, "__version__", "3.5.1")
-    assert "Triton 3.5.1 is older than 3.6" in optim.triton_problem.__wrapped__()
+    assert "Triton 3.5.1 is older than 3.6" in functional.triton_problem.__wrapped__()
     monkeypatch.setattr(triton, "__version__", "3.6.0")
-    assert optim.triton_problem.__wrapped__() is None
+    assert functional.triton_problem.__wrapped__() is None
 
 
 def test_old_triton_auto_warns_once_and_uses_torch_triton_refuses(monkeypatch):
     problem = "Triton 3.2.0 is older than 3.6, the oldest selopt supports"
-    monkeypatch.setattr(optim, "triton_problem", lambda: problem)
-    monkeypatch.setattr(optim, "_fallback_warnings", set())
+    monkeypatch.setattr(functional, "triton_problem", lambda: problem)
+    monkeypatch.setattr(functional, "_fallback_warnings", set())
     cuda = torch.device("cuda")
+
+    def choose(backend):
+        return functional.choose_implementation(cuda, torch.float32, torch.float32, sharded=False,
+                                                options=AdamWOptions(backend=backend)).name
     with pytest.warns(RuntimeWarning, match="3.2.0 is older than 3.6"):
-        assert optim._resolve_backend("auto", cuda) == "torch"
+        assert choose("auto") == "torch"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert optim._resolve_backend("auto", cuda) == "torch"  # no second warning
+        assert choose("auto") == "torch"  # no second warning
     with pytest.raises(ImportError, match=r"backend='triton' cannot run: Triton 3.2.0 .* backend='auto'"):
-        optim._resolve_backend("triton", cuda)
+        choose("triton")

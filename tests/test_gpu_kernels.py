@@ -14,6 +14,7 @@ pytest.importorskip("triton", reason="the kernel tests need Triton (pip install 
 
 import selopt  # noqa: E402
 from selopt import reference  # noqa: E402
+from selopt.options import AdamWOptions  # noqa: E402
 
 if torch.cuda.is_available():
     from selopt import kernels
@@ -113,10 +114,12 @@ def test_stochastic_rounding_unbiased_over_many_steps():
     g = torch.ones_like(p)
     states = [(torch.zeros(n, device=DEVICE), torch.zeros(n, device=DEVICE), torch.zeros((), device=DEVICE))
               for _ in range(2)]
+    seed = torch.tensor(2024, device=DEVICE)
     for _ in range(steps):
         for param, (m, v, step), rounding in zip((p, nearest), states, (True, False)):
-            kernels.multi_tensor_adamw_([param], [g], [m], [v], None, [step], lr=lr, beta1=0.0, beta2=0.0,
-                                        eps=0.0, weight_decay=0.0, fraction=1.0, stochastic_rounding=rounding)
+            options = AdamWOptions(lr=lr, betas=(0.0, 0.0), eps=0.0, weight_decay=0.0, stochastic_rounding=rounding)
+            kernels.multi_tensor_adamw_([param], [g], [m], [v], None, [step], options=options,
+                                        rounding_seeds=[seed] if rounding else None)
     assert torch.equal(nearest, torch.ones_like(nearest))
     mean = p.double().mean().item()
     # The mean of n independent roundings (each within one ulp) is within a few 2^-8/sqrt(n) of exact.
@@ -139,12 +142,10 @@ def test_int64_offsets_beyond_2_to_the_31_elements():
     windows = [slice(0, block_size), slice(tail_start, n)]
     before = [(p[w].clone(), g[w].clone()) for w in windows]
     selections = [torch.zeros(n, dtype=torch.bool, device=DEVICE)]
-    kernels.multi_tensor_adamw_([p], [g], [m], [v], None, [step], selections=selections, fraction=0.1,
-                                block_size=block_size, **HYPER)
+    options = AdamWOptions(fraction=0.1, block_size=block_size, **HYPER)
+    kernels.multi_tensor_adamw_([p], [g], [m], [v], None, [step], options=options, selections=selections)
     for w, (p0, g0) in zip(windows, before):
         zeros = torch.zeros_like(p0, dtype=torch.float32)
-        want = reference.adamw_math(p0, g0, zeros, zeros, None, step=1, fraction=0.1, block_size=block_size,
-                                    lr=HYPER["lr"], beta1=HYPER["beta1"], beta2=HYPER["beta2"], eps=HYPER["eps"],
-                                    weight_decay=HYPER["weight_decay"])
+        want = reference.adamw_math(p0, g0, zeros, zeros, None, step=1, options=options)
         assert torch.equal(selections[0][w], reference.selection_mask(m[w].float(), 0.1, block_size))
         torch.testing.assert_close(p[w].float(), want.param.bfloat16().float(), rtol=2**-7, atol=2**-7 * HYPER["lr"])

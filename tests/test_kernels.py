@@ -16,6 +16,7 @@ import torch
 
 from selopt import reference
 from selopt.check import HYPER, step_problems
+from selopt.options import AdamWOptions
 
 triton = pytest.importorskip("triton", reason="the kernel tests need Triton (pip install 'selopt[triton]')")
 
@@ -45,11 +46,19 @@ def guards_intact(t: torch.Tensor) -> bool:
     return bool(storage[:GUARD].isnan().all() and storage[GUARD + t.numel():].isnan().all())
 
 
+STEP_ARGUMENTS = ("grad_scale", "found_inf")  # the step's other keywords are AdamWOptions'
+
+
+def options_and_arguments(amsgrad: bool, keywords: dict) -> tuple[AdamWOptions, dict]:
+    options = {k: v for k, v in keywords.items() if k not in STEP_ARGUMENTS}
+    return AdamWOptions(**options, amsgrad=amsgrad), {k: v for k, v in keywords.items() if k in STEP_ARGUMENTS}
+
+
 class Bucket:
     """Params, grads and state of several tensors, as the optimizer hands them to the kernels."""
 
     def __init__(self, shapes, dtype=torch.float32, moment_dtype=torch.float32, *, amsgrad=False, seed=0,
-                 grad_fill=None, step=3.0):
+                 grad_fill=None, step=3.0, cache=None):
         gen = torch.Generator().manual_seed(seed)
         self.shapes = shapes
         self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs = [], [], [], [], []
@@ -64,17 +73,19 @@ class Bucket:
         self.steps = [torch.tensor(step, device=DEVICE) for _ in shapes]
         self.amsgrad = amsgrad
         self.selections = [torch.randint(0, 2, s, generator=gen).bool().to(DEVICE) for s in shapes]
+        self.cache = tables.PlanCache() if cache is None else cache
         self.before = self.snapshot()
 
     def snapshot(self):
         return [[t.clone() for t in column] for column in (self.params, self.exp_avgs, self.exp_avg_sqs,
                                                            self.max_exp_avg_sqs, self.steps)]
 
-    def step(self, soft_masks=None, **options):
+    def step(self, soft_masks=None, **keywords):
+        options, arguments = options_and_arguments(self.amsgrad, keywords)
         kernels.multi_tensor_adamw_(
             self.params, self.grads, self.exp_avgs, self.exp_avg_sqs,
-            self.max_exp_avg_sqs if self.amsgrad else None, self.steps, soft_masks,
-            selections=self.selections, **options)
+            self.max_exp_avg_sqs if self.amsgrad else None, self.steps, options=options, soft_masks=soft_masks,
+            selections=self.selections, cache=self.cache, **arguments)
 
     def check(self, soft_masks=None, grad_scale=None, **options):
         """Nothing written outside a tensor; every tensor as :func:`selopt.check.step_problems` wants it."""
@@ -88,7 +99,8 @@ class Bucket:
             after = dict(param=p, exp_avg=m, exp_avg_sq=v, max_exp_avg_sq=self.max_exp_avg_sqs[i] if self.amsgrad
                          else None, step=self.steps[i], selection=self.selections[i])
             problems = step_problems(before, after, soft_mask=None if soft_masks is None else soft_masks[i],
-                                     grad_scale=grad_scale, amsgrad=self.amsgrad, **{**HYPER, **options})
+                                     grad_scale=grad_scale, options=AdamWOptions(**{**HYPER, **options},
+                                                                                 amsgrad=self.amsgrad))
             assert not problems, f"tensor {i} {shape}: {problems}"
 
 
@@ -130,7 +142,7 @@ def test_exact_path_matches_reference(block_size, fraction):
 @pytest.mark.parametrize("block_size", [256, None])
 def test_options_amsgrad_maximize_decay_selected_small_beta1(block_size):
     bucket = Bucket([(7, 65), (1000,)], amsgrad=True, seed=3)
-    options = dict(HYPER, beta1=0.3, fraction=0.25, block_size=block_size, maximize=True, decay="selected")
+    options = dict(HYPER, betas=(0.3, 0.999), fraction=0.25, block_size=block_size, maximize=True, decay="selected")
     bucket.step(**options)
     bucket.check(**options)
 
@@ -216,7 +228,7 @@ def test_several_steps_match_reference_step(block_size):
     for _ in range(3):
         bucket.step(**options)
         for p, g, state in zip(params, bucket.grads, states):
-            reference.adamw_step_(p, g, state, **options)
+            reference.adamw_step_(p, g, state, options=AdamWOptions(**options))
     for p, want, state, m, step in zip(bucket.params, params, states, bucket.exp_avgs, bucket.steps):
         torch.testing.assert_close(p, want, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(m, state["exp_avg"], rtol=1e-6, atol=1e-9)
@@ -226,9 +238,9 @@ def test_several_steps_match_reference_step(block_size):
 def test_launch_plan_is_cached():
     bucket = Bucket([(300,)], seed=1)
     bucket.step(fraction=0.5, block_size=256, **HYPER)
-    cached = len(tables._plans)
+    cached = len(bucket.cache._plans)
     bucket.step(fraction=0.5, block_size=256, **HYPER)
-    assert len(tables._plans) == cached
+    assert len(bucket.cache._plans) == cached == 1
 
 
 @pytest.mark.parametrize(("shapes", "block_size", "aligned"), [
@@ -245,22 +257,23 @@ def test_aligned_and_generic_variants_match_reference(shapes, block_size, aligne
     options = dict(HYPER, fraction=0.2, block_size=block_size)
     bucket.step(**options)
     bucket.check(**options)
-    assert next(reversed(tables._plans.values())).aligned == aligned
+    assert next(reversed(bucket.cache._plans.values())).aligned == aligned
 
 
 def test_plan_used_during_graph_capture_is_never_evicted_or_freed(monkeypatch):
-    bucket = Bucket([(300,)], seed=2)
+    cache = tables.PlanCache(size=4)
+    bucket = Bucket([(300,)], seed=2, cache=cache)
     options = dict(fraction=0.5, block_size=256, **HYPER)
     bucket.step(**options)  # warm-up, outside capture: builds the plan
     monkeypatch.setattr(tables, "_capturing", lambda device: True)
     bucket.step(**options)  # "captured": a graph now holds this plan's device pointers
-    captured = [plan for plan in tables._captured_plans.values() if plan.num_rows == 1]
+    captured = [plan for plan in cache._captured.values() if plan.num_rows == 1]
     table_address = captured[-1].table.data_ptr()
     monkeypatch.setattr(tables, "_capturing", lambda device: False)
-    for seed in range(tables._CACHE_SIZE + 1):  # push it out of the LRU
-        Bucket([(8 + seed,)], seed=seed).step(**options)
-    assert all(plan is not captured[-1] for plan in tables._plans.values())
-    assert any(plan is captured[-1] for plan in tables._captured_plans.values())
+    for seed in range(cache.size + 1):  # push it out of the LRU
+        Bucket([(8 + seed,)], seed=seed, cache=cache).step(**options)
+    assert all(plan is not captured[-1] for plan in cache._plans.values())
+    assert any(plan is captured[-1] for plan in cache._captured.values())
     assert captured[-1].table.data_ptr() == table_address
     plan_for, used = tables.plan_for, []
     monkeypatch.setattr(tables, "plan_for", lambda *args, **kwargs: used.append(plan_for(*args, **kwargs)) or used[-1])
@@ -283,8 +296,9 @@ def test_stochastic_rounding_is_unbiased():
     g = torch.ones(n, dtype=torch.bfloat16, device=DEVICE)
     m, v = torch.zeros(n, device=DEVICE), torch.zeros(n, device=DEVICE)
     step = torch.zeros((), device=DEVICE)
-    kernels.multi_tensor_adamw_([p], [g], [m], [v], None, [step], lr=lr, beta1=0.9, beta2=0.999, eps=1e-8,
-                                weight_decay=0.0, block_size=4096, fraction=1.0, stochastic_rounding=True)
+    seed = torch.tensor(12345, device=DEVICE)
+    options = AdamWOptions(lr=lr, weight_decay=0.0, block_size=4096, fraction=1.0, stochastic_rounding=True)
+    kernels.multi_tensor_adamw_([p], [g], [m], [v], None, [step], options=options, rounding_seeds=[seed])
     exact_value = 1.0 - lr  # first Adam step: m_hat / sqrt(v_hat) = 1
     low, high = 1.0 - 2**-8, 1.0
     assert set(p.float().unique().tolist()) <= {low, high}
@@ -303,18 +317,18 @@ def test_non_contiguous_params_go_through_a_copy():
     base.step(**options)
     strided.selections = [torch.zeros(40, 30, dtype=torch.bool, device=DEVICE)]
     kernels.multi_tensor_adamw_(strided.params, strided.grads, strided.exp_avgs, strided.exp_avg_sqs, None,
-                                strided.steps, None, **options)
+                                strided.steps, options=AdamWOptions(**options))
     assert not strided.params[0].is_contiguous()
     torch.testing.assert_close(strided.params[0], base.params[0], rtol=0, atol=0)
 
 
 def test_trusted_inputs_still_have_their_devices_checked():
-    # assume_matching (the optimizer's fast path) skips shape and dtype checks, never the device one.
+    # prepare_adamw (the optimizer's path) trusts shapes and dtypes, never devices: foreign pointers.
     bucket = Bucket([(10,), (7,)], seed=0)
     exp_avgs = [bucket.exp_avgs[0], torch.zeros(7, device="meta")]
     with pytest.raises(ValueError, match="exp_avgs must all be on"):
-        kernels.prepare_multi_tensor_adamw(bucket.params, bucket.grads, exp_avgs, bucket.exp_avg_sqs, None,
-                                           bucket.steps, assume_matching=True, **HYPER)
+        kernels.prepare_adamw(bucket.params, bucket.grads, exp_avgs, bucket.exp_avg_sqs, None, bucket.steps,
+                              options=AdamWOptions(**HYPER))
 
 
 def test_bad_input_raises_before_anything_changes():
@@ -325,10 +339,14 @@ def test_bad_input_raises_before_anything_changes():
         bucket.step(block_size=300, **HYPER)
     with pytest.raises(ValueError, match="grads"):
         kernels.multi_tensor_adamw_(bucket.params, [], bucket.exp_avgs, bucket.exp_avg_sqs, None, bucket.steps,
-                                    **HYPER)
+                                    options=AdamWOptions(**HYPER))
     with pytest.raises(TypeError, match="params"):
         p = torch.zeros(3, dtype=torch.float64, device=DEVICE)
-        kernels.multi_tensor_adamw_([p], [p], [p], [p], None, [torch.zeros((), device=DEVICE)], **HYPER)
+        kernels.multi_tensor_adamw_([p], [p], [p], [p], None, [torch.zeros((), device=DEVICE)],
+                                    options=AdamWOptions(**HYPER))
+    with pytest.raises(ValueError, match="rounding_seeds"):
+        kernels.multi_tensor_adamw_([p.bfloat16()], [p.bfloat16()], [p.float()], [p.float()], None,
+                                    [torch.zeros((), device=DEVICE)], options=AdamWOptions(stochastic_rounding=True))
     assert torch.equal(bucket.params[0], bucket.before[0][0])
 
 
@@ -353,9 +371,9 @@ def test_optimizer_triton_backend_matches_torch_backend(block_size):
 
 def test_triton_backend_without_triton_says_how_to_install(monkeypatch):
     import selopt
-    from selopt import optim
+    from selopt import functional
 
-    monkeypatch.setattr(optim, "triton_problem", lambda: "Triton is not installed: `pip install triton`")
+    monkeypatch.setattr(functional, "triton_problem", lambda: "Triton is not installed: `pip install triton`")
     layer = torch.nn.Linear(3, 2).to(DEVICE)
     with pytest.raises(ImportError, match="pip install"):
         opt = selopt.AdamW(layer.parameters(), backend="triton")
@@ -374,9 +392,9 @@ def test_block_sizes_every_power_of_two_run():
     # Above the one-pass limit, blocks take the exact path.
     bucket = Bucket([(3 * block.MAX_BLOCK,)], seed=1)
     for block_size, last in ((block.MAX_BLOCK, "_block_adamw_kernel"), (2 * block.MAX_BLOCK, "_exact_update_kernel")):
-        prepared = kernels.prepare_multi_tensor_adamw(
+        prepared = kernels.prepare_adamw(
             bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs, None, bucket.steps,
-            fraction=0.3, block_size=block_size, **HYPER)
+            options=AdamWOptions(fraction=0.3, block_size=block_size, **HYPER))
         assert [launch.name for launch in prepared.launches][::len(prepared.launches) - 1] == [
             "_step_scalars_kernel", last]
 

@@ -18,10 +18,10 @@ import torch
 import torch.distributed as dist
 
 import selopt
-from selopt import optim, stats
+from selopt import functional, stats
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-BACKENDS = ["torch"] + (["triton"] if INTERPRET and optim.triton_problem() is None else [])
+BACKENDS = ["torch"] + (["triton"] if INTERPRET and functional.triton_problem() is None else [])
 
 
 def _model(seed: int = 0, dtype=torch.float32):
@@ -149,7 +149,7 @@ def test_tracking_off_runs_nothing(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the tracker ran while tracking was off")
 
-    for method in ("begin_step", "expect", "record_selection", "selection_buffers", "end_step"):
+    for method in ("begin_step", "expect", "selection_buffers", "end_step"):
         monkeypatch.setattr(stats.UpdateTracker, method, fail)
     model = _model()
     opt = selopt.MoFO(model.parameters(), lr=1e-2, backend="torch")
@@ -190,13 +190,13 @@ def test_kernels_get_selection_buffers_only_when_tracking_selective_groups(monke
     from selopt.kernels import adamw
 
     seen = []
-    real = adamw.prepare_multi_tensor_adamw
+    real = adamw.prepare_adamw
 
     def spy(*args, **kwargs):
         seen.append(kwargs["selections"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("selopt.kernels.prepare_multi_tensor_adamw", spy)
+    monkeypatch.setattr("selopt.kernels.prepare_adamw", spy)
     model = _model()
     opt = selopt.MoFO(selopt.param_groups(model, fraction=0.3), lr=1e-2, backend="triton")
     _backward(model, 0)
@@ -220,13 +220,13 @@ def test_kernel_compile_failure_falls_back_and_still_counts(monkeypatch):
     real = launch.compile_launches
 
     def compile_launches(launches, device):
-        if launches[-1].options["PARAM_DTYPE"] == triton.language.bfloat16:
-            raise launch.KernelCompileError(launches[-1].name, launches[-1].options, "cuda:90", NameError("X"))
+        if launches[-1].constexprs["PARAM_DTYPE"] == triton.language.bfloat16:
+            raise launch.KernelCompileError(launches[-1].name, launches[-1].constexprs, "cuda:90", NameError("X"))
         real(launches, device)
 
     monkeypatch.setattr(adamw, "compile_launches", compile_launches)
-    monkeypatch.setattr(optim, "_fallback_warnings", set())
-    monkeypatch.setattr(optim, "_resolve_backend", lambda requested, device: "triton")
+    monkeypatch.setattr(functional, "_fallback_warnings", set())
+    monkeypatch.setattr(functional, "choose_implementation", lambda *args, **kwargs: functional.TRITON)
     torch.manual_seed(0)
     wide, narrow = torch.nn.Linear(12, 16, bias=False), torch.nn.Linear(16, 8, bias=False).bfloat16()
     opt = selopt.MoFO([wide.weight, narrow.weight], lr=1e-2, weight_decay=0.0, fraction=0.25)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import selopt
-from selopt import optim
+from selopt import functional
+from selopt.options import AdamWOptions
 
 
 def snapshot(params, opt):
@@ -163,7 +164,7 @@ def test_soft_mask_is_checked():
 
 
 def test_triton_backend_without_triton_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(optim, "triton_problem", lambda: "Triton is not installed: `pip install triton`")
+    monkeypatch.setattr(functional, "triton_problem", lambda: "Triton is not installed: `pip install triton`")
     params, opt = trained_pair()
     opt.param_groups[0]["backend"] = "triton"
     snap = snapshot(params, opt)
@@ -173,7 +174,7 @@ def test_triton_backend_without_triton_says_how_to_install(monkeypatch):
 
 
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
-    monkeypatch.setattr(optim, "triton_problem", lambda: None)
+    monkeypatch.setattr(functional, "triton_problem", lambda: None)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     params, opt = trained_pair()
     opt.param_groups[0]["backend"] = "triton"
@@ -182,4 +183,6 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
 
 
 def test_auto_backend_uses_torch_on_cpu():
-    assert optim._resolve_backend("auto", torch.device("cpu")) == "torch"
+    chosen = functional.choose_implementation(torch.device("cpu"), torch.float32, torch.float32, sharded=False,
+                                              options=AdamWOptions())
+    assert chosen is functional.REFERENCE

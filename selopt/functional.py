@@ -1,0 +1,216 @@
+"""``selopt.functional.adamw``: one selective AdamW step on lists of tensors (``docs/design.md`` §4).
+
+torch's layering: the optimizer class gathers a param group's tensors into
+lists, this entry point takes the lists plus the group's
+:class:`~selopt.options.AdamWOptions`, and an implementation runs the step.
+The implementations share one signature (:func:`prepare_adamw`'s, without
+``implementation``) and return the step to run, so that a caller can prepare
+every bucket before writing anything:
+
+- ``selopt.reference.prepare_adamw``: the torch reference, tensor by tensor;
+- ``selopt.kernels.prepare_adamw``: the fused Triton kernels, a few launches per bucket;
+- ``selopt.distributed.prepare_adamw``: DTensor params (FSDP2, tensor
+  parallel), on their local shards, with exact selection across shards.
+
+:func:`choose_implementation` is the one place that picks among them, once
+per bucket of tensors sharing device, dtypes and sharding.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from selopt import distributed, reference
+from selopt.options import AdamWOptions
+
+MIN_TRITON = (3, 6)  # the oldest Triton whose compile selopt's CI checks (torch 2.11's on CUDA)
+# Devices whose tensors backend="auto" sends to the kernels (tests add "cpu", where the interpreter runs them).
+AUTO_KERNEL_DEVICES = ("cuda",)
+
+
+class Implementation(NamedTuple):
+    """A way to run the step: ``prepare`` has :func:`prepare_adamw`'s signature (less ``implementation``)."""
+
+    name: str
+    prepare: Callable[..., Callable[[], None]]
+    # Where it keeps step counts and rounding seeds: the kernels read them on the device (no sync,
+    # graph-capturable); the reference on the host, as torch.optim.AdamW keeps its step.
+    counts_on_device: bool
+    # What the caller keeps between steps and passes as ``cache`` (the kernels' launch plans).
+    make_cache: Callable[[], object] | None = None
+
+
+def _kernels_prepare(*args, **kwargs):
+    from selopt import kernels
+
+    return kernels.prepare_adamw(*args, **kwargs)
+
+
+def _plan_cache():
+    from selopt import kernels
+
+    return kernels.PlanCache()
+
+
+REFERENCE = Implementation("torch", reference.prepare_adamw, counts_on_device=False)
+TRITON = Implementation("triton", _kernels_prepare, counts_on_device=True, make_cache=_plan_cache)
+SHARDED = Implementation("sharded", distributed.prepare_adamw, counts_on_device=False)
+
+
+@functools.cache
+def triton_problem() -> str | None:
+    """Why selopt's Triton kernels cannot run in this environment, or None when they can."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed: `pip install triton` (or `pip install 'selopt[triton]'`)"
+    try:
+        import triton
+
+        from selopt import kernels  # noqa: F401 - import errors of the kernels themselves count too
+    except Exception as error:  # noqa: BLE001 - a broken install must not break the optimizer
+        return f"importing the Triton kernels failed with {type(error).__name__}: {error}"
+    version = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
+    if version < MIN_TRITON:
+        return f"Triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}, the oldest selopt supports"
+    return None
+
+
+_fallback_warnings: set[str] = set()
+
+
+def warn_fallback(message: str) -> None:
+    """Warn once per process and message: the fallback holds for every later step too."""
+    if message not in _fallback_warnings:
+        _fallback_warnings.add(message)
+        warnings.warn(f"{message}. Please report this to the selopt maintainers with the output of "
+                      "`python -m selopt.check`.", RuntimeWarning, stacklevel=5)
+
+
+def choose_implementation(device: torch.device, param_dtype: torch.dtype, moment_dtype: torch.dtype, *,
+                          sharded: bool, options: AdamWOptions) -> Implementation:
+    """The implementation for a bucket: its device, param and moment dtypes, DTensor or not, and the options.
+
+    Raises when ``options.backend`` asks for what cannot run here, before any
+    state changes.
+
+    >>> choose_implementation(torch.device("cpu"), torch.float32, torch.float32, sharded=False,
+    ...                       options=AdamWOptions()).name
+    'torch'
+    """
+    backend = options.backend
+    if sharded:
+        if backend == "triton":
+            raise ValueError(
+                "backend='triton' takes plain tensors only, and this param group holds DTensor (FSDP2 / "
+                "tensor-parallel) params: use backend='auto' or 'torch', which step their local shards"
+            )
+        chosen = SHARDED
+    elif backend == "torch" or (backend == "auto" and device.type not in AUTO_KERNEL_DEVICES):
+        chosen = REFERENCE
+    else:
+        chosen = _triton_or_fallback(device, param_dtype, moment_dtype, backend)
+    if options.capturable and not chosen.counts_on_device and device.type != "cpu":
+        raise ValueError(
+            f"capturable=True, but a param on {device} steps on the torch reference, which reads the step count "
+            "on the host and so cannot be captured; device params step capturably on the Triton backend "
+            "(backend='triton' or 'auto', not for DTensors), or set capturable=False"
+        )
+    return chosen
+
+
+def _triton_or_fallback(device: torch.device, param_dtype: torch.dtype, moment_dtype: torch.dtype,
+                        backend: str) -> Implementation:
+    problem = triton_problem()
+    if problem is not None:
+        if backend == "auto":
+            warn_fallback(f"selopt runs its torch reference instead of the Triton kernels: {problem}")
+            return REFERENCE
+        raise ImportError(f"backend='triton' cannot run: {problem}. Or use backend='auto' to fall back to "
+                          "the torch reference")
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "backend='triton' on CPU tensors runs only under Triton's interpreter: "
+            "set TRITON_INTERPRET=1 before importing triton, or use backend='torch'"
+        )
+    from selopt import kernels
+
+    if param_dtype not in kernels.TRITON_PARAM_DTYPES or moment_dtype not in kernels.TRITON_MOMENT_DTYPES:
+        return REFERENCE  # fp64 has no kernel: the reference runs it, reading its step on the host
+    return TRITON
+
+
+def prepare_adamw(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor] | None,
+    state_steps: Sequence[Tensor],
+    *,
+    options: AdamWOptions,
+    soft_masks: Sequence[Tensor | None] | None = None,
+    rounding_seeds: Sequence[Tensor | None] | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    selections: Sequence[Tensor | None] | None = None,
+    cache=None,
+    implementation: Implementation | None = None,
+) -> Callable[[], None]:
+    """The step of :func:`adamw`, prepared: nothing is written until it is called.
+
+    ``implementation`` defaults to :func:`choose_implementation`'s for the
+    first param. A Triton bucket whose kernels cannot compile falls back to the
+    reference with ``backend="auto"`` (one warning per process and reason) and
+    raises :class:`~selopt.kernels.KernelCompileError` with ``"triton"``.
+    """
+    if not params:
+        return lambda: None
+    if implementation is None:
+        implementation = choose_implementation(params[0].device, params[0].dtype, exp_avgs[0].dtype,
+                                               sharded=distributed.is_dtensor(params[0]), options=options)
+    arguments = dict(options=options, soft_masks=soft_masks, rounding_seeds=rounding_seeds, grad_scale=grad_scale,
+                     found_inf=found_inf, selections=selections, cache=cache)
+    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+    if implementation is not TRITON:
+        return implementation.prepare(*lists, **arguments)
+    from selopt import kernels
+
+    try:
+        return implementation.prepare(*lists, **arguments)
+    except kernels.KernelCompileError as error:
+        if options.backend != "auto":
+            raise
+        warn_fallback(f"selopt runs its torch reference for {params[0].dtype} params with "
+                      f"{exp_avgs[0].dtype} moments: {error}")
+        # The reference reads the device step counts back: correct, if slower.
+        return REFERENCE.prepare(*lists, **arguments)
+
+
+def adamw(*args, **kwargs) -> None:
+    """One selective AdamW step, in place, on lists of tensors: ``prepare_adamw(...)()``.
+
+    ``params`` and their ``grads``, moments and ``state_steps`` (the counts
+    before this step, one-element fp32 tensors, advanced by 1) as torch's
+    ``torch.optim.adamw.adamw`` takes them; ``max_exp_avg_sqs`` with amsgrad;
+    ``options`` the group's :class:`~selopt.options.AdamWOptions`. Optional:
+    ``soft_masks`` (per row or full shape, fp32), ``rounding_seeds`` (int64,
+    for stochastic rounding of bf16 params), GradScaler's ``grad_scale`` and
+    ``found_inf``, ``selections`` (bool buffers that receive the selection),
+    ``cache`` (an implementation's state between steps, e.g. the kernels'
+    :class:`~selopt.kernels.PlanCache`).
+
+    >>> p, g = torch.zeros(4), torch.tensor([1.0, -4.0, 2.0, 0.5])
+    >>> m, v, t = torch.zeros(4), torch.zeros(4), torch.tensor(0.0)
+    >>> adamw([p], [g], [m], [v], None, [t], options=AdamWOptions(lr=0.1, weight_decay=0.0, fraction=0.5))
+    >>> p.round(decimals=6).tolist(), t.item()
+    ([0.0, 0.10000000149011612, -0.10000000149011612, 0.0], 1.0)
+    """
+    prepare_adamw(*args, **kwargs)()
