@@ -2,11 +2,15 @@
 
 import copy
 import io
+import os
 
 import pytest
 import torch
 
 import selopt
+from selopt import functional
+
+INTERPRETED_KERNELS = os.environ.get("TRITON_INTERPRET") == "1" and functional.triton_problem() is None
 
 
 def make_model(dtype=torch.float64, seed=0):
@@ -63,6 +67,34 @@ def assert_resume_continues_the_run(make_first, make_second, steps):
 )
 def test_resume_equals_uninterrupted_run_bit_for_bit(make_opt):
     assert_resume_continues_the_run(make_opt, make_opt, steps=6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_stochastic_rounding_resumes_bit_for_bit(backend):
+    # Each param's rounding seed is in its state: a resumed run draws what the uninterrupted one
+    # drew, whatever torch's global generator does meanwhile.
+    if backend == "triton" and not INTERPRETED_KERNELS:
+        pytest.skip("the kernels on CPU need TRITON_INTERPRET=1 and a usable Triton")
+
+    def make(params):
+        return selopt.MoFO(params, lr=1e-2, fraction=0.5, stochastic_rounding=True, backend=backend)
+
+    uninterrupted = make_model(torch.bfloat16)
+    opt = make(uninterrupted.parameters())
+    train(uninterrupted, opt, 3, seed=1)
+    model_ckpt, opt_ckpt = through_bytes(uninterrupted.state_dict()), through_bytes(opt.state_dict())
+    torch.manual_seed(123)
+    train(uninterrupted, opt, 3, seed=2)
+
+    resumed = make_model(torch.bfloat16, seed=99)
+    resumed.load_state_dict(model_ckpt)
+    resumed_opt = make(resumed.parameters())
+    resumed_opt.load_state_dict(opt_ckpt)
+    torch.manual_seed(456)
+    train(resumed, resumed_opt, 3, seed=2)
+    assert_same_params(resumed, uninterrupted)
+    seeds = [int(opt.state[p]["rounding_seed"]) for p in uninterrupted.parameters()]
+    assert len(set(seeds)) == len(seeds)  # every tensor rounds with its own stream
 
 
 @pytest.mark.parametrize("direction", ["torch->selopt", "selopt->torch"])
