@@ -154,10 +154,6 @@ def prepare_adamw(
     if count == 0:
         return PreparedStep([], [], [])
     device = params[0].device
-    for name, column in (("params", params), ("exp_avgs", exp_avgs)):
-        # A model moved after its state was made would hand the kernels foreign pointers.
-        if {t.device for t in column} != {device}:
-            raise ValueError(f"{name} must all be on {device}, got {sorted({str(t.device) for t in column})}")
     columns = [params, grads, exp_avgs, exp_avg_sqs, _column(max_exp_avg_sqs, count), _column(soft_masks, count)]
     work = [_contiguous(column) for column in columns]
     selections, rounding_seeds = _column(selections, count), _column(rounding_seeds, count)

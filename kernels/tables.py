@@ -147,6 +147,11 @@ def _build_plan(cache: PlanCache, columns: tuple, program_size: int, row_size: i
                 select_per_row: bool) -> Plan:
     params, steps = columns[0], columns[7]
     device = params[0].device
+    for name, column in (("params", params), ("grads", columns[1]), ("exp_avgs", columns[2])):
+        # Checked when a plan is built, which any new address set triggers: a model moved after its
+        # state was made would otherwise hand the kernels foreign pointers.
+        if {t.device for t in column} != {device}:
+            raise ValueError(f"{name} must all be on {device}, got {sorted({str(t.device) for t in column})}")
     rows, program_rows = [], []
     for index, (p, g, m, v, vmax, mask, seed, step, selection) in enumerate(zip(*columns)):
         numel = p.numel()

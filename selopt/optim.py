@@ -294,9 +294,10 @@ class AdamW(torch.optim.Optimizer):
                     raise RuntimeError("selopt does not support sparse gradients; use torch.optim.SparseAdam for them")
             for dtype in {p.dtype for p in params}:
                 _check_param_dtype(dtype, options)
+            buckets, fresh = self._buckets(params, options)
             buckets = [(functional.choose_implementation(device, dtype, state_dtype, sharded=sharded, options=options),
-                        bucket) for (device, dtype, state_dtype, sharded), bucket in self._buckets(params, options)]
-            work.append((group, options, params, buckets))
+                        bucket, has_complex) for (device, dtype, state_dtype, sharded, has_complex), bucket in buckets]
+            work.append((group, options, fresh, buckets))
 
         tracker = self._update_tracker
         if tracker is not None:
@@ -305,11 +306,11 @@ class AdamW(torch.optim.Optimizer):
         # any runs: a kernel that cannot compile for backend="triton" leaves every param untouched.
         with contextlib.ExitStack() as real_views:
             runs = []
-            for group, options, params, buckets in work:
-                for p in params:
+            for group, options, fresh, buckets in work:
+                for p in fresh:
                     self._init_state(p, options)
-                for implementation, bucket in buckets:
-                    stepped = real_views.enter_context(self._complex_as_real(bucket))
+                for implementation, bucket, has_complex in buckets:
+                    stepped = real_views.enter_context(self._complex_as_real(bucket)) if has_complex else bucket
                     if tracker is not None:
                         tracker.expect(group, bucket, stepped)
                     runs.append(self._prepare(implementation, stepped, options, grad_scale, found_inf))
@@ -319,24 +320,31 @@ class AdamW(torch.optim.Optimizer):
             tracker.end_step()
         return loss
 
-    def _buckets(self, params: list[Tensor], options: AdamWOptions) -> list[tuple[tuple, list[Tensor]]]:
-        """``params`` grouped by what picks an implementation: device, (real) param and moment dtypes, DTensor.
+    def _buckets(self, params: list[Tensor], options: AdamWOptions) -> tuple[list, list[Tensor]]:
+        """``params`` grouped by what picks an implementation, and the params whose state is not complete yet.
 
-        Complex params count as their real views, which is what steps. Moments not
-        made yet count with the dtype they will be made in.
+        A bucket's key is (device, real param dtype, real moment dtype, DTensor or
+        not, complex or not): complex params step as their real views. Moments not
+        made yet count with the dtype they will be made in. Nothing changes here.
         """
         buckets = defaultdict(list)
+        fresh = []
         state = self.state
+        needs_seed = options.stochastic_rounding
         for p in params:
-            # Each param's state is looked up once: hashing a Tensor is a Python call, and with hundreds
-            # of tensors these lookups are a visible part of a step's host time.
+            # One state lookup per param: hashing a Tensor is a Python call, and with hundreds of
+            # tensors these lookups are a visible part of a step's host time.
             entry = state.get(p)
-            state_dtype = entry["exp_avg"].dtype if entry else moment_dtype(p.dtype, options.moment_dtype)
             dtype = p.dtype
-            if dtype.is_complex:
+            if not entry or (options.amsgrad and "max_exp_avg_sq" not in entry) or (
+                    needs_seed and dtype == torch.bfloat16 and "rounding_seed" not in entry):
+                fresh.append(p)
+            state_dtype = entry["exp_avg"].dtype if entry else moment_dtype(dtype, options.moment_dtype)
+            is_complex = dtype.is_complex
+            if is_complex:
                 dtype, state_dtype = dtype.to_real(), state_dtype.to_real()
-            buckets[p.device, dtype, state_dtype, distributed.is_dtensor(p)].append(p)
-        return list(buckets.items())
+            buckets[p.device, dtype, state_dtype, distributed.is_dtensor(p), is_complex].append(p)
+        return list(buckets.items()), fresh
 
     def _prepare(self, implementation: functional.Implementation, bucket: list[Tensor], options: AdamWOptions,
                  grad_scale, found_inf):
