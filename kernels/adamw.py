@@ -22,7 +22,7 @@ CUDA-graph capture.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -101,7 +101,7 @@ def kernel_flags(options: AdamWOptions, param_dtype: torch.dtype, moment_dtype: 
 class PreparedStep:
     """A compiled step: calling it launches the kernels and writes strided tensors back."""
 
-    launches: list[Launch]
+    launches: list  # Launch records, and for shards the histogram exchanges between them
     write_back: list[tuple[Tensor, Tensor]]  # (strided original, the contiguous copy the kernels update)
     # Every tensor the launches address by pointer, contiguous copies of strided inputs included:
     # nothing else holds those copies until the launches have run.
@@ -150,6 +150,23 @@ def prepare_adamw(
     without it every call builds its plan. A kernel that cannot compile raises
     :class:`~selopt.kernels.launch.KernelCompileError` with every tensor untouched.
     """
+    return prepare_shards(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, options=options,
+                          soft_masks=soft_masks, rounding_seeds=rounding_seeds, grad_scale=grad_scale,
+                          found_inf=found_inf, selections=selections, cache=cache)
+
+
+def prepare_shards(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, options: AdamWOptions,
+                   soft_masks=None, rounding_seeds=None, grad_scale=None, found_inf=None, selections=None,
+                   cache: tables.PlanCache | None = None, whole_numels: list[int] | None = None,
+                   combine: Callable[[Tensor], None] | None = None) -> PreparedStep:
+    """:func:`prepare_adamw` for tensors that may be shards of larger ones (:mod:`selopt.distributed`).
+
+    With per-tensor selection (``block_size=None``), ``whole_numels`` gives
+    each whole tensor's size, which k is counted over, and ``combine`` sums
+    each radix round's histograms over the shards before the bins are chosen
+    (:func:`selopt.kernels.exact.exact_adamw_launches`). Other paths are
+    elementwise or per local block and ignore both.
+    """
     count = len(params)
     if count == 0:
         return PreparedStep([], [], [])
@@ -171,9 +188,12 @@ def prepare_adamw(
         values = {**plan.arguments(), **scalars._asdict(), **flags}
         launches = block.block_adamw_launches(plan, values, program_size, options.dense)
     else:
+        per_tensor = options.block_size is None
         plan = tables.plan_for(cache, *work, rounding_seeds, state_steps, selections, program_size=exact.CHUNK,
-                               row_size=options.block_size, fraction=options.fraction, select_per_row=True)
-        launches = exact.exact_adamw_launches(plan, {**plan.arguments(), **scalars._asdict(), **flags})
+                               row_size=options.block_size, fraction=options.fraction, select_per_row=True,
+                               whole_numels=whole_numels if per_tensor else None)
+        launches = exact.exact_adamw_launches(plan, {**plan.arguments(), **scalars._asdict(), **flags},
+                                              combine if per_tensor else None)
     compile_launches(launches, device)
     write_back = [(original, copy) for index in (0, 2, 3, 4)  # params and moments: what the step writes
                   for original, copy in zip(columns[index], work[index]) if copy is not original]

@@ -38,7 +38,7 @@ from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
 from selopt.kernels import block
-from selopt.kernels.adamw import multi_tensor_adamw_
+from selopt.kernels.adamw import multi_tensor_adamw_, prepare_shards
 from selopt.kernels.launch import KernelCompileError
 from selopt.options import AdamWOptions
 
@@ -131,6 +131,9 @@ class Configuration:
     moment_dtype: torch.dtype = torch.float32
     tensors: int = 16
     options: frozenset = field(default_factory=frozenset)
+    # Shards of larger tensors (selopt.distributed on the kernels): k over the whole tensor and a
+    # histogram exchange between the radix rounds.
+    sharded: bool = False
 
 
 # The paths the dispatcher can take: dense, every one-pass block size, the exact path per tensor
@@ -154,6 +157,7 @@ def configurations(quick: bool = False) -> list[Configuration]:
     ``quick``: every path, and all options together on the main paths.
     """
     configs = [Configuration(path, *PATHS[path]) for path in PATHS]
+    configs.append(Configuration("exact sharded", *PATHS["exact"], sharded=True))
     main_paths = ("dense", "block 1024", f"block {block.MAX_BLOCK}", "exact")
     for path in main_paths:
         size, fraction = PATHS[path]
@@ -196,14 +200,20 @@ def run_configuration(config: Configuration) -> None:
         block_size=config.block_size, decay="selected" if "decay_selected" in opts else "all",
         soft_mask_mode=soft_mask_mode if soft_masks else "update", stochastic_rounding="stochastic_rounding" in opts,
     )
-    multi_tensor_adamw_(
-        params, [torch.zeros_like(p) for p in params], state[0], state[1], state[2] if options.amsgrad else None,
-        [torch.zeros(()) for _ in params], options=options, soft_masks=soft_masks,
+    columns = (params, [torch.zeros_like(p) for p in params], state[0], state[1],
+               state[2] if options.amsgrad else None, [torch.zeros(()) for _ in params])
+    keywords = dict(
+        options=options, soft_masks=soft_masks,
         rounding_seeds=[torch.zeros((), dtype=torch.int64) for _ in params] if options.stochastic_rounding else None,
         grad_scale=torch.tensor(1.0) if "grad_scale" in opts else None,
         found_inf=torch.tensor(0.0) if "found_inf" in opts else None,
         selections=[torch.zeros(shape, dtype=torch.bool) for _ in params] if "selections" in opts else None,
     )
+    if config.sharded:
+        prepare_shards(*columns, **keywords, whole_numels=[2 * p.numel() for p in params],
+                       combine=lambda counts: None)()
+    else:
+        multi_tensor_adamw_(*columns, **keywords)
 
 
 def check_arch(arch: int, only: str = "", quick: bool = False) -> tuple[list[str], str]:

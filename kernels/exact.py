@@ -20,9 +20,13 @@ element. Bytes per fp32 element: 20 (moments) + 4 + 4 (two rereads of m) +
 16 (update) = 44, against 28 for AdamW.
 """
 
+import functools
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from selopt import selection
 from selopt.kernels import _device as d
@@ -133,10 +137,13 @@ def _exact_update_kernel(
                    WRITE_SELECTION, ALIGNED)
 
 
-def exact_adamw_launches(plan, values: dict) -> list[Launch]:
+def exact_adamw_launches(plan, values: dict, combine: Callable[[Tensor], None] | None = None) -> list:
     """The step's scalars, then the exact path over ``plan`` (:mod:`selopt.kernels.tables`).
 
     ``values`` holds the step's arguments and flags by kernel parameter name.
+    ``combine``, for shards of larger tensors, runs before each bin choice on
+    the round's histogram (a ``[rows, bins]`` view) and sums it with the other
+    shards' (an all-reduce): every shard then chooses the whole tensor's bins.
     """
     grid, per_row = (plan.num_programs,), (plan.num_rows,)
     values = {**values, "CHUNK": CHUNK}
@@ -144,12 +151,20 @@ def exact_adamw_launches(plan, values: dict) -> list[Launch]:
     launches = [
         step_scalars_launch(plan, values),
         Launch.bind(_moments_histogram_kernel, grid, {**values, "BIN_SHIFT": shift, "BIN_BITS": bits}, _NUM_WARPS),
+        *_combined(plan, bits, combine),
         Launch.bind(_select_bin_kernel, per_row, {**values, "FIRST_ROUND": True, "BIN_BITS": bits}, _NUM_WARPS),
     ]
     for shift, bits in refinements:
         launches += [
             Launch.bind(_refine_histogram_kernel, grid, {**values, "BIN_SHIFT": shift, "BIN_BITS": bits}, _NUM_WARPS),
+            *_combined(plan, bits, combine),
             Launch.bind(_select_bin_kernel, per_row, {**values, "FIRST_ROUND": False, "BIN_BITS": bits}, _NUM_WARPS),
         ]
     launches.append(Launch.bind(_exact_update_kernel, grid, values, _NUM_WARPS))
     return launches
+
+
+def _combined(plan, bits: int, combine: Callable[[Tensor], None] | None) -> list:
+    if combine is None:
+        return []
+    return [functools.partial(combine, plan.histogram[:, :1 << bits])]

@@ -141,11 +141,13 @@ class Launch:
 _compiled: dict[tuple, KernelCompileError | None] = {}
 
 
-def compile_launches(launches: list[Launch], device: torch.device) -> None:
-    """Compile each launch not yet compiled for this device; raise the first failure, new or remembered.
+def compile_launches(steps: list, device: torch.device) -> None:
+    """Compile each launch (of ``steps``, which may hold other callables) not yet compiled for this device.
 
-    Under ``TRITON_INTERPRET=1`` there is nothing to compile: the interpreter runs the Python source.
+    Raises the first failure, new or remembered. Under ``TRITON_INTERPRET=1``
+    there is nothing to compile: the interpreter runs the Python source.
     """
+    launches = [step for step in steps if isinstance(step, Launch)]
     if not launches or not isinstance(launches[0].kernel, JITFunction):
         return
     target = triton.runtime.driver.active.get_current_target()

@@ -119,7 +119,8 @@ class PlanCache:
 
 def plan_for(cache: PlanCache, params: list, grads: list, exp_avgs: list, exp_avg_sqs: list,
              max_exp_avg_sqs: list, soft_masks: list, rounding_seeds: list, steps: list, selections: list, *,
-             program_size: int, row_size: int | None, fraction: float, select_per_row: bool) -> Plan:
+             program_size: int, row_size: int | None, fraction: float, select_per_row: bool,
+             whole_numels: list[int] | None = None) -> Plan:
     """The plan for a bucket, given as columns of tensors (None where a tensor has none), from ``cache``.
 
     Each tensor is cut into rows of ``row_size`` elements (None: one row for
@@ -128,6 +129,8 @@ def plan_for(cache: PlanCache, params: list, grads: list, exp_avgs: list, exp_av
     block is the program in the one-pass kernel (``select_per_row=False``)
     and the row in the exact path. Selected counts come from
     :func:`selopt.selection.block_k`, on the host, so every path agrees on them.
+    ``whole_numels`` (exact path, one row per tensor): the tensors are shards,
+    and each row's k is counted over the whole tensor of that many entries.
     """
     columns = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, soft_masks, rounding_seeds, steps, selections)
     device = params[0].device
@@ -135,16 +138,17 @@ def plan_for(cache: PlanCache, params: list, grads: list, exp_avgs: list, exp_av
     key = (select_per_row, device, params[0].dtype, exp_avgs[0].dtype, program_size, row_size, fraction,
            tuple([p.numel() for p in params]),
            tuple([-1 if m is None else m.numel() for m in soft_masks]),
+           None if whole_numels is None else tuple(whole_numels),
            *(tuple([0 if t is None else t.data_ptr() for t in column]) for column in columns))
     plan = cache.get(key, device)
     if plan is None:
-        plan = _build_plan(cache, columns, program_size, row_size, fraction, select_per_row)
+        plan = _build_plan(cache, columns, program_size, row_size, fraction, select_per_row, whole_numels)
         cache.put(key, plan)
     return plan
 
 
 def _build_plan(cache: PlanCache, columns: tuple, program_size: int, row_size: int | None, fraction: float,
-                select_per_row: bool) -> Plan:
+                select_per_row: bool, whole_numels: list[int] | None) -> Plan:
     params, steps = columns[0], columns[7]
     device = params[0].device
     for name, column in (("params", params), ("grads", columns[1]), ("exp_avgs", columns[2])):
@@ -166,7 +170,8 @@ def _build_plan(cache: PlanCache, columns: tuple, program_size: int, row_size: i
             row[d.COL_SOFT_MASK.value] = _address(mask)
             row[d.COL_ROUNDING_SEED.value] = _address(seed)
             row[d.COL_NUMEL.value] = n
-            row[d.COL_K_FULL.value] = block_k(fraction, n if select_per_row else program_size)
+            selected_from = n if whole_numels is None else whole_numels[index]
+            row[d.COL_K_FULL.value] = block_k(fraction, selected_from if select_per_row else program_size)
             row[d.COL_K_TAIL.value] = block_k(fraction, n % program_size or program_size)
             row[d.COL_MASK_DIV.value] = mask_div
             row[d.COL_FIRST_PROGRAM.value] = len(program_rows)

@@ -6,17 +6,20 @@ gradient is a ``DTensor`` with the same placements, and the moments are kept as
 ``DTensor``\\ s too (``torch.zeros_like(param)``, as ``torch.optim.AdamW`` keeps
 them), so ``state_dict`` and ``torch.distributed.checkpoint`` see what they see
 for torch's AdamW. Everything elementwise runs on the local shards
-(``to_local()``) through :func:`selopt.reference.adamw_step_`.
+(``to_local()``), with the implementation a plain tensor on that device would
+get (:func:`selopt.functional.choose_implementation`): the fused Triton
+kernels on CUDA (:func:`prepare_adamw_on_kernels`), else the torch reference
+(:func:`prepare_adamw`).
 
 Only MoFO's per-tensor selection (``fraction < 1``, ``block_size=None``) needs
 the whole tensor: its threshold is the k-th largest ``|m|`` over all shards,
-``k = block_k(fraction, global numel)``. It is found by the radix select of
-:mod:`selopt.selection`, the rounds the kernels run, with each round's
-histograms all-reduced (summed) between counting and choosing the bin, so
-every rank picks the same bins and then selects exactly what one process
-holding the whole tensor would: ties at the threshold all selected, NaN never.
-The histograms of all tensors of a param group that share a mesh go into one
-all-reduce per round.
+``k = block_k(fraction, global numel)``. Both implementations find it with
+the one radix select of :mod:`selopt.selection` (the kernels' launches, or the
+same rounds in torch ops), with each round's histograms all-reduced (summed)
+between counting and choosing the bin, so every rank picks the same bins and
+then selects exactly what one process holding the whole tensor would: ties at
+the threshold all selected, NaN never. The histograms of all tensors of a
+bucket that share a mesh go into one all-reduce per round.
 
 Bytes exchanged (the all-reduced payload per rank per step, counted in
 :data:`traffic` and predicted by :func:`selection_bytes_per_step`): one count
@@ -24,8 +27,11 @@ per bin of every round, int32 while the tensor has fewer than 2**31 entries
 (int64 beyond): ``(1024 + 2048 + 1024) * 4`` B = 16 KiB per exactly-selected
 sharded tensor for fp32/bf16/fp16 params, and 36 KiB for fp64 (six rounds),
 whatever the tensor's size (a ring all-reduce moves about twice the payload
-per rank on the wire). Dense AdamW, block mode and unsharded tensors exchange
-nothing.
+per rank on the wire). That is twice the 8 KiB of the earlier torch-only
+select (four rounds of 256 int64 bins): the rounds are the kernels' (10, 11
+and 10 bits, which keep their register histograms small), and one algorithm
+for every path is worth 8 KiB per matrix and step. Dense AdamW, block mode and
+unsharded tensors exchange nothing.
 
 Block mode (``block_size`` set) never communicates: blocks are contiguous runs
 of the *local* shard's flattened elements. They coincide with the blocks one
@@ -41,9 +47,6 @@ Soft masks (:meth:`selopt.AdamW.set_soft_mask`) are given for the whole
 parameter, per row ``(rows,)`` or full shape, on every rank; each rank takes
 its slice locally, with no communication.
 
-The Triton kernels work on plain tensors, so DTensor parameters use this torch
-path with ``backend="auto"`` or ``"torch"``; ``backend="triton"`` refuses them
-(:func:`selopt.functional.choose_implementation`).
 DDP needs nothing from here: its parameters are plain full tensors with
 gradients already averaged, and every rank takes the same step.
 
@@ -175,10 +178,35 @@ def _local_grad(grad: Tensor, param: Tensor) -> Tensor:
     return local(grad)
 
 
+class _Local:
+    """A bucket's lists on this rank's local shards: what an implementation for plain tensors takes."""
+
+    def __init__(self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, soft_masks):
+        count = len(params)
+        self.params = [local(p) for p in params]
+        self.grads = [_local_grad(g, p) for g, p in zip(grads, params)]
+        self.exp_avgs = [local(m) for m in exp_avgs]
+        self.exp_avg_sqs = [local(v) for v in exp_avg_sqs]
+        self.max_exp_avg_sqs = None if max_exp_avg_sqs is None else [local(v) for v in max_exp_avg_sqs]
+        self.soft_masks = [local_soft_mask(m, p) for m, p in zip(soft_masks or [None] * count, params)]
+
+
+def _by_mesh(params) -> dict[tuple, list[int]]:
+    """Indices of ``params`` grouped by the process groups they are split over, and dtype."""
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault((shard_groups(p), p.dtype), []).append(i)
+    return groups
+
+
+def _exact(options: AdamWOptions) -> bool:
+    return not options.dense and options.block_size is None
+
+
 def prepare_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, options: AdamWOptions,
                   soft_masks=None, rounding_seeds=None, grad_scale=None, found_inf=None, selections=None,
                   cache=None):
-    """The sharded implementation of :func:`selopt.functional.adamw`: DTensor params, on their local shards.
+    """The sharded reference implementation of :func:`selopt.functional.adamw`: DTensor params, local shards.
 
     Same signature as every implementation (``cache`` is unused); moments are
     DTensors too, soft masks whole-parameter masks, ``selections`` local-shard
@@ -187,45 +215,76 @@ def prepare_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_s
     rank of the mesh must step the same param groups.
     """
     count = len(params)
-    grads = [_local_grad(g, p) for g, p in zip(grads, params)]
-    masks = [local_soft_mask(m, p) for m, p in zip(soft_masks or [None] * count, params)]
-    states = [{"step": state_steps[i], "exp_avg": local(exp_avgs[i]), "exp_avg_sq": local(exp_avg_sqs[i]),
-               "max_exp_avg_sq": None if max_exp_avg_sqs is None else local(max_exp_avg_sqs[i]),
+    shards = _Local(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, soft_masks)
+    if not _exact(options):
+        return reference.prepare_adamw(shards.params, shards.grads, shards.exp_avgs, shards.exp_avg_sqs,
+                                       shards.max_exp_avg_sqs, state_steps, options=options,
+                                       soft_masks=shards.soft_masks, rounding_seeds=rounding_seeds,
+                                       grad_scale=grad_scale, found_inf=found_inf, selections=selections)
+    states = [{"step": state_steps[i], "exp_avg": shards.exp_avgs[i], "exp_avg_sq": shards.exp_avg_sqs[i],
+               "max_exp_avg_sq": None if max_exp_avg_sqs is None else shards.max_exp_avg_sqs[i],
                "rounding_seed": None if rounding_seeds is None else rounding_seeds[i]} for i in range(count)]
     selections = selections or [None] * count
-    exact = not options.dense and options.block_size is None
 
     def step() -> None:
-        if not exact:
-            for i, p in enumerate(params):
-                selected = reference.adamw_step_(local(p), grads[i], states[i], options=options, soft_mask=masks[i],
-                                                 grad_scale=grad_scale, found_inf=found_inf)
-                if selections[i] is not None:
-                    selections[i].copy_(selected)
-            return
         # Steps 1-2 on every tensor, stored (as the kernels do), keeping only the keys of |m|.
         keys = []
-        for i, p in enumerate(params):
-            moments = reference.adam_moments(local(p), grads[i], states[i]["exp_avg"], states[i]["exp_avg_sq"],
-                                             states[i]["max_exp_avg_sq"], options=options, soft_mask=masks[i],
-                                             grad_scale=grad_scale)
+        for i, p in enumerate(shards.params):
+            moments = reference.adam_moments(p, shards.grads[i], states[i]["exp_avg"], states[i]["exp_avg_sq"],
+                                             states[i]["max_exp_avg_sq"], options=options,
+                                             soft_mask=shards.soft_masks[i], grad_scale=grad_scale)
             keys.append(selection.magnitude_keys(moments.exp_avg))
             reference.store_moments_(states[i], moments, found_inf)
         thresholds = [None] * count
-        by_mesh: dict[tuple, list[int]] = {}
-        for i, p in enumerate(params):
-            by_mesh.setdefault((shard_groups(p), keys[i].dtype), []).append(i)
-        for (groups, _), indices in by_mesh.items():
+        for (groups, _), indices in _by_mesh(params).items():  # one dtype: keys of one width
             numels = [params[i].numel() for i in indices]  # a DTensor's numel is the whole tensor's
             found = selection.radix_thresholds(
                 [keys[i] for i in indices], [selection.block_k(options.fraction, n) for n in numels],
                 _all_reduce_counts(groups, _count_dtype(numels)))
             for i, threshold in zip(indices, found):
                 thresholds[i] = threshold
-        for i, p in enumerate(params):
-            selected = (keys[i] >= thresholds[i]).view(local(p).shape)
-            reference.update_param_(local(p), states[i], selected, options=options, soft_mask=masks[i],
+        for i, p in enumerate(shards.params):
+            selected = (keys[i] >= thresholds[i]).view(p.shape)
+            reference.update_param_(p, states[i], selected, options=options, soft_mask=shards.soft_masks[i],
                                     found_inf=found_inf)
             if selections[i] is not None:
                 selections[i].copy_(selected)
+    return step
+
+
+def prepare_adamw_on_kernels(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
+                             options: AdamWOptions, soft_masks=None, rounding_seeds=None, grad_scale=None,
+                             found_inf=None, selections=None, cache=None):
+    """The sharded Triton implementation of :func:`selopt.functional.adamw`: the kernels on local shards.
+
+    The signature and the conventions of :func:`prepare_adamw`; ``cache`` is
+    the kernels' :class:`~selopt.kernels.PlanCache`. Exact per-tensor selection
+    runs the kernels' own radix rounds with each round's histograms all-reduced
+    between counting and choosing, one collective per round and mesh.
+    """
+    from selopt.kernels import adamw as kernels
+
+    shards = _Local(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, soft_masks)
+    lists = dict(options=options, grad_scale=grad_scale, found_inf=found_inf, cache=cache)
+    if not _exact(options):
+        return kernels.prepare_adamw(shards.params, shards.grads, shards.exp_avgs, shards.exp_avg_sqs,
+                                     shards.max_exp_avg_sqs, state_steps, soft_masks=shards.soft_masks,
+                                     rounding_seeds=rounding_seeds, selections=selections, **lists)
+
+    def pick(column, indices):
+        return None if column is None else [column[i] for i in indices]
+
+    prepared = []
+    for (groups, _), indices in _by_mesh(params).items():
+        numels = [params[i].numel() for i in indices]  # a DTensor's numel is the whole tensor's
+        prepared.append(kernels.prepare_shards(
+            pick(shards.params, indices), pick(shards.grads, indices), pick(shards.exp_avgs, indices),
+            pick(shards.exp_avg_sqs, indices), pick(shards.max_exp_avg_sqs, indices), pick(state_steps, indices),
+            soft_masks=pick(shards.soft_masks, indices), rounding_seeds=pick(rounding_seeds, indices),
+            selections=pick(selections, indices), whole_numels=numels,
+            combine=_all_reduce_counts(groups, _count_dtype(numels)), **lists))
+
+    def step() -> None:
+        for run in prepared:
+            run()
     return step

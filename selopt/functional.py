@@ -9,8 +9,9 @@ every bucket before writing anything:
 
 - ``selopt.reference.prepare_adamw``: the torch reference, tensor by tensor;
 - ``selopt.kernels.prepare_adamw``: the fused Triton kernels, a few launches per bucket;
-- ``selopt.distributed.prepare_adamw``: DTensor params (FSDP2, tensor
-  parallel), on their local shards, with exact selection across shards.
+- ``selopt.distributed.prepare_adamw_on_kernels`` and ``prepare_adamw``:
+  DTensor params (FSDP2, tensor parallel), the kernels or the reference on
+  their local shards, with exact selection across shards.
 
 :func:`choose_implementation` is the one place that picks among them, once
 per bucket of tensors sharing device, dtypes and sharding.
@@ -64,6 +65,8 @@ def _plan_cache():
 REFERENCE = Implementation("torch", reference.prepare_adamw, counts_on_device=False)
 TRITON = Implementation("triton", _kernels_prepare, counts_on_device=True, make_cache=_plan_cache)
 SHARDED = Implementation("sharded", distributed.prepare_adamw, counts_on_device=False)
+SHARDED_TRITON = Implementation("sharded triton", distributed.prepare_adamw_on_kernels, counts_on_device=True,
+                                make_cache=_plan_cache)
 
 
 @functools.cache
@@ -106,22 +109,17 @@ def choose_implementation(device: torch.device, param_dtype: torch.dtype, moment
     'torch'
     """
     backend = options.backend
-    if sharded:
-        if backend == "triton":
-            raise ValueError(
-                "backend='triton' takes plain tensors only, and this param group holds DTensor (FSDP2 / "
-                "tensor-parallel) params: use backend='auto' or 'torch', which step their local shards"
-            )
-        chosen = SHARDED
-    elif backend == "torch" or (backend == "auto" and device.type not in AUTO_KERNEL_DEVICES):
+    if backend == "torch" or (backend == "auto" and device.type not in AUTO_KERNEL_DEVICES):
         chosen = REFERENCE
     else:
         chosen = _triton_or_fallback(device, param_dtype, moment_dtype, backend)
+    if sharded:  # DTensor params step their local shards, with the same choice of math
+        chosen = SHARDED_TRITON if chosen is TRITON else SHARDED
     if options.capturable and not chosen.counts_on_device and device.type != "cpu":
         raise ValueError(
             f"capturable=True, but a param on {device} steps on the torch reference, which reads the step count "
             "on the host and so cannot be captured; device params step capturably on the Triton backend "
-            "(backend='triton' or 'auto', not for DTensors), or set capturable=False"
+            "(backend='triton' or 'auto'), or set capturable=False"
         )
     return chosen
 
@@ -179,7 +177,7 @@ def prepare_adamw(
     arguments = dict(options=options, soft_masks=soft_masks, rounding_seeds=rounding_seeds, grad_scale=grad_scale,
                      found_inf=found_inf, selections=selections, cache=cache)
     lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
-    if implementation is not TRITON:
+    if not implementation.counts_on_device:  # the reference paths compile nothing
         return implementation.prepare(*lists, **arguments)
     from selopt import kernels
 
@@ -191,7 +189,8 @@ def prepare_adamw(
         warn_fallback(f"selopt runs its torch reference for {params[0].dtype} params with "
                       f"{exp_avgs[0].dtype} moments: {error}")
         # The reference reads the device step counts back: correct, if slower.
-        return REFERENCE.prepare(*lists, **arguments)
+        fallback = SHARDED if implementation is SHARDED_TRITON else REFERENCE
+        return fallback.prepare(*lists, **arguments)
 
 
 def adamw(*args, **kwargs) -> None:
