@@ -224,11 +224,12 @@ def _scenario_hsdp_meshes(tmp):
 
     # 2-D meshes as HSDP builds them (replicate dim, shard dim): the histogram is summed over
     # the shard dim only, whether the ranks sit on it (1, 2) or on the replicate dim (2, 1).
+    # On the torch reference, and on the kernels when they can run here.
     shapes = [(7, 3), (1, 5), (256, 9)]
-    for mesh_shape in ((1, WORLD), (WORLD, 1)):
+    for mesh_shape, backend in [(m, b) for m in ((1, WORLD), (WORLD, 1)) for b in ("torch", "triton")[:1 + KERNELS]]:
         distributed.traffic.reset()
         opt, _ = _dtensor_run(shapes, [(Replicate(), Shard(0))] * 3, torch.float32,
-                              lambda ps: selopt.MoFO(ps, lr=0.05, weight_decay=0.0, fraction=0.3),
+                              lambda ps: selopt.MoFO(ps, lr=0.05, weight_decay=0.0, fraction=0.3, backend=backend),
                               _tie_heavy_grad, mesh_shape=mesh_shape)
         sharded_over = mesh_shape[1] > 1
         assert distributed.selection_bytes_per_step(opt) == (len(shapes) * 4096 * 4 if sharded_over else 0)
