@@ -221,9 +221,8 @@ def prepare_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_s
                                        shards.max_exp_avg_sqs, state_steps, options=options,
                                        soft_masks=shards.soft_masks, rounding_seeds=rounding_seeds,
                                        grad_scale=grad_scale, found_inf=found_inf, selections=selections)
-    states = [{"step": state_steps[i], "exp_avg": shards.exp_avgs[i], "exp_avg_sq": shards.exp_avg_sqs[i],
-               "max_exp_avg_sq": None if max_exp_avg_sqs is None else shards.max_exp_avg_sqs[i],
-               "rounding_seed": None if rounding_seeds is None else rounding_seeds[i]} for i in range(count)]
+    states = reference.bucket_states(shards.exp_avgs, shards.exp_avg_sqs, shards.max_exp_avg_sqs, state_steps,
+                                     rounding_seeds)
     selections = selections or [None] * count
 
     def step() -> None:

@@ -34,7 +34,7 @@ from selopt.options import AdamWOptions
 from selopt.selection import block_k, selection_mask
 
 __all__ = ["AdamWOptions", "Moments", "StepResult", "adam_moments", "adamw_math", "adamw_step_", "apply_update",
-           "block_k", "compute_dtype", "effective_grad", "expand_soft_mask", "prepare_adamw", "rounding_generator",
+           "block_k", "bucket_states", "compute_dtype", "effective_grad", "expand_soft_mask", "prepare_adamw", "rounding_generator",
            "selection_mask", "stochastic_round_to_bf16", "store_moments_", "update_param_"]
 
 
@@ -256,16 +256,25 @@ def prepare_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_s
     counts are read on the host (a device count syncs).
     """
     count = len(params)
-    columns = [max_exp_avg_sqs, soft_masks, rounding_seeds, selections]
-    max_exp_avg_sqs, soft_masks, rounding_seeds, selections = (
-        [None] * count if column is None else list(column) for column in columns)
+    states = bucket_states(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, rounding_seeds)
+    soft_masks, selections = (column or [None] * count for column in (soft_masks, selections))
 
     def step() -> None:
-        for i, (p, g) in enumerate(zip(params, grads)):
-            state = {"step": state_steps[i], "exp_avg": exp_avgs[i], "exp_avg_sq": exp_avg_sqs[i],
-                     "max_exp_avg_sq": max_exp_avg_sqs[i], "rounding_seed": rounding_seeds[i]}
-            selected = adamw_step_(p, g, state, options=options, soft_mask=soft_masks[i], grad_scale=grad_scale,
+        for p, g, state, mask, selection in zip(params, grads, states, soft_masks, selections):
+            selected = adamw_step_(p, g, state, options=options, soft_mask=mask, grad_scale=grad_scale,
                                    found_inf=found_inf)
-            if selections[i] is not None:
-                selections[i].copy_(selected)
+            if selection is not None:
+                selection.copy_(selected)
     return step
+
+
+def bucket_states(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, rounding_seeds) -> list[dict]:
+    """Per-tensor state dicts, as :func:`adamw_step_` reads them, from an implementation's lists.
+
+    >>> bucket_states([torch.zeros(1)], [torch.ones(1)], None, [torch.tensor(3.0)], None)[0]["exp_avg_sq"]
+    tensor([1.])
+    """
+    count = len(exp_avgs)
+    max_exp_avg_sqs, rounding_seeds = (column or [None] * count for column in (max_exp_avg_sqs, rounding_seeds))
+    return [{"step": step, "exp_avg": m, "exp_avg_sq": v, "max_exp_avg_sq": vmax, "rounding_seed": seed}
+            for m, v, vmax, step, seed in zip(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, rounding_seeds)]
