@@ -264,11 +264,11 @@ def prepare_adamw_on_kernels(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_s
     from selopt.kernels import adamw as kernels
 
     shards = _Local(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, soft_masks)
-    lists = dict(options=options, grad_scale=grad_scale, found_inf=found_inf, cache=cache)
+    common = dict(options=options, grad_scale=grad_scale, found_inf=found_inf, cache=cache)
     if not _exact(options):
         return kernels.prepare_adamw(shards.params, shards.grads, shards.exp_avgs, shards.exp_avg_sqs,
                                      shards.max_exp_avg_sqs, state_steps, soft_masks=shards.soft_masks,
-                                     rounding_seeds=rounding_seeds, selections=selections, **lists)
+                                     rounding_seeds=rounding_seeds, selections=selections, **common)
 
     def pick(column, indices):
         return None if column is None else [column[i] for i in indices]
@@ -281,7 +281,7 @@ def prepare_adamw_on_kernels(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_s
             pick(shards.exp_avg_sqs, indices), pick(shards.max_exp_avg_sqs, indices), pick(state_steps, indices),
             soft_masks=pick(shards.soft_masks, indices), rounding_seeds=pick(rounding_seeds, indices),
             selections=pick(selections, indices), whole_numels=numels,
-            combine=_all_reduce_counts(groups, _count_dtype(numels)), **lists))
+            combine=_all_reduce_counts(groups, _count_dtype(numels)), **common))
 
     def step() -> None:
         for run in prepared:
