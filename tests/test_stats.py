@@ -276,23 +276,30 @@ def _sharded_worker(rank: int, port: int, out: str) -> None:
         gen = torch.Generator().manual_seed(0)
         inits = [torch.randn(s, generator=gen) for s in shapes]
         grads = [torch.randn(s, generator=gen) for s in shapes]
-        single = [torch.nn.Parameter(t.clone()) for t in inits]
-        sharded = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [pl])) for t, pl in zip(inits, placements)]
+        single = [t.clone() for t in inits]
 
-        def make(ps):
-            opt = selopt.MoFO([{"params": ps[:2]}, {"params": ps[2:], "fraction": 1.0}], lr=0.05,
-                              weight_decay=0.1, decay="selected", fraction=0.3)
-            opt.track_updates(per_tensor=True)
-            return opt
+        # Both implementations on the shards (the kernels under the interpreter when they can run),
+        # counting per tensor and per group.
+        result["groups"] = []
+        for backend in BACKENDS:
+            for per_tensor in (True, False):
+                def make(ps):
+                    opt = selopt.MoFO([{"params": ps[:2]}, {"params": ps[2:], "fraction": 1.0}], lr=0.05,
+                                      weight_decay=0.1, decay="selected", fraction=0.3, backend=backend)
+                    opt.track_updates(per_tensor=per_tensor)
+                    return opt
 
-        opts = make(single), make(sharded)
-        for p, q, g in zip(single, sharded, grads):
-            p.grad = g.clone()
-            q.grad = distribute_tensor(g.clone(), mesh, q.placements)
-        for opt in opts:
-            opt.step()
-        assert opts[0].update_stats() == opts[1].update_stats()
-        result["groups"] = [[g.entries, g.moved, g.decayed] for g in opts[1].update_stats().groups]
+                params = [[torch.nn.Parameter(t.detach().clone()) for t in single],
+                          [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [pl]))
+                           for t, pl in zip(inits, placements)]]
+                opts = make(params[0]), make(params[1])
+                for p, q, g in zip(*params, grads):
+                    p.grad = g.clone()
+                    q.grad = distribute_tensor(g.clone(), mesh, q.placements)
+                for opt in opts:
+                    opt.step()
+                assert opts[0].update_stats() == opts[1].update_stats(), (backend, per_tensor)
+                result["groups"].append([[g.entries, g.moved, g.decayed] for g in opts[1].update_stats().groups])
     except Exception:
         result = {"ok": False, "error": traceback.format_exc()}
     finally:
@@ -312,4 +319,4 @@ def test_sharded_counts_equal_one_process(tmp_path):
     for rank, result in enumerate(results):
         assert result["ok"], f"rank {rank}:\n{result.get('error')}"
     # k = floor(0.3 * 21) = 6 and floor(0.3 * 40) = 12 across both shards; the dense group moves all 6.
-    assert results[0]["groups"] == results[1]["groups"] == [[61, 18, 18], [6, 6, 6]]
+    assert results[0]["groups"] == results[1]["groups"] == [[[61, 18, 18], [6, 6, 6]]] * 2 * len(BACKENDS)
