@@ -196,6 +196,7 @@ def prepare_shards(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_
                                               combine if per_tensor else None)
     compile_launches(launches, device)
     write_back = [(original, copy) for index in (0, 2, 3, 4)  # params and moments: what the step writes
+                  if work[index] is not columns[index]  # _contiguous returns a column as it is when it can
                   for original, copy in zip(columns[index], work[index]) if copy is not original]
     return PreparedStep(launches, write_back, work)
 

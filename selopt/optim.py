@@ -289,14 +289,14 @@ class AdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             options = self._options_of(group)
             params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError("selopt does not support sparse gradients; use torch.optim.SparseAdam for them")
+            if any([p.grad.is_sparse for p in params]):
+                raise RuntimeError("selopt does not support sparse gradients; use torch.optim.SparseAdam for them")
             for dtype in {p.dtype for p in params}:
                 _check_param_dtype(dtype, options)
             buckets, fresh = self._buckets(params, options)
             buckets = [(functional.choose_implementation(device, dtype, state_dtype, sharded=sharded, options=options),
-                        bucket, has_complex) for (device, dtype, state_dtype, sharded, has_complex), bucket in buckets]
+                        bucket, entries, has_complex)
+                       for (device, dtype, state_dtype, sharded, has_complex), bucket, entries in buckets]
             work.append((group, options, fresh, buckets))
 
         tracker = self._update_tracker
@@ -309,11 +309,16 @@ class AdamW(torch.optim.Optimizer):
             for group, options, fresh, buckets in work:
                 for p in fresh:
                     self._init_state(p, options)
-                for implementation, bucket, has_complex in buckets:
-                    stepped = real_views.enter_context(self._complex_as_real(bucket)) if has_complex else bucket
+                for implementation, bucket, entries, has_complex in buckets:
+                    if has_complex:
+                        stepped = real_views.enter_context(self._complex_as_real(bucket))
+                        states = [self.state[view] for view in stepped]
+                    else:
+                        # Entries looked up in the check phase; those made since are looked up again.
+                        stepped, states = bucket, [e if e else self.state[p] for e, p in zip(entries, bucket)]
                     if tracker is not None:
                         tracker.expect(group, bucket, stepped)
-                    runs.append(self._prepare(implementation, stepped, options, grad_scale, found_inf))
+                    runs.append(self._prepare(implementation, stepped, states, options, grad_scale, found_inf))
             for run in runs:
                 run()
         if tracker is not None:
@@ -321,13 +326,14 @@ class AdamW(torch.optim.Optimizer):
         return loss
 
     def _buckets(self, params: list[Tensor], options: AdamWOptions) -> tuple[list, list[Tensor]]:
-        """``params`` grouped by what picks an implementation, and the params whose state is not complete yet.
+        """``params`` grouped by what picks an implementation, with their state entries as they are now
+        (empty or None until made), and the params whose state is not complete yet.
 
         A bucket's key is (device, real param dtype, real moment dtype, DTensor or
         not, complex or not): complex params step as their real views. Moments not
         made yet count with the dtype they will be made in. Nothing changes here.
         """
-        buckets = defaultdict(list)
+        buckets, entries = defaultdict(list), defaultdict(list)
         fresh = []
         state = self.state
         needs_seed = options.stochastic_rounding
@@ -343,15 +349,19 @@ class AdamW(torch.optim.Optimizer):
             is_complex = dtype.is_complex
             if is_complex:
                 dtype, state_dtype = dtype.to_real(), state_dtype.to_real()
-            buckets[p.device, dtype, state_dtype, distributed.is_dtensor(p), is_complex].append(p)
-        return list(buckets.items()), fresh
+            key = (p.device, dtype, state_dtype, distributed.is_dtensor(p), is_complex)
+            buckets[key].append(p)
+            entries[key].append(entry)
+        return [(key, bucket, entries[key]) for key, bucket in buckets.items()], fresh
 
-    def _prepare(self, implementation: functional.Implementation, bucket: list[Tensor], options: AdamWOptions,
-                 grad_scale, found_inf):
-        states = [self.state[p] for p in bucket]
-        # The kernels keep step counts and seeds on the device, the reference on the host.
+    def _prepare(self, implementation: functional.Implementation, bucket: list[Tensor], states: list[dict],
+                 options: AdamWOptions, grad_scale, found_inf):
+        # The kernels keep step counts and seeds on the device, the reference on the host. (is_cpu, not
+        # .device: it makes no device object, and a count on another GPU implies moments there too,
+        # which the kernels refuse.)
         counts_device = bucket[0].device if implementation.counts_on_device else torch.device("cpu")
-        if any([s["step"].device != counts_device for s in states]):
+        on_host = counts_device.type == "cpu"
+        if any([s["step"].is_cpu != on_host for s in states]):
             for s in states:
                 for key in ("step", "rounding_seed"):
                     if key in s:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import traceback
 from datetime import timedelta
 
@@ -68,12 +67,6 @@ def test_plain_params_exchange_nothing():
 
 
 # ---------------------------------------------------------------- two processes
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -401,10 +394,11 @@ SCENARIOS = {
 }
 
 
-def _worker(rank: int, port: int, tmp: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # A short timeout: a rank that fails inside a collective must not leave the other waiting for 30 minutes.
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+def _worker(rank: int, tmp: str) -> None:
+    # A file rendezvous (no port to pick, so no race for one) and a short timeout: a rank that fails
+    # inside a collective must not leave the other waiting for 30 minutes.
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
     torch.set_num_threads(1)
     try:
         for name, scenario in SCENARIOS.items():
@@ -426,7 +420,7 @@ def two_ranks(tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch was built without torch.distributed / gloo")
     tmp = str(tmp_path_factory.mktemp("dist"))
-    torch.multiprocessing.start_processes(_worker, args=(_free_port(), tmp), nprocs=WORLD, start_method="spawn")
+    torch.multiprocessing.start_processes(_worker, args=(tmp,), nprocs=WORLD, start_method="spawn")
     return tmp
 
 

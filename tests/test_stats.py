@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import traceback
 from datetime import timedelta
 
@@ -262,9 +261,10 @@ def test_tracked_steps_do_not_synchronise_on_cuda(per_tensor):
 # ---------------------------------------------------------------- sharded (DTensor) params, two processes
 
 
-def _sharded_worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+def _sharded_worker(rank: int, out: str) -> None:
+    # A file rendezvous: no port to pick, so no race with other processes for it.
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
     torch.set_num_threads(1)
     result = {"ok": True}
     try:
@@ -311,10 +311,7 @@ def _sharded_worker(rank: int, port: int, out: str) -> None:
 def test_sharded_counts_equal_one_process(tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch was built without torch.distributed / gloo")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.start_processes(_sharded_worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    torch.multiprocessing.start_processes(_sharded_worker, args=(str(tmp_path),), nprocs=2, start_method="spawn")
     results = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
     for rank, result in enumerate(results):
         assert result["ok"], f"rank {rank}:\n{result.get('error')}"
