@@ -213,7 +213,7 @@ def report_path(name: str, config: Configuration, arch: int) -> dict:
     )
 
 
-def host_time_ms(tensors: int = 300, steps: int = 30) -> dict:
+def host_time_ms(tensors: int = 300, steps: int = 200) -> dict:
     """Host CPU time of one ``selopt.MoFO`` step (exact path) for a model of ``tensors`` tensors.
 
     CPU tensors stand in for CUDA ones under the compile-only driver, so each
