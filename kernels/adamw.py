@@ -140,6 +140,8 @@ def prepare_adamw(
     found_inf: Tensor | None = None,
     selections: Sequence[Tensor | None] | None = None,
     cache: tables.PlanCache | None = None,
+    whole_numels: list[int] | None = None,
+    combine: Callable[[Tensor], None] | None = None,
 ) -> PreparedStep:
     """Compile one step of the bucket; nothing is written until the returned step is called.
 
@@ -149,21 +151,11 @@ def prepare_adamw(
     ``cache`` keeps the launch plans between steps (an optimizer owns one);
     without it every call builds its plan. A kernel that cannot compile raises
     :class:`~selopt.kernels.launch.KernelCompileError` with every tensor untouched.
-    """
-    return prepare_shards(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, options=options,
-                          soft_masks=soft_masks, rounding_seeds=rounding_seeds, grad_scale=grad_scale,
-                          found_inf=found_inf, selections=selections, cache=cache)
 
-
-def prepare_shards(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, options: AdamWOptions,
-                   soft_masks=None, rounding_seeds=None, grad_scale=None, found_inf=None, selections=None,
-                   cache: tables.PlanCache | None = None, whole_numels: list[int] | None = None,
-                   combine: Callable[[Tensor], None] | None = None) -> PreparedStep:
-    """:func:`prepare_adamw` for tensors that may be shards of larger ones (:mod:`selopt.distributed`).
-
-    With per-tensor selection (``block_size=None``), ``whole_numels`` gives
-    each whole tensor's size, which k is counted over, and ``combine`` sums
-    each radix round's histograms over the shards before the bins are chosen
+    For shards of larger tensors (:mod:`selopt.distributed`) with per-tensor
+    selection (``block_size=None``): ``whole_numels`` gives each whole
+    tensor's size, which k is counted over, and ``combine`` sums each radix
+    round's histograms over the shards before the bins are chosen
     (:func:`selopt.kernels.exact.exact_adamw_launches`). Other paths are
     elementwise or per local block and ignore both.
     """
@@ -280,5 +272,6 @@ def multi_tensor_adamw_(*args, **kwargs) -> None:
         >>> (p != 0).tolist(), t.item()
         ([False, False, False, True, True, True], 1.0)
     """
-    check_bucket(*args, **{k: v for k, v in kwargs.items() if k not in ("grad_scale", "found_inf", "cache")})
+    unchecked = ("grad_scale", "found_inf", "cache", "whole_numels", "combine")  # not the bucket's tensors
+    check_bucket(*args, **{k: v for k, v in kwargs.items() if k not in unchecked})
     prepare_adamw(*args, **kwargs)()

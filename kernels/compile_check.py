@@ -38,7 +38,7 @@ from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
 from selopt.kernels import block
-from selopt.kernels.adamw import multi_tensor_adamw_, prepare_shards
+from selopt.kernels.adamw import multi_tensor_adamw_, prepare_adamw
 from selopt.kernels.launch import KernelCompileError
 from selopt.options import AdamWOptions
 
@@ -210,8 +210,8 @@ def run_configuration(config: Configuration) -> None:
         selections=[torch.zeros(shape, dtype=torch.bool) for _ in params] if "selections" in opts else None,
     )
     if config.sharded:
-        prepare_shards(*columns, **keywords, whole_numels=[2 * p.numel() for p in params],
-                       combine=lambda counts: None)()
+        prepare_adamw(*columns, **keywords, whole_numels=[2 * p.numel() for p in params],
+                      combine=lambda counts: None)()
     else:
         multi_tensor_adamw_(*columns, **keywords)
 

@@ -276,7 +276,7 @@ def prepare_adamw_on_kernels(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_s
     prepared = []
     for (groups, _), indices in _by_mesh(params).items():
         numels = [params[i].numel() for i in indices]  # a DTensor's numel is the whole tensor's
-        prepared.append(kernels.prepare_shards(
+        prepared.append(kernels.prepare_adamw(
             pick(shards.params, indices), pick(shards.grads, indices), pick(shards.exp_avgs, indices),
             pick(shards.exp_avg_sqs, indices), pick(shards.max_exp_avg_sqs, indices), pick(state_steps, indices),
             soft_masks=pick(shards.soft_masks, indices), rounding_seeds=pick(rounding_seeds, indices),
