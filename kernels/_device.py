@@ -34,7 +34,8 @@ COL_FIRST_PROGRAM = tl.constexpr(11)  # index of the row's first program in the 
 COL_OFFSET = tl.constexpr(12)  # where the row starts inside its tensor
 COL_TENSOR = tl.constexpr(13)  # index of the row's tensor in the bucket (its step-scalars row)
 COL_ROUNDING_SEED = tl.constexpr(14)  # address of the tensor's int64 stochastic-rounding seed, or 0
-NUM_COLUMNS = tl.constexpr(15)
+COL_CANDIDATES = tl.constexpr(15)  # address of the row's int32 candidate list (exact path), or 0
+NUM_COLUMNS = tl.constexpr(16)
 
 # Per tensor: step size, 1 / sqrt(bias correction 2), decay factor, step count before the update.
 SCALAR_STEP_SIZE = tl.constexpr(0)
@@ -45,6 +46,18 @@ STEP_SCALARS = tl.constexpr(4)
 
 # Counters per row in the exact path's histogram: the widest radix round's bins.
 RADIX_BINS = tl.constexpr(selection.RADIX_BINS)
+
+# The exact path's per-row select state (int64), kept from one step to the next (selopt.kernels.exact).
+STATE_PREFIX = tl.constexpr(0)  # the key bits found so far, relative to STATE_BASE
+STATE_RANK = tl.constexpr(1)  # the rank still to find among the keys that share the prefix
+STATE_BASE = tl.constexpr(2)  # what the refinement rounds subtract from a key: 0, or the window's low end
+STATE_FROM_LIST = tl.constexpr(3)  # 1: the refinement rounds read the candidate list instead of m
+STATE_THRESHOLD = tl.constexpr(4)  # the last threshold found: this step's selection, the next step's hint
+STATE_WINDOW_BITS = tl.constexpr(5)  # log2 of the window's width in key units; 0: no window yet
+STATE_LIST_COUNT = tl.constexpr(6)  # keys appended to the candidate list this step (may pass its capacity)
+STATE_COLUMNS = tl.constexpr(8)
+# A row's candidate list holds up to 1/CANDIDATE_SHARE of its entries (rounded up).
+CANDIDATE_SHARE = tl.constexpr(16)
 
 # The key of NaN (and of padding lanes), below every number: never selected (selopt.selection).
 NOT_A_CANDIDATE = tl.constexpr(selection.NOT_A_CANDIDATE)

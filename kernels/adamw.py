@@ -8,7 +8,7 @@ kernels run:
 * ``fraction == 1`` (dense AdamW) or ``block_size <= MAX_BLOCK``: the
   one-pass kernel of :mod:`selopt.kernels.block`, one launch;
 * ``block_size=None`` (one block per tensor, the MoFO paper) or a larger
-  block: the exact radix select of :mod:`selopt.kernels.exact`, seven
+  block: the exact radix select of :mod:`selopt.kernels.exact`, nine
   launches whatever the number of tensors.
 
 :func:`prepare_adamw` has the signature of every implementation of

@@ -13,11 +13,26 @@ its key (:mod:`selopt.selection`), in the rounds of ``selection.RADIX_ROUNDS``:
 4. the same for the last 10 bits: the exact threshold;
 5. the masked update, as the one-pass kernel's.
 
-Seven launches for the whole bucket (after the step's scalars,
-:mod:`selopt.kernels.steps`) and no host synchronisation; scratch is a
-histogram of ``d.RADIX_BINS`` counters and two scalars per row, never per
-element. Bytes per fp32 element: 20 (moments) + 4 + 4 (two rereads of m) +
-16 (update) = 44, against 28 for AdamW.
+Rounds 3 and 4 would read ``m`` twice more (44 B per fp32 entry against
+AdamW's 28). Mostly they need not: ``|m|`` moves little from one step to the
+next, so its k-th largest key tends to stay near the last step's threshold.
+Step 1 also appends the keys inside a *window* around that threshold to a
+per-row *candidate list* (at most 1/``CANDIDATE_SHARE`` of the row) and counts
+the keys above the window. When the k-th largest key falls inside the window
+and the list held every key of it, rounds 3 and 4 read the list instead of
+``m`` (keys relative to the window's low end, so the same rounds apply), and
+the step moves 20 (moments) + 16 (update) = 36 B per fp32 entry plus at most
+12 / ``CANDIDATE_SHARE`` B of list. Otherwise they read ``m`` as above. The
+threshold is exact either way: the window only chooses what the rounds read.
+The window is centred on the last threshold, narrows after a step whose list
+overflowed and widens while every list stays at most half full.
+
+Nine launches for the whole bucket (after the step's scalars,
+:mod:`selopt.kernels.steps`): in each refinement round a row's programs work
+in one of two kernels, over the list or over ``m``, and stop at once in the
+other. No host synchronisation; scratch per row is a histogram of
+``d.RADIX_BINS`` counters, the select state (``d.STATE_*``, kept between
+steps) and the candidate list.
 """
 
 import functools
@@ -36,9 +51,26 @@ from selopt.kernels.steps import step_scalars_launch
 CHUNK = 4096
 # The rounds of selopt.selection for int32 keys. The first round sees every key and uses a register
 # histogram (8 exponent bits + 2 mantissa bits: its cost grows with the bins, so few); the others
-# see only the boundary bin's keys.
+# see only the boundary bin's keys, or the candidate list.
 ROUNDS = selection.RADIX_ROUNDS[torch.int32]
+(FIRST_SHIFT, FIRST_BITS), *REFINEMENTS = ROUNDS
 _NUM_WARPS = 8
+
+# Four counters per row after the first round's bins, so that a sharded tensor's all-reduce of that
+# round's histogram sums them too: keys above the window, keys inside it, lists more than half full,
+# lists that overflowed.
+_ABOVE_WINDOW = tl.constexpr(1 << FIRST_BITS)
+_IN_WINDOW = tl.constexpr((1 << FIRST_BITS) + 1)
+_CROWDED = tl.constexpr((1 << FIRST_BITS) + 2)
+_OVERFLOWED = tl.constexpr((1 << FIRST_BITS) + 3)
+FIRST_ROUND_COUNTERS = (1 << FIRST_BITS) + 4
+assert FIRST_ROUND_COUNTERS <= selection.RADIX_BINS
+# Keys relative to the window's low end have only the refinement rounds' bits: the window is at most
+# that wide (a quarter octave of |m|), starts an eighth of an octave wide, and never reaches past
+# the largest key.
+_MAX_WINDOW_BITS = tl.constexpr(FIRST_SHIFT)
+_FIRST_WINDOW_BITS = tl.constexpr(FIRST_SHIFT - 1)
+_MAX_WINDOW_LOW = tl.constexpr(2**31 - 1 - (1 << FIRST_SHIFT))
 
 
 @triton.jit
@@ -61,9 +93,49 @@ def _accumulate_histogram(histogram_row_ptr, key, prefix, BIN_SHIFT: tl.constexp
 
 
 @triton.jit
+def _window(state):
+    """The row's candidate window, [low, low + width) in key units, centred on the last threshold (width 0: none)."""
+    bits = tl.load(state + d.STATE_WINDOW_BITS).to(tl.int32)
+    width = tl.where(bits > 0, 1 << bits, 0)
+    low = tl.load(state + d.STATE_THRESHOLD).to(tl.int32) - width // 2
+    return tl.minimum(tl.maximum(low, 0), _MAX_WINDOW_LOW), width
+
+
+@triton.jit
+def _candidates(row_ptr):
+    """The row's candidate list and its capacity."""
+    capacity = (tl.load(row_ptr + d.COL_NUMEL) + d.CANDIDATE_SHARE - 1) // d.CANDIDATE_SHARE
+    return tl.load(row_ptr + d.COL_CANDIDATES).to(tl.pointer_type(tl.int32)), capacity
+
+
+@triton.jit
+def _collect_candidates(row_ptr, state, histogram_row_ptr, key):
+    """Append the tile's keys inside the window to the row's list; count them and the keys above it."""
+    low, width = _window(state)
+    if width > 0:
+        inside = (key >= low) & (key - low < width)
+        inside_count = tl.sum(inside.to(tl.int32), axis=0)
+        above_count = tl.sum((key >= low + width).to(tl.int32), axis=0)
+        tl.atomic_add(histogram_row_ptr + _ABOVE_WINDOW, above_count.to(tl.int64), sem="relaxed")
+        if inside_count > 0:
+            tl.atomic_add(histogram_row_ptr + _IN_WINDOW, inside_count.to(tl.int64), sem="relaxed")
+            # One atomic per tile reserves its slots; the scan places each key in them, in lane order.
+            first = tl.atomic_add(state + d.STATE_LIST_COUNT, inside_count.to(tl.int64), sem="relaxed")
+            slots = first + tl.cumsum(inside.to(tl.int32), axis=0) - 1
+            candidates, capacity = _candidates(row_ptr)
+            tl.store(candidates + slots, key, mask=inside & (slots < capacity))
+            # The reservations tile [0, keys in the window): one tile crosses each mark the list passes.
+            last = first + inside_count
+            if (first <= capacity // 2) & (last > capacity // 2):
+                tl.atomic_add(histogram_row_ptr + _CROWDED, 1, sem="relaxed")
+            if (first <= capacity) & (last > capacity):
+                tl.atomic_add(histogram_row_ptr + _OVERFLOWED, 1, sem="relaxed")
+
+
+@triton.jit
 def _moments_histogram_kernel(
-    table, program_rows, histogram, beta2, lerp_weight, one_minus_beta2, grad_scale_ptr, found_inf_ptr,
-    CHUNK: tl.constexpr, ALIGNED: tl.constexpr, BIN_SHIFT: tl.constexpr, BIN_BITS: tl.constexpr,
+    table, program_rows, histogram, select_state, beta2, lerp_weight, one_minus_beta2, grad_scale_ptr,
+    found_inf_ptr, CHUNK: tl.constexpr, ALIGNED: tl.constexpr, BIN_SHIFT: tl.constexpr, BIN_BITS: tl.constexpr,
     PARAM_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     SOFT_MASK: tl.constexpr, SOFT_MASK_ON_GRAD: tl.constexpr, GRAD_SCALE: tl.constexpr,
     FOUND_INF: tl.constexpr, LERP_FROM_END: tl.constexpr,
@@ -75,42 +147,105 @@ def _moments_histogram_kernel(
     m, _ = d.update_moments(row_ptr, start, lanes, in_block, store_mask, g, lerp_weight, beta2,
                             one_minus_beta2, AMSGRAD, LERP_FROM_END, MOMENT_DTYPE, ALIGNED)
     key = d.magnitude_key(m, in_block)
-    _accumulate_histogram(histogram + row.to(tl.int64) * d.RADIX_BINS, key, 0, BIN_SHIFT, BIN_BITS, SPARSE=False)
+    histogram_row = histogram + row.to(tl.int64) * d.RADIX_BINS
+    _accumulate_histogram(histogram_row, key, 0, BIN_SHIFT, BIN_BITS, SPARSE=False)
+    _collect_candidates(row_ptr, select_state + row.to(tl.int64) * d.STATE_COLUMNS, histogram_row, key)
 
 
 @triton.jit
-def _refine_histogram_kernel(
+def _refine_from_m_kernel(
     table, program_rows, histogram, select_state,
     CHUNK: tl.constexpr, ALIGNED: tl.constexpr, BIN_SHIFT: tl.constexpr, BIN_BITS: tl.constexpr,
     MOMENT_DTYPE: tl.constexpr,
 ):
+    """A refinement round over ``m``, for the rows whose window missed; the others' programs stop at once."""
     row, row_ptr, start, lanes, in_block, _ = d.tile_of(table, program_rows, table, CHUNK, False, ALIGNED)
-    prefix = tl.load(select_state + row.to(tl.int64) * 2)
-    m = tl.load(d.stream(row_ptr, d.COL_EXP_AVG, start, lanes, MOMENT_DTYPE, ALIGNED), mask=in_block, other=0.0)
-    key = d.magnitude_key(m.to(tl.float32), in_block)
-    _accumulate_histogram(histogram + row.to(tl.int64) * d.RADIX_BINS, key, prefix, BIN_SHIFT, BIN_BITS, SPARSE=True)
+    state = select_state + row.to(tl.int64) * d.STATE_COLUMNS
+    if tl.load(state + d.STATE_FROM_LIST) == 0:
+        m = tl.load(d.stream(row_ptr, d.COL_EXP_AVG, start, lanes, MOMENT_DTYPE, ALIGNED), mask=in_block, other=0.0)
+        key = d.magnitude_key(m.to(tl.float32), in_block)
+        _accumulate_histogram(histogram + row.to(tl.int64) * d.RADIX_BINS, key, tl.load(state + d.STATE_PREFIX),
+                              BIN_SHIFT, BIN_BITS, SPARSE=True)
 
 
 @triton.jit
-def _select_bin_kernel(table, histogram, select_state, FIRST_ROUND: tl.constexpr, BIN_BITS: tl.constexpr):
+def _refine_from_list_kernel(
+    table, program_rows, histogram, select_state,
+    CHUNK: tl.constexpr, BIN_SHIFT: tl.constexpr, BIN_BITS: tl.constexpr,
+):
+    """A refinement round over the candidate list, for the rows whose window holds the k-th largest key.
+
+    The list's keys, relative to the window's low end, are all the round
+    needs. It spans at most 1/``d.CANDIDATE_SHARE`` of the row's programs;
+    the others, and those of the rows that read ``m``, stop at once.
+    """
+    row, row_ptr, start, lanes, _, _ = d.tile_of(table, program_rows, table, CHUNK, False, False)
+    state = select_state + row.to(tl.int64) * d.STATE_COLUMNS
+    candidates, capacity = _candidates(row_ptr)
+    listed = tl.minimum(tl.load(state + d.STATE_LIST_COUNT), capacity) - start
+    if (tl.load(state + d.STATE_FROM_LIST) != 0) & (listed > 0):
+        in_list = lanes < listed.to(tl.int32)
+        key = tl.load(candidates + start + lanes, mask=in_list, other=0)
+        key = tl.where(in_list, key - tl.load(state + d.STATE_BASE).to(tl.int32), d.NOT_A_CANDIDATE)
+        _accumulate_histogram(histogram + row.to(tl.int64) * d.RADIX_BINS, key, tl.load(state + d.STATE_PREFIX),
+                              BIN_SHIFT, BIN_BITS, SPARSE=True)
+
+
+@triton.jit
+def _read_from_list_or_m(histogram_row_ptr, state, k, prefix, rank):
+    """After the first round: read the candidate list when it holds the k-th largest key, else ``m``;
+    then move the window for the next step."""
+    low, width = _window(state)
+    above_window = tl.load(histogram_row_ptr + _ABOVE_WINDOW)
+    overflowed = tl.load(histogram_row_ptr + _OVERFLOWED)
+    in_list = (width > 0) & (overflowed == 0) & (above_window < k) & (
+        k <= above_window + tl.load(histogram_row_ptr + _IN_WINDOW))
+    tl.store(state + d.STATE_PREFIX, tl.where(in_list, 0, prefix))
+    tl.store(state + d.STATE_RANK, tl.where(in_list, k - above_window, rank))
+    tl.store(state + d.STATE_BASE, tl.where(in_list, low, 0).to(tl.int64))
+    tl.store(state + d.STATE_FROM_LIST, in_list.to(tl.int64))
+    # As wide as the list holds, which catches the most movement of the threshold: narrower after an
+    # overflow, wider while every list stays at most half full (a power of two wider about doubles
+    # its keys). The window is re-centred on every threshold.
+    bits = tl.load(state + d.STATE_WINDOW_BITS)
+    crowded = tl.load(histogram_row_ptr + _CROWDED)
+    bits = tl.where(overflowed > 0, tl.maximum(bits - 1, 1),
+                    tl.where(crowded == 0, tl.minimum(bits + 1, _MAX_WINDOW_BITS), bits))
+    tl.store(state + d.STATE_WINDOW_BITS, tl.where(width > 0, bits, _FIRST_WINDOW_BITS))
+
+
+@triton.jit
+def _select_bin_kernel(table, histogram, select_state, FIRST_ROUND: tl.constexpr, LAST_ROUND: tl.constexpr,
+                       BIN_BITS: tl.constexpr):
     """One program per row: the bin that holds the k-th largest key, then clear the histogram."""
     row = tl.program_id(0).to(tl.int64)
+    histogram_row = histogram + row * d.RADIX_BINS
+    state = select_state + row * d.STATE_COLUMNS
     bins = tl.arange(0, 1 << BIN_BITS)
-    counts = tl.load(histogram + row.to(tl.int64) * d.RADIX_BINS + bins)
+    counts = tl.load(histogram_row + bins)
     if FIRST_ROUND:
         rank = tl.load(table + row * d.NUM_COLUMNS + d.COL_K_FULL)
         prefix = rank * 0
     else:
-        prefix = tl.load(select_state + row.to(tl.int64) * 2)
-        rank = tl.load(select_state + row.to(tl.int64) * 2 + 1)
+        prefix = tl.load(state + d.STATE_PREFIX)
+        rank = tl.load(state + d.STATE_RANK)
     at_or_above = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts
     # The highest bin with at least `rank` keys at or above it. When there are fewer candidates
     # than `rank` (NaNs), no bin qualifies, bin 0 is taken every round: threshold 0 selects them all.
     boundary = tl.max(tl.where(at_or_above >= rank, bins, 0), axis=0)
     above = tl.sum(tl.where(bins > boundary, counts, 0), axis=0)
-    tl.store(select_state + row.to(tl.int64) * 2, (prefix << BIN_BITS) | boundary)
-    tl.store(select_state + row.to(tl.int64) * 2 + 1, rank - above)
-    tl.store(histogram + row.to(tl.int64) * d.RADIX_BINS + bins, tl.zeros_like(counts))
+    prefix = (prefix << BIN_BITS) | boundary
+    if LAST_ROUND:
+        tl.store(state + d.STATE_THRESHOLD, tl.load(state + d.STATE_BASE) + prefix)
+        tl.store(state + d.STATE_LIST_COUNT, 0)
+    elif FIRST_ROUND:
+        _read_from_list_or_m(histogram_row, state, rank, prefix, rank - above)
+        counters = _ABOVE_WINDOW + tl.arange(0, 4)
+        tl.store(histogram_row + counters, tl.zeros_like(counters).to(tl.int64))
+    else:
+        tl.store(state + d.STATE_PREFIX, prefix)
+        tl.store(state + d.STATE_RANK, rank - above)
+    tl.store(histogram_row + bins, tl.zeros_like(counts))
 
 
 @triton.jit
@@ -128,7 +263,8 @@ def _exact_update_kernel(
     second_column = d.COL_MAX_EXP_AVG_SQ if AMSGRAD else d.COL_EXP_AVG_SQ
     second_moment = tl.load(d.stream(row_ptr, second_column, start, lanes, MOMENT_DTYPE, ALIGNED),
                             mask=in_block, other=0.0).to(tl.float32)
-    selected = d.magnitude_key(m, in_block) >= tl.load(select_state + row.to(tl.int64) * 2).to(tl.int32)
+    threshold = tl.load(select_state + row.to(tl.int64) * d.STATE_COLUMNS + d.STATE_THRESHOLD).to(tl.int32)
+    selected = d.magnitude_key(m, in_block) >= threshold
     scale = 1.0
     if SOFT_MASK_ON_UPDATE:
         scale = d.load_soft_mask(row_ptr, start, lanes, in_block)
@@ -147,24 +283,30 @@ def exact_adamw_launches(plan, values: dict, combine: Callable[[Tensor], None] |
     """
     grid, per_row = (plan.num_programs,), (plan.num_rows,)
     values = {**values, "CHUNK": CHUNK}
-    (shift, bits), *refinements = ROUNDS
     launches = [
         step_scalars_launch(plan, values),
-        Launch.bind(_moments_histogram_kernel, grid, {**values, "BIN_SHIFT": shift, "BIN_BITS": bits}, _NUM_WARPS),
-        *_combined(plan, bits, combine),
-        Launch.bind(_select_bin_kernel, per_row, {**values, "FIRST_ROUND": True, "BIN_BITS": bits}, _NUM_WARPS),
+        Launch.bind(_moments_histogram_kernel, grid, {**values, "BIN_SHIFT": FIRST_SHIFT, "BIN_BITS": FIRST_BITS},
+                    _NUM_WARPS),
+        # The window's counters travel with the first round's histogram.
+        *_combined(plan, FIRST_ROUND_COUNTERS, combine),
+        Launch.bind(_select_bin_kernel, per_row,
+                    {**values, "FIRST_ROUND": True, "LAST_ROUND": False, "BIN_BITS": FIRST_BITS}, _NUM_WARPS),
     ]
-    for shift, bits in refinements:
+    for index, (shift, bits) in enumerate(REFINEMENTS):
         launches += [
-            Launch.bind(_refine_histogram_kernel, grid, {**values, "BIN_SHIFT": shift, "BIN_BITS": bits}, _NUM_WARPS),
-            *_combined(plan, bits, combine),
-            Launch.bind(_select_bin_kernel, per_row, {**values, "FIRST_ROUND": False, "BIN_BITS": bits}, _NUM_WARPS),
+            # Each row reads either its list or m: one of the two launches does its work.
+            Launch.bind(_refine_from_list_kernel, grid, {**values, "BIN_SHIFT": shift, "BIN_BITS": bits}, _NUM_WARPS),
+            Launch.bind(_refine_from_m_kernel, grid, {**values, "BIN_SHIFT": shift, "BIN_BITS": bits}, _NUM_WARPS),
+            *_combined(plan, 1 << bits, combine),
+            Launch.bind(_select_bin_kernel, per_row, {**values, "FIRST_ROUND": False,
+                                                      "LAST_ROUND": index == len(REFINEMENTS) - 1,
+                                                      "BIN_BITS": bits}, _NUM_WARPS),
         ]
     launches.append(Launch.bind(_exact_update_kernel, grid, values, _NUM_WARPS))
     return launches
 
 
-def _combined(plan, bits: int, combine: Callable[[Tensor], None] | None) -> list:
+def _combined(plan, counters: int, combine: Callable[[Tensor], None] | None) -> list:
     if combine is None:
         return []
-    return [functools.partial(combine, plan.histogram[:, :1 << bits])]
+    return [functools.partial(combine, plan.histogram[:, :counters])]

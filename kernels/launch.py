@@ -1,7 +1,7 @@
 """Kernel launches as data: compile every kernel of a step before the first one runs.
 
 A step is a short list of :class:`Launch` records (one for the one-pass
-kernel, seven for the exact path). :func:`compile_launches` compiles all of them
+kernel, nine for the exact path). :func:`compile_launches` compiles all of them
 before any is launched, so a kernel that cannot compile for this GPU or this
 Triton raises :class:`KernelCompileError` while every tensor is still
 untouched, and the optimizer can fall back to the reference for that bucket.

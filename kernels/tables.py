@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -32,8 +33,10 @@ class Plan:
     num_rows: int
     num_programs: int
     aligned: bool  # 16-byte aligned addresses, rows of a multiple of 8 elements: 128-bit accesses
-    histogram: Tensor | None  # int64 [rows, d.RADIX_BINS], zero between launches (exact path)
-    select_state: Tensor | None  # int64 [rows, 2]: key prefix and rank left (exact path)
+    # Exact path: radix scratch, shared by the plans of the same params (selopt.kernels.exact).
+    histogram: Tensor | None  # int64 [rows, d.RADIX_BINS], zero between launches
+    select_state: Tensor | None  # int64 [rows, d.STATE_COLUMNS], kept between steps
+    candidates: Tensor | None  # int32: the rows' candidate lists, which the table addresses
 
     def arguments(self) -> dict:
         """The plan's kernel arguments, by the kernels' parameter names (and ALIGNED, a constexpr)."""
@@ -58,6 +61,12 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+class RadixScratch(NamedTuple):
+    histogram: Tensor
+    select_state: Tensor
+    candidates: Tensor
+
+
 class PlanCache:
     """The plans and radix scratch of one optimizer: built on first use, reused while tensors stay put.
 
@@ -70,7 +79,7 @@ class PlanCache:
         self.size = size
         self._plans: OrderedDict[tuple, Plan] = OrderedDict()
         self._captured: dict[tuple, Plan] = {}
-        self._scratch: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._scratch: OrderedDict[tuple, RadixScratch] = OrderedDict()
 
     def clear(self) -> None:
         """Forget every plan and the scratch (after a load_state_dict, say); captured graphs keep theirs."""
@@ -100,21 +109,36 @@ class PlanCache:
         if len(self._plans) > self.size:
             self._plans.popitem(last=False)
 
-    def radix_scratch(self, device: torch.device, num_rows: int) -> tuple[Tensor, Tensor]:
-        """Histogram and select state for ``num_rows`` rows, shared by every plan of that many rows.
+    def selection_states(self) -> list[tuple[tuple[int, ...], Tensor]]:
+        """The exact path's select state of each param set: (the params' addresses, ``[rows, d.STATE_COLUMNS]``).
 
-        The kernels leave the histogram zeroed and run in stream order, so one
-        copy serves all plans. With gradients reallocated each step (zero_grad's
-        default), each new address set is a new plan; per-plan histograms (16 KiB
-        a row) would pile up to ``size`` copies.
+        For diagnostics: ``bench.window`` reads which rows were refined from their candidate list.
         """
-        key = (device, num_rows)
-        if key not in self._scratch:
-            self._scratch[key] = (
-                torch.zeros(num_rows, d.RADIX_BINS.value, dtype=torch.int64, device=device),
-                torch.zeros(num_rows, 2, dtype=torch.int64, device=device),
+        return [(key[1], scratch.select_state) for key, scratch in self._scratch.items()]
+
+    def radix_scratch(self, device: torch.device, params: list[Tensor], row_numels: list[int]) -> RadixScratch:
+        """The exact path's scratch for ``params`` cut into rows of ``row_numels``: one per param set.
+
+        Keyed by the params, not by the plan: with gradients reallocated each
+        step (zero_grad's default) each new address set is a new plan, and the
+        select state must outlive it, since each step's threshold is the next
+        step's hint. The histogram is left zeroed by the kernels. The most
+        recent ``size`` param sets are kept.
+        """
+        key = (device, tuple([p.data_ptr() for p in params]), tuple(row_numels))
+        scratch = self._scratch.get(key)
+        if scratch is None:
+            capacity = sum(-(-n // d.CANDIDATE_SHARE.value) for n in row_numels)
+            rows = len(row_numels)
+            scratch = self._scratch[key] = RadixScratch(
+                torch.zeros(rows, d.RADIX_BINS.value, dtype=torch.int64, device=device),
+                torch.zeros(rows, d.STATE_COLUMNS.value, dtype=torch.int64, device=device),
+                torch.empty(capacity, dtype=torch.int32, device=device),
             )
-        return self._scratch[key]
+            if len(self._scratch) > self.size:
+                self._scratch.popitem(last=False)
+        self._scratch.move_to_end(key)
+        return scratch
 
 
 def plan_for(cache: PlanCache, params: list, grads: list, exp_avgs: list, exp_avg_sqs: list,
@@ -184,11 +208,17 @@ def _build_plan(cache: PlanCache, columns: tuple, program_size: int, row_size: i
     streams = (d.COL_PARAM, d.COL_GRAD, d.COL_EXP_AVG, d.COL_EXP_AVG_SQ, d.COL_MAX_EXP_AVG_SQ)
     aligned = program_size % 8 == 0 and all(
         row[d.COL_NUMEL.value] % 8 == 0 and all(row[c.value] % 16 == 0 for c in streams) for row in rows)
+    scratch = None
+    if select_per_row:
+        scratch = cache.radix_scratch(device, params, [row[d.COL_NUMEL.value] for row in rows])
+        address = scratch.candidates.data_ptr()
+        for row in rows:
+            row[d.COL_CANDIDATES.value] = address
+            address += -(-row[d.COL_NUMEL.value] // d.CANDIDATE_SHARE.value) * scratch.candidates.element_size()
     num_rows, num_programs, num_tensors = len(rows), len(program_rows), len(params)
     # One host-to-device copy for the table, the program map and the step addresses.
     packed = _to_device([x for row in rows for x in row] + program_rows + [step.data_ptr() for step in steps], device)
     table_end = num_rows * d.NUM_COLUMNS.value
-    histogram, select_state = cache.radix_scratch(device, num_rows) if select_per_row else (None, None)
     return Plan(
         table=packed[:table_end].view(num_rows, d.NUM_COLUMNS.value),
         program_rows=packed[table_end:table_end + num_programs],
@@ -198,6 +228,7 @@ def _build_plan(cache: PlanCache, columns: tuple, program_size: int, row_size: i
         num_rows=num_rows,
         num_programs=num_programs,
         aligned=aligned,
-        histogram=histogram,
-        select_state=select_state,
+        histogram=None if scratch is None else scratch.histogram,
+        select_state=None if scratch is None else scratch.select_state,
+        candidates=None if scratch is None else scratch.candidates,
     )

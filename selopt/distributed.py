@@ -25,8 +25,9 @@ Bytes exchanged (the all-reduced payload per rank per step, counted in
 :data:`traffic` and predicted by :func:`selection_bytes_per_step`): one count
 per bin of every round, int32 while the tensor has fewer than 2**31 entries
 (int64 beyond): ``(1024 + 2048 + 1024) * 4`` B = 16 KiB per exactly-selected
-sharded tensor for fp32/bf16/fp16 params, and 36 KiB for fp64 (six rounds),
-whatever the tensor's size (a ring all-reduce moves about twice the payload
+sharded tensor for fp32/bf16/fp16 params (16 B more on the kernels, whose
+first round also sums the four counters of their candidate window), and
+36 KiB for fp64 (six rounds), whatever the tensor's size (a ring all-reduce moves about twice the payload
 per rank on the wire). That is twice the 8 KiB of the earlier torch-only
 select (four rounds of 256 int64 bins): the rounds are the kernels' (10, 11
 and 10 bits, which keep their register histograms small), and one algorithm
@@ -142,9 +143,25 @@ def selection_bytes_per_step(optimizer: torch.optim.Optimizer) -> int:
             n_groups = len(shard_groups(p))
             if n_groups:
                 key_dtype = torch.int64 if p.dtype == torch.float64 else torch.int32
-                bins = sum(1 << bits for _, bits in selection.RADIX_ROUNDS[key_dtype])
+                bins = sum(1 << bits for _, bits in selection.RADIX_ROUNDS[key_dtype]) + _window_counters(p, group)
                 total += n_groups * bins * _count_dtype([p.numel()]).itemsize
     return total
+
+
+def _window_counters(param: Tensor, group: dict) -> int:
+    """The counters the kernels' exact path adds to its first round's histogram (its candidate window)."""
+    # Imported here: both import this module.
+    from selopt import functional
+    from selopt.optim import moment_dtype
+
+    options = AdamWOptions.from_group(group)
+    implementation = functional.choose_implementation(
+        param.device, param.dtype, moment_dtype(param.dtype, options.moment_dtype), sharded=True, options=options)
+    if implementation is not functional.SHARDED_TRITON:
+        return 0
+    from selopt.kernels import exact
+
+    return exact.FIRST_ROUND_COUNTERS - (1 << exact.FIRST_BITS)
 
 
 def _count_dtype(numels: list[int]) -> torch.dtype:

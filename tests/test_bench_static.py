@@ -37,3 +37,18 @@ def test_quick_report_compiles_without_spills_on_sm_90():
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "path" not in line]
     assert len(rows) == len(static.QUICK)
     assert all("| no |" in row for row in rows)  # the spills column
+
+
+def test_exact_path_bytes_count_the_list_when_the_window_holds_and_m_when_it_misses():
+    # Per fp32 entry: moments 20 + list written <= 4/16, update 16; the refinement rounds read
+    # the list (<= 4/16 each) or, when the window missed, m (4 each).
+    config = static.PATHS["exact fp32"]
+
+    def total(window_missed):
+        return sum(static.working_share(name, window_missed) * static.streamed_bytes(
+            static.Compiled(name, {}, None), config) for name in (
+            "_moments_histogram_kernel", "_refine_from_list_kernel", "_refine_from_m_kernel",
+            "_refine_from_list_kernel", "_refine_from_m_kernel", "_exact_update_kernel"))
+
+    assert total(window_missed=False) == 36.75
+    assert total(window_missed=True) == 44.25

@@ -209,6 +209,15 @@ def _scenario_kernels_dtensor(tmp):
             assert distributed.traffic.bytes == STEPS * per_step
             assert distributed.traffic.all_reduces == (STEPS * 3 if name == "exact" else 0)
             report[f"{dtype} {name}"] = per_step // len(shapes)
+    # A threshold that holds still (beta1 = 0 and the same gradient every step): after the first
+    # steps every shard refines from its candidate list, choosing so from the summed counters.
+    opt, _ = _dtensor_run([(40, 130)], [Shard(0)], torch.float32,
+                          lambda ps: selopt.MoFO(ps, lr=0.05, betas=(0.0, 0.999), fraction=0.3, backend="triton"),
+                          lambda step, i, shape, dtype: torch.randn(shape, generator=torch.Generator().manual_seed(i)))
+    from selopt.kernels import _device
+
+    (_, state), = opt._caches["sharded triton"].selection_states()
+    assert state[:, _device.STATE_FROM_LIST.value].tolist() == [1], state
     return report
 
 
@@ -225,7 +234,9 @@ def _scenario_hsdp_meshes(tmp):
                               lambda ps: selopt.MoFO(ps, lr=0.05, weight_decay=0.0, fraction=0.3, backend=backend),
                               _tie_heavy_grad, mesh_shape=mesh_shape)
         sharded_over = mesh_shape[1] > 1
-        assert distributed.selection_bytes_per_step(opt) == (len(shapes) * 4096 * 4 if sharded_over else 0)
+        # The kernels also sum their candidate window's four counters with the first round.
+        counts_per_tensor = 4096 + (4 if backend == "triton" else 0)
+        assert distributed.selection_bytes_per_step(opt) == (len(shapes) * counts_per_tensor * 4 if sharded_over else 0)
         assert distributed.traffic.bytes == STEPS * distributed.selection_bytes_per_step(opt)
 
 

@@ -139,6 +139,74 @@ def test_exact_path_matches_reference(block_size, fraction):
     bucket.check(**options)
 
 
+WINDOW_SHAPES = [(5000,), (3, exact.CHUNK + 3), (40, 130), (1,), (0,)]
+
+
+def window_steps(bucket: Bucket, grads, options: dict) -> list[list[int]]:
+    """Step the bucket once per entry of ``grads`` (a function of the step), checking every step;
+    returns, per step, which rows refined their threshold from the candidate list (1) or from m (0)."""
+    from_list = []
+    for step in range(len(grads)):
+        for g, shape in zip(bucket.grads, bucket.shapes):
+            g.copy_(grads[step](shape))
+        bucket.before = bucket.snapshot()
+        bucket.step(**options)
+        bucket.check(**options)
+        (_, state), = bucket.cache.selection_states()
+        from_list.append(state[:, exact.d.STATE_FROM_LIST.value].tolist())
+    return from_list
+
+
+def test_exact_path_refines_from_the_candidate_list_while_the_threshold_holds_still():
+    # m already near steady gradients: the threshold barely moves, so after the first step (no
+    # window yet) and at most a step of narrowing the window, refinement reads the list, not m.
+    bucket = Bucket(WINDOW_SHAPES, seed=21)
+    gen = torch.Generator().manual_seed(0)
+    steady = {s: torch.randn(s, generator=gen) for s in bucket.shapes}
+    for m, shape in zip(bucket.exp_avgs, bucket.shapes):
+        m.copy_(steady[shape])
+
+    def grads(shape):
+        return steady[shape] + 0.01 * torch.randn(shape, generator=gen)
+
+    from_list = window_steps(bucket, [grads] * 5, dict(HYPER, fraction=0.15, block_size=None))
+    assert from_list[0] == [0] * len(WINDOW_SHAPES)  # no window before the first threshold
+    assert from_list[-1][:3] == [1, 1, 1], from_list
+
+
+@pytest.mark.parametrize("case", ["jump", "ties", "nans", "blocks"])
+def test_exact_path_stays_exact_when_the_window_misses(case):
+    # The window is a guess: a threshold that jumps out of it, ties that overflow the list and NaNs
+    # still select exactly what the reference selects, with the refinement reading m instead.
+    bucket = Bucket(WINDOW_SHAPES, seed=22)
+    gen = torch.Generator().manual_seed(1)
+    steady = {s: torch.randn(s, generator=gen) for s in bucket.shapes}
+    for m, shape in zip(bucket.exp_avgs, bucket.shapes):
+        m.copy_(steady[shape])
+
+    def scaled(factor):
+        return lambda shape: factor * (steady[shape] + 0.01 * torch.randn(shape, generator=gen))
+
+    options = dict(HYPER, fraction=0.15, block_size=None)
+    if case == "jump":
+        from_list = window_steps(bucket, [scaled(1.0)] * 3 + [scaled(30.0)], options)
+        assert from_list[2][:3] == [1, 1, 1] and from_list[3][:3] == [0, 0, 0], from_list
+    elif case == "ties":
+        # Every |g| equal: every key in the window, far more than a list holds.
+        from_list = window_steps(bucket, [lambda shape: torch.randint(0, 2, shape, generator=gen) * 2.0 - 1] * 4,
+                                 options)
+        assert all(row[:3] == [0, 0, 0] for row in from_list), from_list
+    elif case == "nans":
+        def nans(shape):
+            return scaled(1.0)(shape).masked_fill(torch.rand(shape, generator=gen) < 0.2, float("nan"))
+        window_steps(bucket, [scaled(1.0)] * 2 + [nans] * 2, options)
+    else:
+        # Blocks above the one-pass limit: one list per block, several rows per tensor.
+        bucket = Bucket([(2 * 3 * block.MAX_BLOCK + 5,)], seed=23)
+        window_steps(bucket, [lambda shape: torch.randn(shape, generator=gen)] * 3,
+                     dict(options, block_size=2 * block.MAX_BLOCK))
+
+
 @pytest.mark.parametrize("block_size", [256, None])
 def test_options_amsgrad_maximize_decay_selected_small_beta1(block_size):
     bucket = Bucket([(7, 65), (1000,)], amsgrad=True, seed=3)
