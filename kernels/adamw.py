@@ -106,6 +106,11 @@ class PreparedStep:
     # Every tensor the launches address by pointer, contiguous copies of strided inputs included:
     # nothing else holds those copies until the launches have run.
     operands: list[list[Tensor | None]]
+    # The launches of this bucket's next step, for the same tensors at the same addresses, from that
+    # step's options (lr, betas, eps, weight decay may change), grad_scale and found_inf: the plan is
+    # reused, so nothing per tensor is looked at. None when the step made contiguous copies (they
+    # are new tensors each step) or exchanges histograms between shards.
+    relaunch: Callable[[AdamWOptions, Tensor | None, Tensor | None], list] | None = None
 
     def __call__(self) -> None:
         for launch in self.launches:
@@ -167,30 +172,42 @@ def prepare_adamw(
     work = [_contiguous(column) for column in columns]
     selections, rounding_seeds = _column(selections, count), _column(rounding_seeds, count)
 
-    scalars = KernelScalars.of(options, device, grad_scale, found_inf)
-    flags = kernel_flags(options, params[0].dtype, exp_avgs[0].dtype, scalars,
-                         has_soft_mask=any(m is not None for m in work[5]),
-                         writes_selection=any(s is not None for s in selections))
     cache = tables.PlanCache() if cache is None else cache
     one_pass = options.dense or (options.block_size is not None and options.block_size <= block.MAX_BLOCK)
     if one_pass:
         program_size = block.DENSE_TILE if options.dense else options.block_size
         plan = tables.plan_for(cache, *work, rounding_seeds, state_steps, selections, program_size=program_size,
                                row_size=None, fraction=options.fraction, select_per_row=False)
-        values = {**plan.arguments(), **scalars._asdict(), **flags}
-        launches = block.block_adamw_launches(plan, values, program_size, options.dense)
     else:
         per_tensor = options.block_size is None
         plan = tables.plan_for(cache, *work, rounding_seeds, state_steps, selections, program_size=exact.CHUNK,
                                row_size=options.block_size, fraction=options.fraction, select_per_row=True,
                                whole_numels=whole_numels if per_tensor else None)
-        launches = exact.exact_adamw_launches(plan, {**plan.arguments(), **scalars._asdict(), **flags},
-                                              combine if per_tensor else None)
-    compile_launches(launches, device)
+        combine = combine if per_tensor else None
+    param_dtype, moment_dtype = params[0].dtype, exp_avgs[0].dtype
+    has_soft_mask = any(m is not None for m in work[5])
+    writes_selection = any(s is not None for s in selections)
+
+    def launches_for(options: AdamWOptions, grad_scale: Tensor | None, found_inf: Tensor | None) -> list:
+        # Only what is per bucket: it holds no tensor of the step, so a kept closure keeps none alive.
+        scalars = KernelScalars.of(options, device, grad_scale, found_inf)
+        flags = kernel_flags(options, param_dtype, moment_dtype, scalars, has_soft_mask=has_soft_mask,
+                             writes_selection=writes_selection)
+        values = {**plan.arguments(), **scalars._asdict(), **flags}
+        if one_pass:
+            launches = block.block_adamw_launches(plan, values, program_size, options.dense)
+        else:
+            launches = exact.exact_adamw_launches(plan, values, combine)
+        compile_launches(launches, device)
+        return launches
+
+    launches = launches_for(options, grad_scale, found_inf)
     write_back = [(original, copy) for index in (0, 2, 3, 4)  # params and moments: what the step writes
                   if work[index] is not columns[index]  # _contiguous returns a column as it is when it can
                   for original, copy in zip(columns[index], work[index]) if copy is not original]
-    return PreparedStep(launches, write_back, work)
+    copied = any(work[index] is not columns[index] for index in range(len(columns)))
+    replayable = not copied and (one_pass or combine is None)
+    return PreparedStep(launches, write_back, work, launches_for if replayable else None)
 
 
 def check_bucket(

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -129,8 +131,10 @@ class AdamW(torch.optim.Optimizer):
 
     def _reset_caches(self) -> None:
         # Derived from the groups and the state, rebuilt when they are replaced: each group's
-        # validated options (by id of the group dict) and each implementation's cache (the kernels' plans).
+        # validated options and last prepared step (by id of the group dict), and each
+        # implementation's cache (the kernels' plans).
         self._options: dict[int, AdamWOptions] = {}
+        self._replays: dict[int, _Replay] = {}
         self._caches: dict[str, object] = {}
 
     def _options_of(self, group: dict) -> AdamWOptions:
@@ -166,7 +170,7 @@ class AdamW(torch.optim.Optimizer):
     def __getstate__(self) -> dict:
         # Soft masks are keyed by param: deepcopy maps them to the copied params along with the state.
         state = {**super().__getstate__(), "_soft_masks": self._soft_masks}
-        for derived in ("_options", "_caches", "_update_tracker"):
+        for derived in ("_options", "_replays", "_caches", "_update_tracker"):
             state.pop(derived, None)
         return state
 
@@ -196,6 +200,7 @@ class AdamW(torch.optim.Optimizer):
         """
         if not any(param is p for group in self.param_groups for p in group["params"]):
             raise ValueError("param is not in this optimizer's param groups")
+        self._replays.clear()  # a replayed step would address the old mask
         if mask is None:
             self._soft_masks.pop(param, None)
             return
@@ -288,6 +293,10 @@ class AdamW(torch.optim.Optimizer):
         work = []
         for group in self.param_groups:
             options = self._options_of(group)
+            replay = self._replay_of(group, options)
+            if replay is not None:
+                work.append((group, options, (), replay))
+                continue
             params = [p for p in group["params"] if p.grad is not None]
             if any([p.grad.is_sparse for p in params]):
                 raise RuntimeError("selopt does not support sparse gradients; use torch.optim.SparseAdam for them")
@@ -307,8 +316,12 @@ class AdamW(torch.optim.Optimizer):
         with contextlib.ExitStack() as real_views:
             runs = []
             for group, options, fresh, buckets in work:
+                if isinstance(buckets, _Replay):
+                    runs += self._replayed(group, buckets, options, grad_scale, found_inf)
+                    continue
                 for p in fresh:
                     self._init_state(p, options)
+                prepared = []
                 for implementation, bucket, entries, has_complex in buckets:
                     if has_complex:
                         stepped = real_views.enter_context(self._complex_as_real(bucket))
@@ -318,12 +331,77 @@ class AdamW(torch.optim.Optimizer):
                         stepped, states = bucket, [e if e else self.state[p] for e, p in zip(entries, bucket)]
                     if tracker is not None:
                         tracker.expect(group, bucket, stepped)
-                    runs.append(self._prepare(implementation, stepped, states, options, grad_scale, found_inf))
+                    prepared.append(self._prepare(implementation, stepped, states, options, grad_scale, found_inf))
+                runs += prepared
+                self._remember(group, options, buckets, prepared, grad_scale, found_inf)
             for run in runs:
                 run()
         if tracker is not None:
             tracker.end_step()
         return loss
+
+    # A step for hundreds of tensors spends most of its host time looking at each tensor: state
+    # lookups, bucketing, contiguity, the launch plan's key. When a group's tensors are where they
+    # were last step, the step replays that step's launches instead: its fingerprint (below) is the
+    # one look at each tensor, and only the step's scalars are bound again.
+
+    def _replay_of(self, group: dict, options: AdamWOptions) -> _Replay | None:
+        """The group's last prepared step, if this step may run its launches again."""
+        replay = self._replays.get(id(group))
+        if replay is None or self._update_tracker is not None or _capturing():
+            return None
+        if options is not replay.options and not replay.options.differ_only_in_scalars(options):
+            return None
+        return replay if self._fingerprint(group, options) == replay.fingerprint else None
+
+    def _remember(self, group: dict, options: AdamWOptions, buckets: list, prepared: list, grad_scale,
+                  found_inf) -> None:
+        """Keep a group's prepared step for replay: when it runs on the kernels alone, made no copies,
+        and tracks nothing. (Sharded and complex buckets and the reference prepare per tensor anyway.)"""
+        relaunches = [getattr(step, "relaunch", None) for step in prepared]
+        fingerprint = None
+        if (self._update_tracker is None and None not in relaunches and not _capturing()
+                and all(implementation is functional.TRITON and not has_complex
+                        for implementation, _, _, has_complex in buckets)):
+            fingerprint = self._fingerprint(group, options)
+        if fingerprint is None:
+            self._replays.pop(id(group), None)
+        else:
+            self._replays[id(group)] = _Replay(fingerprint, options, grad_scale, found_inf, relaunches,
+                                               [step.launches for step in prepared])
+
+    def _fingerprint(self, group: dict, options: AdamWOptions) -> tuple | None:
+        """Every address a group's prepared step reaches, and the layouts it assumed (None: no complete state).
+
+        Params and grads by address (``module.to()`` gives a Parameter new
+        storage under the same object) and contiguity; state tensors by address
+        (a replaced moment must not be written through a stale pointer); which
+        params have a gradient. Soft masks are not here: setting one drops the replays.
+        """
+        params = group["params"]
+        grads = [p.grad for p in params]
+        stepped = [p for p, g in zip(params, grads) if g is not None]
+        present = [g for g in grads if g is not None]
+        state = self.state
+        entries = [state.get(p) for p in stepped]
+        names = ("exp_avg", "exp_avg_sq", "step", "max_exp_avg_sq") if options.amsgrad else (
+            "exp_avg", "exp_avg_sq", "step")
+        try:
+            columns = [tuple([e[name].data_ptr() for e in entries]) for name in names]
+            if options.stochastic_rounding:
+                columns.append(tuple([e["rounding_seed"].data_ptr() if "rounding_seed" in e else 0 for e in entries]))
+            return (tuple(map(Tensor.data_ptr, stepped)), tuple(map(Tensor.data_ptr, present)),
+                    tuple(map(Tensor.is_contiguous, stepped)), tuple(map(Tensor.is_contiguous, present)), *columns)
+        except (KeyError, TypeError, RuntimeError):  # state not made yet, or a sparse gradient
+            return None
+
+    def _replayed(self, group: dict, replay: _Replay, options: AdamWOptions, grad_scale, found_inf) -> list:
+        if options is not replay.options or grad_scale is not replay.grad_scale or found_inf is not replay.found_inf:
+            # New scalars (a scheduler's lr) or GradScaler tensors: the same plans, launches bound again.
+            launches = [relaunch(options, grad_scale, found_inf) for relaunch in replay.relaunches]
+            replay = self._replays[id(group)] = replay._replace(
+                options=options, grad_scale=grad_scale, found_inf=found_inf, launches=launches)
+        return [functools.partial(_run_launches, launches) for launches in replay.launches]
 
     def _buckets(self, params: list[Tensor], options: AdamWOptions) -> tuple[list, list[Tensor]]:
         """``params`` grouped by what picks an implementation, with their state entries as they are now
@@ -472,6 +550,27 @@ class AdamW(torch.optim.Optimizer):
         self._soft_masks.update(masks)  # a param whose entry has no mask keeps the one attached to it
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+
+class _Replay(NamedTuple):
+    """A group's last prepared step on the kernels (see ``AdamW._replay_of``)."""
+
+    fingerprint: tuple
+    options: AdamWOptions
+    grad_scale: Tensor | None
+    found_inf: Tensor | None
+    relaunches: list[Callable]  # per bucket: the launches for new options, grad_scale, found_inf
+    launches: list[list]  # per bucket: the launches of the last step
+
+
+def _run_launches(launches: list) -> None:
+    for launch in launches:
+        launch()
+
+
+def _capturing() -> bool:
+    # A plan used during CUDA-graph capture is pinned by the plan cache's lookup: capture never replays.
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _checked_soft_mask(param: Tensor, mask) -> Tensor:

@@ -211,6 +211,20 @@ class AdamWOptions:
             values = self.__dict__["_values"] = tuple(getattr(self, name) for name in NAMES)
         return values
 
+    def differ_only_in_scalars(self, other: AdamWOptions) -> bool:
+        """Whether ``other`` steps as ``self`` does but for the step's numbers (lr, betas, eps, weight decay).
+
+        Such options share an implementation and its launch plans; only the
+        scalar arguments change (an lr scheduler's steps, say).
+
+        >>> AdamWOptions(lr=1e-3).differ_only_in_scalars(AdamWOptions(lr=5e-4))
+        True
+        >>> AdamWOptions().differ_only_in_scalars(AdamWOptions(fraction=0.5))
+        False
+        """
+        return all(a is b or a == b for name, a, b in zip(NAMES, self._values, other._values)
+                   if name not in _SCALARS)
+
     def group_defaults(self) -> dict:
         """The options as torch stores them: the keys of a param group."""
         return {name: getattr(self, name) for name in NAMES}
@@ -237,6 +251,7 @@ def _as_number(value) -> float:
 NAMES = tuple(f.name for f in dataclasses.fields(AdamWOptions))
 _CHECKS = {f.name: f.metadata["check"] for f in dataclasses.fields(AdamWOptions)}
 _FLAGS = {"foreach", "capturable"}
+_SCALARS = {"lr", "betas", "eps", "weight_decay"}
 
 
 # torch.optim.AdamW's positional parameters after ``params``; every other option is keyword-only.

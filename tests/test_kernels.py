@@ -142,7 +142,7 @@ def test_exact_path_matches_reference(block_size, fraction):
 WINDOW_SHAPES = [(5000,), (3, exact.CHUNK + 3), (40, 130), (1,), (0,)]
 
 
-def window_steps(bucket: Bucket, grads, options: dict) -> list[list[int]]:
+def window_steps(bucket: Bucket, grads, options: dict, soft_masks=None) -> list[list[int]]:
     """Step the bucket once per entry of ``grads`` (a function of the step), checking every step;
     returns, per step, which rows refined their threshold from the candidate list (1) or from m (0)."""
     from_list = []
@@ -150,26 +150,31 @@ def window_steps(bucket: Bucket, grads, options: dict) -> list[list[int]]:
         for g, shape in zip(bucket.grads, bucket.shapes):
             g.copy_(grads[step](shape))
         bucket.before = bucket.snapshot()
-        bucket.step(**options)
-        bucket.check(**options)
+        bucket.step(soft_masks=soft_masks, **options)
+        bucket.check(soft_masks=soft_masks, **options)
         (_, state), = bucket.cache.selection_states()
         from_list.append(state[:, exact.d.STATE_FROM_LIST.value].tolist())
     return from_list
 
 
-def test_exact_path_refines_from_the_candidate_list_while_the_threshold_holds_still():
+@pytest.mark.parametrize("variant", ["fp32", "bf16 moments", "amsgrad, soft masks"])
+def test_exact_path_refines_from_the_candidate_list_while_the_threshold_holds_still(variant):
     # m already near steady gradients: the threshold barely moves, so after the first step (no
     # window yet) and at most a step of narrowing the window, refinement reads the list, not m.
-    bucket = Bucket(WINDOW_SHAPES, seed=21)
+    dtype, moment_dtype = (torch.bfloat16, torch.bfloat16) if variant == "bf16 moments" else (torch.float32,) * 2
+    amsgrad = variant.startswith("amsgrad")
+    bucket = Bucket(WINDOW_SHAPES, dtype, moment_dtype, amsgrad=amsgrad, seed=21)
     gen = torch.Generator().manual_seed(0)
     steady = {s: torch.randn(s, generator=gen) for s in bucket.shapes}
     for m, shape in zip(bucket.exp_avgs, bucket.shapes):
         m.copy_(steady[shape])
+    masks = [torch.rand(s[:1], generator=gen).to(DEVICE) if len(s) == 2 else None for s in bucket.shapes]
 
     def grads(shape):
         return steady[shape] + 0.01 * torch.randn(shape, generator=gen)
 
-    from_list = window_steps(bucket, [grads] * 5, dict(HYPER, fraction=0.15, block_size=None))
+    options = dict(HYPER, fraction=0.15, block_size=None)
+    from_list = window_steps(bucket, [grads] * 5, options, soft_masks=masks if amsgrad else None)
     assert from_list[0] == [0] * len(WINDOW_SHAPES)  # no window before the first threshold
     assert from_list[-1][:3] == [1, 1, 1], from_list
 
@@ -435,6 +440,63 @@ def test_optimizer_triton_backend_matches_torch_backend(block_size):
             opt.step()
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_optimizer_replays_a_step_only_while_its_tensors_stay_put():
+    # A group whose tensors are where they were last step reruns that step's launches (the host
+    # time of a step: no per-tensor bucketing or plan lookup); anything that moves or replaces a
+    # tensor, a missing gradient or a new soft mask prepares the step again. Every step equals
+    # the torch backend's, manipulations included.
+    import selopt
+
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(40, 33), torch.nn.Linear(33, 3)).to(DEVICE) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    reference_opt, opt = (selopt.MoFO(model.parameters(), lr=1e-2, fraction=0.2, backend=backend)
+                          for model, backend in zip(models, ("torch", "triton")))
+    prepared = []
+    buckets = opt._buckets
+    opt._buckets = lambda *args: prepared.append(1) or buckets(*args)
+    x = torch.randn(16, 40, device=DEVICE)
+
+    def step(change=lambda model, opt: None):
+        for model, o in zip(models, (reference_opt, opt)):
+            o.zero_grad(set_to_none=False)  # the same gradient tensors, step after step
+            model(x).square().mean().backward()
+            change(model, o)
+            o.step()
+        for a, b in zip(models[0].parameters(), models[1].parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        return len(prepared)
+
+    def replace_moment(model, o):
+        state = o.state[model[0].weight]
+        state["exp_avg"] = state["exp_avg"].clone()
+
+    def scale_lr(model, o):
+        o.param_groups[0]["lr"] *= 0.5
+
+    def drop_grad(model, o):
+        model[1].bias.grad = None
+
+    def soft_mask(model, o):
+        o.set_soft_mask(model[0].weight, torch.linspace(0, 1, 33, device=DEVICE))
+
+    def move(model, o):
+        model.double().float()  # new storage under the same Parameter objects
+
+    assert step() == 1
+    assert step() == 1  # replayed
+    assert step(scale_lr) == 1  # replayed with the new lr
+    assert step(replace_moment) == 2
+    assert step(drop_grad) == 3
+    assert step() == 4  # the bias has a gradient again
+    assert step(soft_mask) == 5
+    assert step(move) == 6
+    assert step() == 6
+    # The replacement moment is the one the steps keep updating.
+    assert torch.equal(opt.state[models[1][0].weight]["exp_avg"].ne(0), reference_opt.state[
+        models[0][0].weight]["exp_avg"].ne(0))
 
 
 def test_triton_backend_without_triton_says_how_to_install(monkeypatch):
