@@ -152,7 +152,8 @@ def main(argv=None) -> dict:
     report = measure(args)
     print(json.dumps(report["mean_after_settle"]))
     if args.out:
-        Path(args.out).write_text(json.dumps({**report, "config": {k: str(v) for k, v in vars(args).items()}}, indent=1))
+        config = {k: str(v) for k, v in vars(args).items()}
+        Path(args.out).write_text(json.dumps({**report, "config": config}, indent=1))
     return report
 
 

@@ -34,8 +34,7 @@ COL_FIRST_PROGRAM = tl.constexpr(11)  # index of the row's first program in the 
 COL_OFFSET = tl.constexpr(12)  # where the row starts inside its tensor
 COL_TENSOR = tl.constexpr(13)  # index of the row's tensor in the bucket (its step-scalars row)
 COL_ROUNDING_SEED = tl.constexpr(14)  # address of the tensor's int64 stochastic-rounding seed, or 0
-COL_CANDIDATES = tl.constexpr(15)  # address of the row's int32 candidate list (exact path), or 0
-NUM_COLUMNS = tl.constexpr(16)
+NUM_COLUMNS = tl.constexpr(15)
 
 # Per tensor: step size, 1 / sqrt(bias correction 2), decay factor, step count before the update.
 SCALAR_STEP_SIZE = tl.constexpr(0)
@@ -55,6 +54,9 @@ STATE_FROM_LIST = tl.constexpr(3)  # 1: the refinement rounds read the candidate
 STATE_THRESHOLD = tl.constexpr(4)  # the last threshold found: this step's selection, the next step's hint
 STATE_WINDOW_BITS = tl.constexpr(5)  # log2 of the window's width in key units; 0: no window yet
 STATE_LIST_COUNT = tl.constexpr(6)  # keys appended to the candidate list this step (may pass its capacity)
+# The address of the row's int32 candidate list, written with the scratch. (Here rather than in the
+# launch table: a 16th table column costs the one-pass kernels registers, and 1 CTA/SM at block 4096.)
+STATE_CANDIDATES = tl.constexpr(7)
 STATE_COLUMNS = tl.constexpr(8)
 # A row's candidate list holds up to 1/CANDIDATE_SHARE of its entries (rounded up).
 CANDIDATE_SHARE = tl.constexpr(16)

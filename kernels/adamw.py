@@ -32,7 +32,7 @@ from torch import Tensor
 import triton.language as tl
 
 from selopt.kernels import block, exact, tables
-from selopt.kernels.launch import Launch, compile_launches
+from selopt.kernels.launch import compile_launches
 from selopt.options import AdamWOptions
 
 TRITON_PARAM_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}

@@ -102,10 +102,10 @@ def _window(state):
 
 
 @triton.jit
-def _candidates(row_ptr):
+def _candidates(row_ptr, state):
     """The row's candidate list and its capacity."""
     capacity = (tl.load(row_ptr + d.COL_NUMEL) + d.CANDIDATE_SHARE - 1) // d.CANDIDATE_SHARE
-    return tl.load(row_ptr + d.COL_CANDIDATES).to(tl.pointer_type(tl.int32)), capacity
+    return tl.load(state + d.STATE_CANDIDATES).to(tl.pointer_type(tl.int32)), capacity
 
 
 @triton.jit
@@ -122,7 +122,7 @@ def _collect_candidates(row_ptr, state, histogram_row_ptr, key):
             # One atomic per tile reserves its slots; the scan places each key in them, in lane order.
             first = tl.atomic_add(state + d.STATE_LIST_COUNT, inside_count.to(tl.int64), sem="relaxed")
             slots = first + tl.cumsum(inside.to(tl.int32), axis=0) - 1
-            candidates, capacity = _candidates(row_ptr)
+            candidates, capacity = _candidates(row_ptr, state)
             tl.store(candidates + slots, key, mask=inside & (slots < capacity))
             # The reservations tile [0, keys in the window): one tile crosses each mark the list passes.
             last = first + inside_count
@@ -181,7 +181,7 @@ def _refine_from_list_kernel(
     """
     row, row_ptr, start, lanes, _, _ = d.tile_of(table, program_rows, table, CHUNK, False, False)
     state = select_state + row.to(tl.int64) * d.STATE_COLUMNS
-    candidates, capacity = _candidates(row_ptr)
+    candidates, capacity = _candidates(row_ptr, state)
     listed = tl.minimum(tl.load(state + d.STATE_LIST_COUNT), capacity) - start
     if (tl.load(state + d.STATE_FROM_LIST) != 0) & (listed > 0):
         in_list = lanes < listed.to(tl.int32)

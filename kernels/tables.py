@@ -128,13 +128,15 @@ class PlanCache:
         key = (device, tuple([p.data_ptr() for p in params]), tuple(row_numels))
         scratch = self._scratch.get(key)
         if scratch is None:
-            capacity = sum(-(-n // d.CANDIDATE_SHARE.value) for n in row_numels)
-            rows = len(row_numels)
+            capacities = [-(-n // d.CANDIDATE_SHARE.value) for n in row_numels]
+            candidates = torch.empty(sum(capacities), dtype=torch.int32, device=device)
+            # Each row's list address goes into its select state, which the kernels never overwrite there.
+            state = torch.zeros(len(row_numels), d.STATE_COLUMNS.value, dtype=torch.int64)
+            state[:, d.STATE_CANDIDATES.value] = candidates.data_ptr() + candidates.element_size() * (
+                torch.tensor([0] + capacities[:-1], dtype=torch.int64).cumsum(0))
             scratch = self._scratch[key] = RadixScratch(
-                torch.zeros(rows, d.RADIX_BINS.value, dtype=torch.int64, device=device),
-                torch.zeros(rows, d.STATE_COLUMNS.value, dtype=torch.int64, device=device),
-                torch.empty(capacity, dtype=torch.int32, device=device),
-            )
+                torch.zeros(len(row_numels), d.RADIX_BINS.value, dtype=torch.int64, device=device),
+                _to_device(state.view(-1).tolist(), device).view(state.shape), candidates)
             if len(self._scratch) > self.size:
                 self._scratch.popitem(last=False)
         self._scratch.move_to_end(key)
@@ -208,13 +210,7 @@ def _build_plan(cache: PlanCache, columns: tuple, program_size: int, row_size: i
     streams = (d.COL_PARAM, d.COL_GRAD, d.COL_EXP_AVG, d.COL_EXP_AVG_SQ, d.COL_MAX_EXP_AVG_SQ)
     aligned = program_size % 8 == 0 and all(
         row[d.COL_NUMEL.value] % 8 == 0 and all(row[c.value] % 16 == 0 for c in streams) for row in rows)
-    scratch = None
-    if select_per_row:
-        scratch = cache.radix_scratch(device, params, [row[d.COL_NUMEL.value] for row in rows])
-        address = scratch.candidates.data_ptr()
-        for row in rows:
-            row[d.COL_CANDIDATES.value] = address
-            address += -(-row[d.COL_NUMEL.value] // d.CANDIDATE_SHARE.value) * scratch.candidates.element_size()
+    scratch = cache.radix_scratch(device, params, [row[d.COL_NUMEL.value] for row in rows]) if select_per_row else None
     num_rows, num_programs, num_tensors = len(rows), len(program_rows), len(params)
     # One host-to-device copy for the table, the program map and the step addresses.
     packed = _to_device([x for row in rows for x in row] + program_rows + [step.data_ptr() for step in steps], device)
