@@ -293,9 +293,9 @@ class AdamW(torch.optim.Optimizer):
         work = []
         for group in self.param_groups:
             options = self._options_of(group)
-            replay = self._replay_of(group, options)
-            if replay is not None:
-                work.append((group, options, (), replay))
+            replayed = self._replayed_launches(group, options, grad_scale, found_inf)
+            if replayed is not None:
+                work.append((group, options, (), replayed))
                 continue
             params = [p for p in group["params"] if p.grad is not None]
             if any([p.grad.is_sparse for p in params]):
@@ -316,8 +316,8 @@ class AdamW(torch.optim.Optimizer):
         with contextlib.ExitStack() as real_views:
             runs = []
             for group, options, fresh, buckets in work:
-                if isinstance(buckets, _Replay):
-                    runs += self._replayed(group, buckets, options, grad_scale, found_inf)
+                if isinstance(buckets, _Replayed):
+                    runs += [functools.partial(_run_launches, launches) for launches in buckets.launches]
                     continue
                 for p in fresh:
                     self._init_state(p, options)
@@ -345,14 +345,31 @@ class AdamW(torch.optim.Optimizer):
     # were last step, the step replays that step's launches instead: its fingerprint (below) is the
     # one look at each tensor, and only the step's scalars are bound again.
 
-    def _replay_of(self, group: dict, options: AdamWOptions) -> _Replay | None:
-        """The group's last prepared step, if this step may run its launches again."""
+    def _replayed_launches(self, group: dict, options: AdamWOptions, grad_scale, found_inf) -> _Replayed | None:
+        """The launches of the group's last prepared step, for this step, if it may run them again.
+
+        Checked with the rest of the step, before anything runs: new scalars (a
+        scheduler's lr) or GradScaler tensors bind the same plans' launches
+        again, and a kernel that cannot compile for them sends the group down
+        the full path, which knows the fallback.
+        """
         replay = self._replays.get(id(group))
         if replay is None or self._update_tracker is not None or _capturing():
             return None
         if options is not replay.options and not replay.options.differ_only_in_scalars(options):
             return None
-        return replay if self._fingerprint(group, options) == replay.fingerprint else None
+        if self._fingerprint(group, options) != replay.fingerprint:
+            return None
+        if options is not replay.options or grad_scale is not replay.grad_scale or found_inf is not replay.found_inf:
+            from selopt.kernels import KernelCompileError
+
+            try:
+                launches = [relaunch(options, grad_scale, found_inf) for relaunch in replay.relaunches]
+            except KernelCompileError:
+                return None
+            replay = self._replays[id(group)] = replay._replace(
+                options=options, grad_scale=grad_scale, found_inf=found_inf, launches=launches)
+        return _Replayed(replay.launches)
 
     def _remember(self, group: dict, options: AdamWOptions, buckets: list, prepared: list, grad_scale,
                   found_inf) -> None:
@@ -394,14 +411,6 @@ class AdamW(torch.optim.Optimizer):
                     tuple(map(Tensor.is_contiguous, stepped)), tuple(map(Tensor.is_contiguous, present)), *columns)
         except (KeyError, TypeError, RuntimeError):  # state not made yet, or a sparse gradient
             return None
-
-    def _replayed(self, group: dict, replay: _Replay, options: AdamWOptions, grad_scale, found_inf) -> list:
-        if options is not replay.options or grad_scale is not replay.grad_scale or found_inf is not replay.found_inf:
-            # New scalars (a scheduler's lr) or GradScaler tensors: the same plans, launches bound again.
-            launches = [relaunch(options, grad_scale, found_inf) for relaunch in replay.relaunches]
-            replay = self._replays[id(group)] = replay._replace(
-                options=options, grad_scale=grad_scale, found_inf=found_inf, launches=launches)
-        return [functools.partial(_run_launches, launches) for launches in replay.launches]
 
     def _buckets(self, params: list[Tensor], options: AdamWOptions) -> tuple[list, list[Tensor]]:
         """``params`` grouped by what picks an implementation, with their state entries as they are now
@@ -553,7 +562,7 @@ class AdamW(torch.optim.Optimizer):
 
 
 class _Replay(NamedTuple):
-    """A group's last prepared step on the kernels (see ``AdamW._replay_of``)."""
+    """A group's last prepared step on the kernels (see ``AdamW._replayed_launches``)."""
 
     fingerprint: tuple
     options: AdamWOptions
@@ -561,6 +570,10 @@ class _Replay(NamedTuple):
     found_inf: Tensor | None
     relaunches: list[Callable]  # per bucket: the launches for new options, grad_scale, found_inf
     launches: list[list]  # per bucket: the launches of the last step
+
+
+class _Replayed(NamedTuple):
+    launches: list[list]  # per bucket, ready to run
 
 
 def _run_launches(launches: list) -> None:

@@ -494,6 +494,13 @@ def test_optimizer_replays_a_step_only_while_its_tensors_stay_put():
     assert step(soft_mask) == 5
     assert step(move) == 6
     assert step() == 6
+
+    def relaunch_fails(*args):
+        raise kernels.KernelCompileError("_exact_update_kernel", {}, None, RuntimeError("no such instruction"))
+
+    (group_id, replay), = opt._replays.items()
+    opt._replays[group_id] = replay._replace(relaunches=[relaunch_fails] * len(replay.relaunches))
+    assert step(scale_lr) == 7  # new scalars whose kernels would not compile: the full path decides
     # The replacement moment is the one the steps keep updating.
     assert torch.equal(opt.state[models[1][0].weight]["exp_avg"].ne(0), reference_opt.state[
         models[0][0].weight]["exp_avg"].ne(0))
