@@ -184,7 +184,7 @@ def _refine_from_list_kernel(
     candidates, capacity = _candidates(row_ptr, state)
     listed = tl.minimum(tl.load(state + d.STATE_LIST_COUNT), capacity) - start
     if (tl.load(state + d.STATE_FROM_LIST) != 0) & (listed > 0):
-        in_list = lanes < listed.to(tl.int32)
+        in_list = lanes < tl.minimum(listed, CHUNK).to(tl.int32)
         key = tl.load(candidates + start + lanes, mask=in_list, other=0)
         key = tl.where(in_list, key - tl.load(state + d.STATE_BASE).to(tl.int32), d.NOT_A_CANDIDATE)
         _accumulate_histogram(histogram + row.to(tl.int64) * d.RADIX_BINS, key, tl.load(state + d.STATE_PREFIX),
