@@ -33,6 +33,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import torch
@@ -170,7 +171,7 @@ def elements_per_program(compiled: Compiled) -> int:
     return compiled.options.get("BLOCK") or compiled.options.get("CHUNK") or 0
 
 
-def analyse(compiled: Compiled, config: Configuration, arch: int, window_missed: bool = False) -> KernelReport:
+def analyse(compiled: Compiled, config: Configuration, arch: int) -> KernelReport:
     sass, usage = disassemble(compiled.binary.asm["cubin"])
     resources = dict(re.findall(r"(\w+):(\d+)", usage.split("Function", 1)[1]))
     instructions, backward, barriers, spills, widths = 0, 0, 0, 0, {}
@@ -193,18 +194,26 @@ def analyse(compiled: Compiled, config: Configuration, arch: int, window_missed:
             bits = access_bits(opcode)
             widths[bits] = widths.get(bits, 0) + 1
     num_warps = compiled.binary.metadata.num_warps
-    elements = elements_per_program(compiled)
-    share = working_share(compiled.name, window_missed)
     registers, shared = int(resources["REG"]), int(resources["SHARED"])
-    return KernelReport(
-        kernel=compiled.name, num_warps=num_warps, elements_per_program=elements, registers=registers,
-        local_bytes=int(resources["LOCAL"]) + int(resources.get("STACK", 0)), spill_instructions=spills,
-        shared_bytes=shared, ctas_per_sm=ctas_per_sm(arch, registers, num_warps, shared), instructions=instructions,
-        backward_branches=backward - 1 if backward else 0, barriers=barriers,
-        global_access_bits=dict(sorted(widths.items())),
-        warp_instructions_per_element=round(share * instructions * num_warps / elements, 3) if elements else 0.0,
-        bytes_per_element=share * streamed_bytes(compiled, config),
+    report = KernelReport(
+        kernel=compiled.name, num_warps=num_warps, elements_per_program=elements_per_program(compiled),
+        registers=registers, local_bytes=int(resources["LOCAL"]) + int(resources.get("STACK", 0)),
+        spill_instructions=spills, shared_bytes=shared, ctas_per_sm=ctas_per_sm(arch, registers, num_warps, shared),
+        instructions=instructions, backward_branches=backward - 1 if backward else 0, barriers=barriers,
+        global_access_bits=dict(sorted(widths.items())), warp_instructions_per_element=0.0, bytes_per_element=0.0,
     )
+    return per_element(report, compiled, config, window_missed=False)
+
+
+def per_element(report: KernelReport, compiled: Compiled, config: Configuration, window_missed: bool) -> KernelReport:
+    """``report`` with its per-element figures for a step whose candidate window held (or missed)."""
+    share = working_share(compiled.name, window_missed)
+    elements = report.elements_per_program
+    return dataclasses.replace(
+        report,
+        warp_instructions_per_element=round(share * report.instructions * report.num_warps / elements, 3)
+        if elements else 0.0,
+        bytes_per_element=share * streamed_bytes(compiled, config))
 
 
 def predict_h100(kernels: list[KernelReport]) -> dict:
@@ -235,7 +244,7 @@ def report_path(name: str, config: Configuration, arch: int) -> dict:
     if any(c.name == "_refine_from_m_kernel" for c in compiled):
         # The exact path's figures above are for a step whose window held the threshold (the list
         # at its fullest); these for one whose refinement reread m.
-        missed = [analyse(c, config, arch, window_missed=True) for c in compiled]
+        missed = [per_element(k, c, config, window_missed=True) for k, c in zip(kernels, compiled)]
         result["window_missed"] = _totals([k for k in missed if k.elements_per_program], arch)
     return result
 

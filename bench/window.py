@@ -38,6 +38,7 @@ from bench.forgetting import FactStream, Tasks, next_token_loss
 from bench.tiny_llama import TinyLlama, TinyLlamaConfig
 from selopt import functional, selection
 from selopt.kernels import _device as d
+from selopt.kernels import exact, tables
 
 RESULTS = Path(__file__).parent / "results" / "window.json"
 BASE_BYTES, REREAD_BYTES, LIST_BYTES = 36, 8, 12
@@ -63,7 +64,7 @@ def window_of(state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's window [low, low + width) as the kernels compute it (exact._window)."""
     bits = state[:, d.STATE_WINDOW_BITS.value]
     width = torch.where(bits > 0, 1 << bits, 0)
-    low = (state[:, d.STATE_THRESHOLD.value] - width // 2).clamp(0, 2**31 - 1 - (1 << 21))
+    low = (state[:, d.STATE_THRESHOLD.value] - width // 2).clamp(0, 2**31 - 1 - (1 << exact.FIRST_SHIFT))
     return low, width
 
 
@@ -113,7 +114,7 @@ def step_report(opt, windows: dict) -> dict:
                 low, width = (int(x[row]) for x in windows[addresses])
                 keys = selection.magnitude_keys(m)
                 inside = int(((keys >= low) & (keys - low < width)).sum())
-                listed += min(inside, -(-m.numel() // d.CANDIDATE_SHARE.value))
+                listed += min(inside, tables.candidate_capacity(m.numel()))
     share, fill = from_list / max(total, 1), listed / max(total, 1)
     return dict(from_list=round(share, 4), list_fill=round(fill, 5),
                 bytes_per_entry=round(BASE_BYTES + LIST_BYTES * fill + REREAD_BYTES * (1 - share), 3))

@@ -309,4 +309,4 @@ def exact_adamw_launches(plan, values: dict, combine: Callable[[Tensor], None] |
 def _combined(plan, counters: int, combine: Callable[[Tensor], None] | None) -> list:
     if combine is None:
         return []
-    return [functools.partial(combine, plan.histogram[:, :counters])]
+    return [functools.partial(combine, plan.scratch.histogram[:, :counters])]

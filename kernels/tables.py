@@ -23,6 +23,14 @@ from selopt.kernels import _device as d
 from selopt.selection import block_k
 
 
+class RadixScratch(NamedTuple):
+    """The exact path's scratch for one param set (selopt.kernels.exact)."""
+
+    histogram: Tensor  # int64 [rows, d.RADIX_BINS], zero between launches
+    select_state: Tensor  # int64 [rows, d.STATE_COLUMNS], kept between steps
+    candidates: Tensor  # int32: the rows' candidate lists, which the select state addresses
+
+
 @dataclass(frozen=True)
 class Plan:
     table: Tensor  # int64 [rows, NUM_COLUMNS]
@@ -33,15 +41,14 @@ class Plan:
     num_rows: int
     num_programs: int
     aligned: bool  # 16-byte aligned addresses, rows of a multiple of 8 elements: 128-bit accesses
-    # Exact path: radix scratch, shared by the plans of the same params (selopt.kernels.exact).
-    histogram: Tensor | None  # int64 [rows, d.RADIX_BINS], zero between launches
-    select_state: Tensor | None  # int64 [rows, d.STATE_COLUMNS], kept between steps
-    candidates: Tensor | None  # int32: the rows' candidate lists, which the table addresses
+    scratch: RadixScratch | None  # exact path: shared by the plans of the same params
 
     def arguments(self) -> dict:
         """The plan's kernel arguments, by the kernels' parameter names (and ALIGNED, a constexpr)."""
+        scratch = self.scratch
+        histogram, select_state = (None, None) if scratch is None else (scratch.histogram, scratch.select_state)
         return dict(table=self.table, program_rows=self.program_rows, steps=self.steps,
-                    step_scalars=self.step_scalars, histogram=self.histogram, select_state=self.select_state,
+                    step_scalars=self.step_scalars, histogram=histogram, select_state=select_state,
                     ALIGNED=self.aligned)
 
 
@@ -59,12 +66,6 @@ def _to_device(values: list[int], device: torch.device) -> Tensor:
 
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-class RadixScratch(NamedTuple):
-    histogram: Tensor
-    select_state: Tensor
-    candidates: Tensor
 
 
 class PlanCache:
@@ -128,7 +129,7 @@ class PlanCache:
         key = (device, tuple([p.data_ptr() for p in params]), tuple(row_numels))
         scratch = self._scratch.get(key)
         if scratch is None:
-            capacities = [-(-n // d.CANDIDATE_SHARE.value) for n in row_numels]
+            capacities = [candidate_capacity(n) for n in row_numels]
             candidates = torch.empty(sum(capacities), dtype=torch.int32, device=device)
             # Each row's list address goes into its select state, which the kernels never overwrite there.
             state = torch.zeros(len(row_numels), d.STATE_COLUMNS.value, dtype=torch.int64)
@@ -141,6 +142,11 @@ class PlanCache:
                 self._scratch.popitem(last=False)
         self._scratch.move_to_end(key)
         return scratch
+
+
+def candidate_capacity(row_numel: int) -> int:
+    """Keys a row's candidate list holds: 1/``CANDIDATE_SHARE`` of its entries, rounded up, as the kernels count."""
+    return -(-row_numel // d.CANDIDATE_SHARE.value)
 
 
 def plan_for(cache: PlanCache, params: list, grads: list, exp_avgs: list, exp_avg_sqs: list,
@@ -224,7 +230,5 @@ def _build_plan(cache: PlanCache, columns: tuple, program_size: int, row_size: i
         num_rows=num_rows,
         num_programs=num_programs,
         aligned=aligned,
-        histogram=None if scratch is None else scratch.histogram,
-        select_state=None if scratch is None else scratch.select_state,
-        candidates=None if scratch is None else scratch.candidates,
+        scratch=scratch,
     )
