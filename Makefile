@@ -3,14 +3,21 @@
 #
 # Where the system Python already has a torch that sees a GPU, the venv is
 # built on top of it (--system-site-packages) so that torch is kept as is.
-# Elsewhere the CPU build is pinned: an unpinned `torch` would pull the newest
-# CUDA build, several GB that a CPU machine cannot use.
+# Elsewhere torch $(CPU_TORCH) is installed from pip's configured index. The pin
+# picks a version, not a build: the public index (PyPI) serves the CUDA build
+# for Linux, with NVIDIA's runtime wheels. For the CPU build, name PyTorch's
+# CPU wheel index:
+#   make test TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# Empty (the default), torch comes from the configured index, which is right
+# where that index already serves a CPU build.
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.selopt-installed
 CPU_TORCH ?= torch==2.13.*
+TORCH_INDEX_URL ?=
+TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 HAS_GPU_TORCH := $(shell $(PYTHON) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" >/dev/null 2>&1 && echo 1)
 
 # The oldest Triton selopt supports (pyproject.toml's lower bound), in a venv of its own.
@@ -26,7 +33,7 @@ ifeq ($(HAS_GPU_TORCH),1)
 else
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(CPU_TORCH)"
+	$(PY) -m pip install -q $(TORCH_INDEX) "$(CPU_TORCH)"
 endif
 	$(PY) -m pip install -q -e ".[triton,test,demo,hf]"
 	touch $(STAMP)
@@ -44,7 +51,8 @@ test: $(STAMP)
 $(OLDEST_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/python -m pip install -q --upgrade pip
-	$(OLDEST_VENV)/bin/python -m pip install -q "$(CPU_TORCH)" "$(OLDEST_TRITON)" numpy
+	$(OLDEST_VENV)/bin/python -m pip install -q $(TORCH_INDEX) "$(CPU_TORCH)"
+	$(OLDEST_VENV)/bin/python -m pip install -q "$(OLDEST_TRITON)" numpy
 	$(OLDEST_VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $(OLDEST_STAMP)
 

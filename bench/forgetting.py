@@ -265,7 +265,7 @@ def prepare(method: str, model: TinyLlama, lr: float, seed: int, args, device, t
             facts = FactStream(tasks.n_facts, args.batch * tasks.facts_per_sequence, torch.Generator().manual_seed(seed + 3))
             batches = [tasks.task_a_batch(table, facts.next())[0].to(device) for _ in range(args.importance_batches)]
             torch.manual_seed(seed + 4)
-            scores = cofi.importance(model, batches)
+            scores = cofi.importance(model, batches, progress=False)  # few batches; the study logs its own progress
             cofi.attach_soft_masks(opt, model, scores, mode="update")
             masks = [1 - scores.ffn[i] for i in report.layers] + [1 - scores.hidden[i] for i in report.layers]
             mean_mask = float(torch.cat(masks).mean())

@@ -7,7 +7,8 @@
 
 from selopt.groups import param_groups
 from selopt.optim import AdamW, MoFO, strip_soft_masks
+from selopt.wrappers import unwrap
 from selopt import cofi, hft, stats
 
-__all__ = ["AdamW", "MoFO", "param_groups", "strip_soft_masks"]
+__all__ = ["AdamW", "MoFO", "param_groups", "strip_soft_masks", "unwrap"]
 __version__ = "0.1.0"

@@ -1,12 +1,18 @@
 """``python -m selopt.check``: the first thing to run on a new GPU machine.
 
-Runs selopt's Triton kernels on this machine against the pure-torch reference
-(:mod:`selopt.reference`) over shapes, dtypes and options; times one step
-against ``torch.optim.AdamW(fused=True)``; prints a PASS/FAIL table with the
-device, driver, torch and Triton versions; exits non-zero on any failure.
+Checks what will run on this machine. First the pure-torch reference
+(:mod:`selopt.reference`, what ``backend="torch"`` and every CPU tensor run)
+against ``torch.optim.AdamW``; then selopt's Triton kernels against the
+reference over shapes, dtypes and options; times one step against
+``torch.optim.AdamW(fused=True)``; prints a PASS/FAIL table with the device,
+driver, torch and Triton versions; exits non-zero on any failure.
 
-Without a CUDA device it says so and runs the same checks under Triton's
-interpreter on CPU tensors, at tiny sizes (and times nothing).
+Without a CUDA device it says so and runs the kernel checks under Triton's
+interpreter on CPU tensors, at tiny sizes (and times nothing). Without a GPU
+and without a usable Triton the kernels will not run here (every optimizer
+runs the reference), so their checks are SKIPPED with the reason and the
+check passes on the reference alone. On a CUDA or ROCm machine whose kernels
+cannot run, it fails.
 
 What "pass" means, per case and tensor: the kernel's selection equals the
 reference selection computed from the kernel's own ``exp_avg`` (near-ties may
@@ -81,17 +87,95 @@ def _drivers() -> str:
 
 def environment(device: torch.device) -> list[tuple[str, str]]:
     """What the results depend on: device, driver and library versions."""
-    import triton
+    try:
+        import triton
 
+        triton_version = triton.__version__
+    except Exception as error:  # noqa: BLE001 - reported, and the kernel checks say why they cannot run
+        triton_version = "not installed" if isinstance(error, ModuleNotFoundError) else f"broken ({error})"
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         where = f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
         runtime = f"driver {_drivers()}, CUDA runtime {torch.version.cuda}"
     else:
-        where = f"CPU ({platform.processor() or platform.machine()}), Triton interpreter"
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        where = f"CPU ({platform.processor() or platform.machine()})" + (", Triton interpreter" if interpreted else "")
         runtime = "no CUDA device"
     return [("device", where), ("driver", runtime), ("torch", torch.__version__),
-            ("triton", triton.__version__), ("selopt", selopt.__version__)]
+            ("triton", triton_version), ("selopt", selopt.__version__)]
+
+
+# fp64: 1e-10 relative; fp32: a few ulps (the reference follows torch's order of operations).
+REFERENCE_TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=4e-7, atol=1e-7)}
+
+
+@dataclass(frozen=True)
+class ReferenceCase:
+    name: str
+    dtype: torch.dtype
+    options: dict = field(default_factory=dict)  # AdamW keywords; a fraction below 1 checks MoFO's selection
+
+
+def reference_cases() -> list[ReferenceCase]:
+    """The checks of the torch reference: AdamW at ``fraction=1``, and MoFO's selection."""
+    return [
+        ReferenceCase("reference = torch.optim.AdamW, fp32", torch.float32),
+        ReferenceCase("reference = torch.optim.AdamW, fp64 amsgrad maximize", torch.float64,
+                      dict(amsgrad=True, maximize=True)),
+        ReferenceCase("reference MoFO moves torch.topk of |m|, fp64", torch.float64,
+                      dict(fraction=0.25, weight_decay=0.0)),
+    ]
+
+
+def reference_problems(case: ReferenceCase, steps: int = 5, seed: int = 0) -> list[str]:
+    """How selopt's torch reference (``backend="torch"``) differs from ``torch.optim.AdamW(foreach=False)``.
+
+    Both step identical params with identical gradients, on CPU. At
+    ``fraction=1`` the params and state must agree. Below 1 the moments must
+    still agree (they are dense), and each step must move exactly the
+    ``max(1, floor(fraction * n))`` entries of largest ``|exp_avg|`` per tensor
+    (``torch.topk``, as the official MoFO code), each by torch's own update.
+
+    >>> reference_problems(reference_cases()[0])
+    []
+    """
+    options = {**HYPER, **case.options}
+    fraction = options.pop("fraction", 1.0)
+    gen = torch.Generator().manual_seed(seed)
+    initial = [torch.randn(shape, generator=gen, dtype=case.dtype) for shape in ((7, 13), (37,), (1,))]
+    ours = [p.clone().requires_grad_() for p in initial]
+    theirs = [p.clone().requires_grad_() for p in initial]
+    opt_ours = selopt.AdamW(ours, fraction=fraction, backend="torch", **options)
+    opt_theirs = torch.optim.AdamW(theirs, foreach=False, **options)
+    tolerance = REFERENCE_TOLERANCES[case.dtype]
+    problems = []
+    for step in range(1, steps + 1):
+        before_ours = [p.detach().clone() for p in ours]
+        before_theirs = [p.detach().clone() for p in theirs]
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(a.shape, generator=gen, dtype=case.dtype)
+            b.grad = a.grad.clone()
+        opt_ours.step()
+        opt_theirs.step()
+        for index, (a, b) in enumerate(zip(ours, theirs)):
+            where = f"step {step}, tensor {tuple(a.shape)}"
+            for key, value in opt_theirs.state[b].items():
+                if not torch.allclose(opt_ours.state[a][key].to(value.dtype), value, **tolerance):
+                    problems.append(f"{where}: {key} differs from torch's")
+            if fraction == 1.0:
+                if not torch.allclose(a.detach(), b.detach(), **tolerance):
+                    problems.append(f"{where}: param differs by up to {_max_difference(a.detach(), b.detach()):.3g}")
+                continue
+            m = opt_theirs.state[b]["exp_avg"].flatten()
+            chosen = torch.zeros_like(m, dtype=torch.bool)
+            chosen[m.abs().topk(max(1, int(fraction * m.numel()))).indices] = True
+            moved, wanted = (a.detach() - before_ours[index]).flatten(), (b.detach() - before_theirs[index]).flatten()
+            if not torch.equal(moved != 0, chosen):
+                problems.append(f"{where}: moved {int((moved != 0).sum())} entries, not torch.topk's "
+                                f"{int(chosen.sum())} of largest |exp_avg|")
+            elif not torch.allclose(moved[chosen], wanted[chosen], rtol=1e-9, atol=1e-14):
+                problems.append(f"{where}: the moved entries moved other than torch's update")
+    return problems[:5]
 
 
 def step_problems(before: dict, after: dict, *, options: AdamWOptions, soft_mask: Tensor | None = None,
@@ -227,37 +311,55 @@ def time_against_torch_fused(device: torch.device, numel: int = 2**24, tensors: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m selopt.check", description=__doc__.split("\n\n")[0])
     parser.parse_args(argv)
-    on_gpu = torch.cuda.is_available()
-    if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
+    on_gpu = torch.cuda.is_available()  # CUDA, and ROCm, whose torch calls its devices "cuda" too
+    problem = selopt.functional.triton_problem()
+    if not on_gpu and problem is None and os.environ.get("TRITON_INTERPRET") != "1":
         print("No CUDA device: running the kernels under Triton's interpreter on CPU, at tiny sizes "
               "(nothing is timed).", flush=True)
         # The interpreter must be chosen before Triton decorates the kernels, so in a fresh process.
         env = {**os.environ, "TRITON_INTERPRET": "1"}
         return subprocess.run([sys.executable, "-m", "selopt.check", *(argv or [])], env=env).returncode
-    problem = selopt.functional.triton_problem()
-    if problem is not None:
-        print(f"FAIL  selopt's Triton kernels cannot run here: {problem}")
-        return 1
+    if not on_gpu and problem is not None:
+        print("No CUDA device and no usable Triton: every optimizer here runs the torch reference, which is "
+              "checked; the kernel checks are skipped.", flush=True)
     device = torch.device("cuda" if on_gpu else "cpu")
     width = 52
     for key, value in environment(device):
         print(f"{key:>8}: {value}")
     print(f"\n{'check':<{width}} result")
-    checked = cases(tiny=not on_gpu)
-    failed = 0
-    for case in checked:
-        problems = run_case(case, device)
-        failed += bool(problems)
-        print(f"{case.name:<{width}} {'FAIL' if problems else 'PASS'}", flush=True)
-        for problem in problems[:5]:
-            print(f"    {problem}")
-    if on_gpu:
+    failed = passed = skipped = 0
+
+    def report(name: str, problems: list[str]) -> None:
+        nonlocal failed, passed
+        failed, passed = failed + bool(problems), passed + (not problems)
+        print(f"{name:<{width}} {'FAIL' if problems else 'PASS'}", flush=True)
+        for line in problems[:5]:
+            print(f"    {line}")
+
+    for reference_case in reference_cases():
+        report(reference_case.name, reference_problems(reference_case))
+    if problem is None:
+        for case in cases(tiny=not on_gpu):
+            report(case.name, run_case(case, device))
+    elif on_gpu:
+        # backend="auto" would run the reference instead, with one warning: a GPU user must hear it here.
+        kind = "ROCm" if torch.version.hip else "CUDA"
+        report("Triton kernels", [f"selopt's Triton kernels cannot run on this {kind} device: {problem}"])
+    else:
+        for case in cases(tiny=True):
+            skipped += 1
+            print(f"{case.name:<{width}} SKIPPED", flush=True)
+        print(f"    the kernels cannot run here: {problem}")
+    if on_gpu and problem is None:
         print(f"\n{'one step, 2^24 fp32 entries in 16 tensors':<{width}} ms/step  vs torch fused")
         times = time_against_torch_fused(device)
         baseline = times[0][1]
         for label, ms in times:
             print(f"{label:<{width}} {ms:7.3f}  {ms / baseline:5.2f}x")
-    print(f"\n{'FAIL' if failed else 'PASS'}: {len(checked) - failed} of {len(checked)} checks passed")
+    summary = f"{passed} of {passed + failed} checks passed"
+    if skipped:
+        summary += f", {skipped} kernel checks skipped (no GPU and no usable Triton)"
+    print(f"\n{'FAIL' if failed else 'PASS'}: {summary}")
     return 1 if failed else 0
 
 

@@ -55,6 +55,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -71,6 +73,7 @@ from selopt.hft import (
     compile_layer_pattern,
     layer_index,
 )
+from selopt.wrappers import class_name, innermost
 
 # Fractions of depth, [start, stop): the quarters the paper compares and the two halves.
 LAYER_PRESETS: dict[str, tuple[float, float]] = {
@@ -85,6 +88,26 @@ DEFAULT_MODULES = ("up_proj", "down_proj")
 # Projections whose output rows belong to one attention head each (Hugging Face Llama/Qwen/Mistral names).
 DEFAULT_ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj")
 SOFT_MASK_MODES = ("update", "grad")
+# Seconds between two progress lines of importance(); search() writes one line per candidate.
+PROGRESS_EVERY_S = 10.0
+
+
+class _Progress:
+    """Progress lines on stderr, flushed, as ``bench/forgetting.py`` writes them: ``[what] ... (elapsed)``."""
+
+    def __init__(self, what: str, enabled: bool):
+        if not isinstance(enabled, bool):
+            raise TypeError(f"progress must be a bool, got {enabled!r}")
+        self.what, self.enabled = what, enabled
+        self.started = self.last = time.perf_counter()
+
+    def log(self, message: str) -> None:
+        if self.enabled:
+            self.last = time.perf_counter()
+            print(f"[{self.what}] {message} ({self.last - self.started:.0f}s)", file=sys.stderr, flush=True)
+
+    def due(self) -> bool:
+        return self.enabled and time.perf_counter() - self.last >= PROGRESS_EVERY_S
 
 
 def layer_range(layers: str | range | tuple[int, int], n_layers: int) -> range:
@@ -226,6 +249,7 @@ def search(
     versatility: Callable[[object], float],
     *,
     weight: float = 0.5,
+    progress: bool = True,
 ) -> list[SearchResult]:
     """Train and score each candidate configuration; return them best first.
 
@@ -239,13 +263,16 @@ def search(
         versatility: ``trained -> score`` of general ability after fine-tuning.
         weight: share of speciality in the ranking score, in [0, 1]; both
             scores should be on the same scale (e.g. accuracies).
+        progress: write a line to stderr when the search starts and after
+            each candidate (its scores and the time so far), since each one
+            is a fine-tune; ``False`` writes nothing.
 
     Example:
         >>> def finetune_and_eval(config):  # yours: train with freeze_coarse(model, **config), score the new task
         ...     return (1.0 if config["layers"] == "top" else 0.5), config
         >>> def eval_general(trained):      # yours: score general ability of what finetune_and_eval returned
         ...     return 0.9 if trained["layers"] == "bottom2" else 0.2
-        >>> ranked = search(candidate_grid(), finetune_and_eval, eval_general)
+        >>> ranked = search(candidate_grid(), finetune_and_eval, eval_general, progress=False)
         >>> ranked[0].config["layers"]  # then: freeze_coarse(model, **ranked[0].config)
         'bottom2'
     """
@@ -264,8 +291,10 @@ def search(
         if isinstance(config.get("layers"), str) and config["layers"] not in LAYER_PRESETS:
             raise ValueError(f"candidate layers must be one of {tuple(LAYER_PRESETS)} or a span, got {config['layers']!r}")
 
+    log = _Progress("cofi.search", progress)
+    log.log(f"{len(candidates)} candidate configurations, one fine-tune each")
     results = []
-    for config in candidates:
+    for number, config in enumerate(candidates, 1):
         config = dict(config)
         outcome = train_and_score(config)
         if not isinstance(outcome, tuple) or len(outcome) != 2:
@@ -273,6 +302,9 @@ def search(
         speciality = _score(outcome[0], "speciality", config)
         general = _score(versatility(outcome[1]), "versatility", config)
         results.append(SearchResult(config, speciality, general, weight * speciality + (1 - weight) * general))
+        described = " ".join(f"{key}={value!r}" for key, value in config.items())
+        log.log(f"{number}/{len(candidates)} {described}: speciality {speciality:.4g}, versatility {general:.4g}, "
+                f"score {results[-1].score:.4g}")
     # Stable sort: equal scores keep the candidates' order; versatility breaks ties first.
     return sorted(results, key=lambda r: (-r.score, -r.versatility))
 
@@ -432,11 +464,15 @@ def _gate_hooks(
             hook.remove()
 
 
-def _accumulate_gate_grads(model: nn.Module, batches: Iterable, gates: Sequence[Tensor]) -> list[Tensor]:
+def _accumulate_gate_grads(model: nn.Module, batches: Iterable, gates: Sequence[Tensor],
+                           log: _Progress | None = None) -> list[Tensor]:
     """Per gate, the sum over ``batches`` of ``|grad|`` of the symmetric KL between two dropout passes.
 
     The passes run in train mode; the model's mode is restored afterwards.
+    ``log`` gets a line after the first batch and then every
+    ``PROGRESS_EVERY_S`` seconds.
     """
+    total = f"/{len(batches)}" if hasattr(batches, "__len__") else ""
     totals = [torch.zeros_like(gate) for gate in gates]
     was_training = model.training
     model.train()
@@ -449,14 +485,18 @@ def _accumulate_gate_grads(model: nn.Module, batches: Iterable, gates: Sequence[
             with torch.enable_grad():
                 loss = symmetric_kl(_logits(call()), _logits(call()), weights)
                 grads = torch.autograd.grad(loss, gates, allow_unused=True)
-            for total, grad in zip(totals, grads):
+            for summed, grad in zip(totals, grads):
                 if grad is not None:
-                    total.add_(grad.abs())
+                    summed.add_(grad.abs())
             seen += 1
+            if log is not None and (seen == 1 or log.due()):
+                log.log(f"batch {seen}{total}")
     finally:
         model.train(was_training)
     if not seen:
         raise ValueError("batches must yield at least one batch")
+    if log is not None:
+        log.log(f"done: {seen} batches")
     return totals
 
 
@@ -470,6 +510,7 @@ def importance(
     ffn_out: str = "down_proj",
     attn_out: str = "o_proj",
     layer_pattern: str = DEFAULT_LAYER_PATTERN,
+    progress: bool = True,
 ) -> Importance:
     """Unit importance for general ability, from a label-free KL between two dropout passes.
 
@@ -492,11 +533,14 @@ def importance(
         num_heads: attention heads; read from the model when None.
         ffn_in, ffn_out, attn_out: last name components of the FFN input
             projection, the FFN output projection and the attention output.
+        progress: write lines to stderr as batches are done (after the
+            first, then every ``PROGRESS_EVERY_S`` seconds, and at the end);
+            ``False`` writes nothing.
 
     Example:
         >>> model = tiny_llama()
         >>> batches = [torch.randint(0, 32, (2, 8)) for _ in range(2)]
-        >>> scores = importance(model, batches)
+        >>> scores = importance(model, batches, progress=False)
         >>> scores.ffn[0].shape, scores.hidden[0].shape, scores.heads[0].shape  # layer 0
         (torch.Size([24]), torch.Size([16]), torch.Size([2]))
     """
@@ -505,13 +549,15 @@ def importance(
     for argument, value in (("ffn_in", ffn_in), ("ffn_out", ffn_out), ("attn_out", attn_out)):
         if not isinstance(value, str) or not value:
             raise TypeError(f"{argument} must be a module name, got {value!r}")
+    log = _Progress("cofi.importance", progress)
     units = _find_units(model, compile_layer_pattern(layer_pattern), {"ffn_out": ffn_out, "attn_out": attn_out})
     if not units:
         raise _no_match_error(model, f"modules {ffn_out!r} / {attn_out!r} inside layers")
 
+    log.log(f"scoring the units of {len(units)} layers: two dropout passes and one backward per batch")
     with _gate_hooks(model, units, dropout, num_heads) as gates:
         flat_gates = [gate for table in gates.values() for gate in table.values()]
-        totals = iter(_accumulate_gate_grads(model, batches, flat_gates))
+        totals = iter(_accumulate_gate_grads(model, batches, flat_gates, log))
     scores = {kind: {i: normalize_per_layer(next(totals)).cpu() for i in table} for kind, table in gates.items()}
     return Importance(**scores)
 
@@ -629,8 +675,9 @@ def attach_soft_masks(
     """
     if mode not in SOFT_MASK_MODES:
         raise ValueError(f"mode must be one of {SOFT_MASK_MODES}, got {mode!r}")
+    optimizer = innermost(optimizer)  # accelerate's AcceleratedOptimizer keeps the selopt one as .optimizer
     if not callable(getattr(optimizer, "set_soft_mask", None)):
-        raise TypeError(f"optimizer must be a selopt optimizer with set_soft_mask, got {type(optimizer).__name__}")
+        raise TypeError(f"optimizer must be a selopt optimizer with set_soft_mask, got {class_name(optimizer)}")
     masks = soft_masks(model, scores, ffn_in=ffn_in, ffn_out=ffn_out, attn_in=attn_in, attn_out=attn_out,
                        layer_pattern=layer_pattern)
     params = dict(model.named_parameters())

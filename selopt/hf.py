@@ -48,8 +48,9 @@ from collections.abc import Iterable
 
 import torch
 
-from selopt.groups import dense_vectors, two_groups
+from selopt.groups import dense_vectors, require_module, two_groups
 from selopt.optim import AdamW, MoFO
+from selopt.wrappers import class_name, innermost
 
 try:
     from transformers import TrainerCallback
@@ -91,13 +92,15 @@ def no_decay_parameter_names(model: torch.nn.Module) -> set[str]:
 
 
 def trainer_param_groups(
-    model: torch.nn.Module, weight_decay: float = 0.0, fraction: float = 0.15, **options
+    model: torch.nn.Module, weight_decay: float | None = None, fraction: float | None = None, **options
 ) -> list[dict]:
     """``Trainer``'s two param groups for a selopt optimizer: decayed and selective, then dense without decay.
 
     The first group (weight matrices, embeddings, lm_head) gets ``weight_decay``,
-    ``fraction`` and ``options`` (e.g. ``block_size``); the second (biases and
-    norm weights, :func:`no_decay_parameter_names`) trains densely with no decay.
+    ``fraction`` and ``options`` (e.g. ``block_size``) where they are given,
+    and otherwise the optimizer's own arguments, as with
+    :func:`selopt.param_groups`; the second (biases and norm weights,
+    :func:`no_decay_parameter_names`) trains densely (``fraction=1.0``) with no decay.
     Frozen parameters (e.g. from :mod:`selopt.hft`) are left out, tied ones
     counted once, order as in ``model.named_parameters()``, so a ``Trainer``
     AdamW checkpoint of the same model loads into it. Empty groups are dropped.
@@ -107,6 +110,7 @@ def trainer_param_groups(
     >>> [(len(g["params"]), g["weight_decay"], g["fraction"]) for g in groups]
     [(1, 0.1, 0.2), (3, 0.0, 1.0)]
     """
+    require_module("trainer_param_groups", model)
     no_decay = no_decay_parameter_names(model)
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     return two_groups(
@@ -160,13 +164,13 @@ class TrainerMoFO(MoFO):
 
 
 def _selopt_optimizer(optimizer) -> AdamW:
-    # Trainer hands callbacks its optimizer as accelerate wrapped it (AcceleratedOptimizer.optimizer).
-    seen = optimizer
-    while not isinstance(seen, AdamW) and hasattr(seen, "optimizer"):
-        seen = seen.optimizer
-    if not isinstance(seen, AdamW):
-        raise TypeError(f"UpdateStatsCallback needs a selopt optimizer, Trainer has {type(optimizer).__name__}")
-    return seen
+    # Trainer hands callbacks its optimizer as accelerate wrapped it (AcceleratedOptimizer.optimizer); the
+    # error names what is inside, since the wrapper's class says nothing about which optimizer it holds.
+    found = innermost(optimizer)
+    if not isinstance(found, AdamW):
+        raise TypeError(f"UpdateStatsCallback needs a selopt optimizer (selopt.AdamW, selopt.MoFO or "
+                        f"selopt.hf.TrainerMoFO), Trainer has {class_name(found)}")
+    return found
 
 
 class UpdateStatsCallback(TrainerCallback):
@@ -188,6 +192,9 @@ class UpdateStatsCallback(TrainerCallback):
     reporting integrations (TensorBoard, W&B, ...) before the callbacks it is
     given, so to reach those too add the callback with :func:`log_update_stats`.
     Under FSDP every rank must log (Trainer's callbacks run on every rank).
+    Trainer hands callbacks accelerate's wrapper of the optimizer; the callback
+    reaches the selopt optimizer inside it (as :func:`selopt.unwrap` does), and
+    without one its ``TypeError`` names the inner optimizer's class.
     """
 
     def __init__(self, per_tensor: bool = False):

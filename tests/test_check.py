@@ -1,17 +1,24 @@
-"""``python -m selopt.check``, the self-check users run on a new machine: passes here, fails when it must."""
+"""``python -m selopt.check``, the self-check users run on a new machine: passes here, fails when it must.
+
+Without a GPU and without Triton it checks the torch reference and skips the
+kernels; that path, and a GPU machine whose kernels cannot run, are simulated
+by replacing ``triton_problem`` and ``torch.cuda.is_available``.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="the self-check runs the Triton kernels (pip install 'selopt[triton]')")
+import selopt
+from selopt import check, functional, reference
 
-from selopt import check, reference  # noqa: E402
+NO_TRITON = "Triton is not installed: `pip install triton` (or `pip install 'selopt[triton]'`)"
 
 
 def test_self_check_from_a_neutral_directory_passes_and_says_there_is_no_gpu(tmp_path):
@@ -20,14 +27,88 @@ def test_self_check_from_a_neutral_directory_passes_and_says_there_is_no_gpu(tmp
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     out = result.stdout
+    kernels = functional.triton_problem() is None
     if not torch.cuda.is_available():
-        assert out.startswith("No CUDA device: running the kernels under Triton's interpreter")
+        assert out.startswith("No CUDA device: running the kernels under Triton's interpreter" if kernels else
+                              "No CUDA device and no usable Triton")
     for key in ("device:", "driver:", "torch:", "triton:", "selopt:"):
         assert key in out
     assert "FAIL" not in out
-    assert f"PASS: {len(check.cases(tiny=True))} of {len(check.cases(tiny=True))} checks passed" in out
+    checked = len(check.reference_cases()) + (len(check.cases(tiny=True)) if kernels else 0)
+    assert f"PASS: {checked} of {checked} checks passed" in out
 
 
+_run = subprocess.run
+
+
+def _no_subprocess(command, *args, **kwargs):
+    # platform.processor() runs `uname`; the interpreter run is `python -m selopt.check` again.
+    assert "selopt.check" not in command, "the check must not start the interpreter run when Triton cannot run"
+    return _run(command, *args, **kwargs)
+
+
+def test_without_gpu_or_triton_the_reference_is_checked_and_the_kernels_skipped(monkeypatch, capsys):
+    monkeypatch.setattr(functional, "triton_problem", lambda: NO_TRITON)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(check.subprocess, "run", _no_subprocess)
+    monkeypatch.setattr(check, "run_case", lambda *args: pytest.fail("a kernel check ran without Triton"))
+    assert check.main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("No CUDA device and no usable Triton")
+    for case in check.reference_cases():
+        assert re.search(rf"^{re.escape(case.name)} +PASS$", out, re.MULTILINE), out
+    for case in check.cases(tiny=True):
+        assert re.search(rf"^{re.escape(case.name)} +SKIPPED$", out, re.MULTILINE), out
+    assert f"the kernels cannot run here: {NO_TRITON}" in out
+    n_reference, n_kernels = len(check.reference_cases()), len(check.cases(tiny=True))
+    assert out.rstrip().endswith(f"PASS: {n_reference} of {n_reference} checks passed, {n_kernels} kernel checks "
+                                 "skipped (no GPU and no usable Triton)")
+
+
+def test_without_gpu_or_triton_a_wrong_reference_still_fails(monkeypatch, capsys):
+    class OffByALittle(selopt.AdamW):  # a reference whose learning rate is 1% too large
+        def __init__(self, params, lr=1e-3, **kwargs):
+            super().__init__(params, lr=lr * 1.01, **kwargs)
+
+    monkeypatch.setattr(functional, "triton_problem", lambda: NO_TRITON)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(selopt, "AdamW", OffByALittle)
+    assert check.main([]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"^reference = torch.optim.AdamW, fp32 +FAIL$", out, re.MULTILINE), out
+    assert "step 1, tensor (7, 13): param differs by up to" in out
+    assert re.search(r"^FAIL: 0 of \d+ checks passed, \d+ kernel checks skipped", out, re.MULTILINE), out
+
+
+@pytest.mark.parametrize("hip, kind", [(None, "CUDA"), ("6.2.0", "ROCm")])
+def test_on_a_gpu_machine_kernels_that_cannot_run_fail(monkeypatch, capsys, hip, kind):
+    monkeypatch.setattr(functional, "triton_problem", lambda: NO_TRITON)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    monkeypatch.setattr(check, "environment", lambda device: [("device", f"{device} (simulated)")])
+    monkeypatch.setattr(check.subprocess, "run", _no_subprocess)
+    assert check.main([]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"^Triton kernels +FAIL$", out, re.MULTILINE), out
+    assert f"selopt's Triton kernels cannot run on this {kind} device: {NO_TRITON}" in out
+    assert "SKIPPED" not in out
+    n = len(check.reference_cases())
+    assert out.rstrip().endswith(f"FAIL: {n} of {n + 1} checks passed")
+
+
+def test_reference_check_catches_a_wrong_selection(monkeypatch):
+    class MovesTooMuch(selopt.AdamW):
+        def __init__(self, params, fraction=1.0, **kwargs):
+            super().__init__(params, fraction=min(1.0, fraction + 0.1), **kwargs)
+
+    mofo = next(case for case in check.reference_cases() if case.options.get("fraction", 1.0) < 1)
+    assert check.reference_problems(mofo) == []
+    monkeypatch.setattr(selopt, "AdamW", MovesTooMuch)
+    assert "step 1, tensor (37,): moved 12 entries, not torch.topk's 9 of largest |exp_avg|" in (
+        check.reference_problems(mofo))
+
+
+@pytest.mark.skipif(functional.triton_problem() is not None, reason="needs Triton (pip install 'selopt[triton]')")
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                     reason="runs the kernels in this process: needs a CUDA device or TRITON_INTERPRET=1")
 def test_self_check_fails_and_names_the_case_when_kernels_and_reference_disagree(monkeypatch, capsys):
@@ -38,6 +119,7 @@ def test_self_check_fails_and_names_the_case_when_kernels_and_reference_disagree
         return result._replace(param=result.param + 1e-3)
 
     monkeypatch.setattr(reference, "adamw_math", off_by_a_little)
+    monkeypatch.setattr(check, "reference_cases", lambda: [])  # the kernel rows alone
     monkeypatch.setattr(check, "cases", lambda tiny: [
         check.Case("dense fp32", ((3, 5),), options=dict(fraction=1.0)),
         check.Case("MoFO exact fp32", ((40,),), options=dict(fraction=0.1)),

@@ -320,3 +320,56 @@ def test_head_masks_never_silently_skip():
     # Leaving attention unmasked is a choice one makes explicitly.
     names = cofi.attach_soft_masks(opt, model, scores, attn_in=())
     assert names and not any(".self_attn." in n for n in names)
+
+
+# ---------------------------------------------------------------- progress of the long-running helpers
+
+
+def test_search_writes_a_progress_line_per_candidate_unless_silenced(capsys):
+    table = {"bottom1": (0.9, 0.2), "top": (0.5, 0.7)}
+    candidates = [{"layers": k, "modules": ("up_proj",)} for k in table]
+
+    def train_and_score(config):
+        return table[config["layers"]][0], config["layers"]
+
+    ranked = cofi.search(candidates, train_and_score, lambda layers: table[layers][1])
+    captured = capsys.readouterr()
+    assert captured.out == ""  # stderr, as bench/forgetting.py logs, so that piped results stay clean
+    lines = captured.err.splitlines()
+    assert lines[0].startswith("[cofi.search] 2 candidate configurations, one fine-tune each (")
+    assert lines[1].startswith("[cofi.search] 1/2 layers='bottom1' modules=('up_proj',): speciality 0.9, "
+                               "versatility 0.2, score 0.55 (")
+    assert lines[2].startswith("[cofi.search] 2/2 layers='top'")
+    assert len(lines) == 3 and all(line.endswith("s)") for line in lines)
+
+    silent = cofi.search(candidates, train_and_score, lambda layers: table[layers][1], progress=False)
+    assert capsys.readouterr().err == ""
+    assert silent == ranked
+    with pytest.raises(TypeError, match="progress must be a bool"):
+        cofi.search(candidates, train_and_score, lambda layers: 0.0, progress="yes")
+
+
+def test_importance_writes_progress_unless_silenced(capsys, monkeypatch):
+    model = tiny(2)
+    torch.manual_seed(0)
+    loud = cofi.importance(model, batches(3))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("[cofi.importance] scoring the units of 2 layers")
+    assert lines[1].startswith("[cofi.importance] batch 1/3 (")
+    assert lines[-1].startswith("[cofi.importance] done: 3 batches (")
+    assert len(lines) == 3  # later batches only every PROGRESS_EVERY_S seconds
+
+    monkeypatch.setattr(cofi, "PROGRESS_EVERY_S", 0.0)
+    cofi.importance(model, iter(batches(3)))  # no len(): counted without a total
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" (")[0] for line in lines[1:]] == [
+        "[cofi.importance] batch 1", "[cofi.importance] batch 2", "[cofi.importance] batch 3",
+        "[cofi.importance] done: 3 batches"]
+
+    torch.manual_seed(0)
+    silent = cofi.importance(model, batches(3), progress=False)
+    assert capsys.readouterr().err == ""
+    for kind in ("ffn", "hidden", "heads"):
+        assert all(torch.equal(getattr(silent, kind)[i], getattr(loud, kind)[i]) for i in getattr(loud, kind))
+    with pytest.raises(TypeError, match="progress must be a bool"):
+        cofi.importance(model, batches(1), progress=1)
