@@ -14,6 +14,7 @@ written by :mod:`selopt.kernels.steps` once per tensor and step, holds the
 step's scalars, so no program recomputes them.
 """
 
+import torch
 import triton
 import triton.language as tl
 
@@ -61,8 +62,12 @@ STATE_COLUMNS = tl.constexpr(8)
 # A row's candidate list holds up to 1/CANDIDATE_SHARE of its entries (rounded up).
 CANDIDATE_SHARE = tl.constexpr(16)
 
-# The key of NaN (and of padding lanes), below every number: never selected (selopt.selection).
-NOT_A_CANDIDATE = tl.constexpr(selection.NOT_A_CANDIDATE)
+# NaN's key, above every number, and the lowest threshold, above |m| == 0 (selopt.selection).
+NAN_KEY = tl.constexpr(selection.NAN_KEY[torch.int32])
+MIN_THRESHOLD = tl.constexpr(selection.MIN_THRESHOLD)
+# The key the exact path gives lanes past a tensor's or a candidate list's end: below every key, so
+# they never count in a histogram. (The one-pass kernel needs none: its padding lanes hold m = 0.)
+PADDING_KEY = tl.constexpr(-1)
 
 
 @triton.jit
@@ -131,34 +136,38 @@ def round_for_store(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def magnitude_key(m, valid):
-    """The key of |m| (:func:`selopt.selection.magnitude_keys`); padding lanes get NOT_A_CANDIDATE too.
+def magnitude_key(m):
+    """The key of |m| (:func:`selopt.selection.magnitude_keys`).
 
     The bits of ``tl.abs(m)``, not ``bits & 0x7FFFFFFF``: the same key, but the
     mask would tell the compiler the key is non-negative, from which it proves
     :func:`kth_largest_key`'s sign-bit count to be a comparison and compiles
-    each count back to compare, select and bit-packing: 3.3 instructions per
-    key instead of 2.5 (``bench.static``: block 4096 at 4.67 warp-instructions
-    per element instead of 3.79).
+    each count back to compare, select and bit-packing, costlier per key
+    (``bench.static``; figures in bench/NOTES.md). NaN is given its key
+    explicitly: the sign a NaN keeps through ``abs`` is not specified.
     """
-    key = tl.abs(m).to(tl.int32, bitcast=True)
-    return tl.where(valid & (m == m), key, NOT_A_CANDIDATE)
+    return tl.where(m == m, tl.abs(m).to(tl.int32, bitcast=True), NAN_KEY)
+
+
+@triton.jit
+def selection_threshold(kth_largest):
+    """The threshold from a block's k-th largest key: never below MIN_THRESHOLD, so |m| == 0 never moves."""
+    return tl.maximum(kth_largest, MIN_THRESHOLD)
 
 
 @triton.jit
 def kth_largest_key(key, k):
-    """The k-th largest of ``key`` (non-negative int32; NOT_A_CANDIDATE below them), by bisection on its 31 value bits.
+    """The k-th largest of ``key`` (non-negative int32), by bisection on its 31 value bits.
 
     Builds the answer from the top bit down: keep a bit when at least ``k``
     keys are >= the answer with that bit set. 31 counts over registers, no
     sort (sorting is very slow under Triton's interpreter). When fewer than
-    ``k`` keys are candidates the answer is 0, which selects every candidate,
-    as the reference does.
+    ``k`` keys are non-zero the answer is 0 (:func:`selection_threshold` raises it).
 
     Each count is of the keys *below* the candidate: the sign bit of
     ``key - candidate``, shifted down and summed (a subtract, then a shift
-    folded into the add: about 2.5 instructions per key where compare, select
-    and add take more), and these counts are nearly all of the selection's cost.
+    folded into the add, cheaper than compare, select and add), and these
+    counts are nearly all of the selection's cost.
     """
     threshold = k * 0
     for bit in tl.static_range(30, -1, -1):
@@ -244,7 +253,8 @@ def adam_moments(g, m, v, vmax, lerp_weight, beta2, one_minus_beta2,
     m = round_for_store(m, MOMENT_DTYPE).to(tl.float32)
     v = round_for_store(v, MOMENT_DTYPE).to(tl.float32)
     if AMSGRAD:
-        vmax = tl.maximum(vmax, v)
+        # NaN-propagating, as torch.maximum in the reference: tl.maximum would drop a NaN vmax.
+        vmax = tl.where((v > vmax) | (v != v), v, vmax)
         return m, v, vmax, vmax
     else:
         return m, v, vmax, v

@@ -52,8 +52,9 @@ def _block_adamw_kernel(
     else:
         is_full = tl.load(row_ptr + d.COL_NUMEL) - start >= BLOCK
         k = tl.load(row_ptr + tl.where(is_full, d.COL_K_FULL, d.COL_K_TAIL)).to(tl.int32)
-        key = d.magnitude_key(m, in_block)
-        selected = key >= d.kth_largest_key(key, k)
+        # Padding lanes load m = 0: key 0 counts below every bisection candidate and is never selected.
+        key = d.magnitude_key(m)
+        selected = key >= d.selection_threshold(d.kth_largest_key(key, k))
     d.update_param(row_ptr, start, lanes, in_block, store_mask, step_scalars, m, second_moment, selected, scale,
                    eps, PARAM_DTYPE, DECAY_SELECTED, SOFT_MASK_ON_UPDATE, STOCHASTIC_ROUNDING,
                    WRITE_SELECTION, ALIGNED)

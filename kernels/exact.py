@@ -146,7 +146,7 @@ def _moments_histogram_kernel(
                                 GRAD_SCALE, MAXIMIZE, SOFT_MASK, SOFT_MASK_ON_GRAD, ALIGNED)
     m, _ = d.update_moments(row_ptr, start, lanes, in_block, store_mask, g, lerp_weight, beta2,
                             one_minus_beta2, AMSGRAD, LERP_FROM_END, MOMENT_DTYPE, ALIGNED)
-    key = d.magnitude_key(m, in_block)
+    key = tl.where(in_block, d.magnitude_key(m), d.PADDING_KEY)
     histogram_row = histogram + row.to(tl.int64) * d.RADIX_BINS
     _accumulate_histogram(histogram_row, key, 0, BIN_SHIFT, BIN_BITS, SPARSE=False)
     _collect_candidates(row_ptr, select_state + row.to(tl.int64) * d.STATE_COLUMNS, histogram_row, key)
@@ -163,7 +163,7 @@ def _refine_from_m_kernel(
     state = select_state + row.to(tl.int64) * d.STATE_COLUMNS
     if tl.load(state + d.STATE_FROM_LIST) == 0:
         m = tl.load(d.stream(row_ptr, d.COL_EXP_AVG, start, lanes, MOMENT_DTYPE, ALIGNED), mask=in_block, other=0.0)
-        key = d.magnitude_key(m.to(tl.float32), in_block)
+        key = tl.where(in_block, d.magnitude_key(m.to(tl.float32)), d.PADDING_KEY)
         _accumulate_histogram(histogram + row.to(tl.int64) * d.RADIX_BINS, key, tl.load(state + d.STATE_PREFIX),
                               BIN_SHIFT, BIN_BITS, SPARSE=True)
 
@@ -186,7 +186,7 @@ def _refine_from_list_kernel(
     if (tl.load(state + d.STATE_FROM_LIST) != 0) & (listed > 0):
         in_list = lanes < tl.minimum(listed, CHUNK).to(tl.int32)
         key = tl.load(candidates + start + lanes, mask=in_list, other=0)
-        key = tl.where(in_list, key - tl.load(state + d.STATE_BASE).to(tl.int32), d.NOT_A_CANDIDATE)
+        key = tl.where(in_list, key - tl.load(state + d.STATE_BASE).to(tl.int32), d.PADDING_KEY)
         _accumulate_histogram(histogram + row.to(tl.int64) * d.RADIX_BINS, key, tl.load(state + d.STATE_PREFIX),
                               BIN_SHIFT, BIN_BITS, SPARSE=True)
 
@@ -230,13 +230,14 @@ def _select_bin_kernel(table, histogram, select_state, FIRST_ROUND: tl.constexpr
         prefix = tl.load(state + d.STATE_PREFIX)
         rank = tl.load(state + d.STATE_RANK)
     at_or_above = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts
-    # The highest bin with at least `rank` keys at or above it. When there are fewer candidates
-    # than `rank` (NaNs), no bin qualifies, bin 0 is taken every round: threshold 0 selects them all.
+    # The highest bin with at least `rank` keys at or above it. When the row has fewer keys than
+    # `rank`, no bin qualifies and bin 0 is taken every round: the threshold is then raised to the
+    # lowest one, which selects every non-zero |m|.
     boundary = tl.max(tl.where(at_or_above >= rank, bins, 0), axis=0)
     above = tl.sum(tl.where(bins > boundary, counts, 0), axis=0)
     prefix = (prefix << BIN_BITS) | boundary
     if LAST_ROUND:
-        tl.store(state + d.STATE_THRESHOLD, tl.load(state + d.STATE_BASE) + prefix)
+        tl.store(state + d.STATE_THRESHOLD, d.selection_threshold(tl.load(state + d.STATE_BASE) + prefix))
         tl.store(state + d.STATE_LIST_COUNT, 0)
     elif FIRST_ROUND:
         _read_from_list_or_m(histogram_row, state, rank, prefix, rank - above)
@@ -264,7 +265,7 @@ def _exact_update_kernel(
     second_moment = tl.load(d.stream(row_ptr, second_column, start, lanes, MOMENT_DTYPE, ALIGNED),
                             mask=in_block, other=0.0).to(tl.float32)
     threshold = tl.load(select_state + row.to(tl.int64) * d.STATE_COLUMNS + d.STATE_THRESHOLD).to(tl.int32)
-    selected = d.magnitude_key(m, in_block) >= threshold
+    selected = d.magnitude_key(m) >= threshold  # padding lanes (m = 0) are below every threshold
     scale = 1.0
     if SOFT_MASK_ON_UPDATE:
         scale = d.load_soft_mask(row_ptr, start, lanes, in_block)

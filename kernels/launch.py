@@ -136,9 +136,36 @@ class Launch:
         self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps, **_COMPILE_OPTIONS)
 
 
-# Outcome of compiling each specialization, per (device, target): a kernel compiles once per
-# process, and one that failed is not retried on every step (Triton compiles are seconds).
-_compiled: dict[tuple, KernelCompileError | None] = {}
+class CompileMemo:
+    """Which kernel specializations compiled, per (device, target): each compiles once per process.
+
+    A failure is kept as the facts of :class:`KernelCompileError`, without a
+    traceback, and every later launch of that specialization raises a fresh
+    error from them: re-raising one stored exception would chain each step's
+    frames (and the tensors they hold) onto its traceback, step after step.
+    """
+
+    def __init__(self):
+        self._failures: dict[tuple, tuple | None] = {}
+
+    def compile(self, launches: list[Launch], device: torch.device, target: Any) -> None:
+        """Compile each launch not yet compiled for ``device`` and ``target``; raise the first failure."""
+        for launch in launches:
+            key = (device, target, launch.specialization())
+            if key not in self._failures:
+                try:
+                    launch.compile(target)
+                    self._failures[key] = None
+                except KernelCompileError as error:
+                    self._failures[key] = (error.kernel, error.config, error.target,
+                                           error.error.with_traceback(None))
+            failure = self._failures[key]
+            if failure is not None:
+                raise KernelCompileError(*failure)
+
+
+# The one per-process memo: compiled binaries are per process too (Triton's own cache).
+_memo = CompileMemo()
 
 
 def compile_launches(steps: list, device: torch.device) -> None:
@@ -150,14 +177,4 @@ def compile_launches(steps: list, device: torch.device) -> None:
     launches = [step for step in steps if isinstance(step, Launch)]
     if not launches or not isinstance(launches[0].kernel, JITFunction):
         return
-    target = triton.runtime.driver.active.get_current_target()
-    for launch in launches:
-        key = (device, target, launch.specialization())
-        if key not in _compiled:
-            try:
-                launch.compile(target)
-                _compiled[key] = None
-            except KernelCompileError as error:
-                _compiled[key] = error
-        if _compiled[key] is not None:
-            raise _compiled[key]
+    _memo.compile(launches, device, triton.runtime.driver.active.get_current_target())

@@ -81,6 +81,9 @@ class PlanCache:
         self._plans: OrderedDict[tuple, Plan] = OrderedDict()
         self._captured: dict[tuple, Plan] = {}
         self._scratch: OrderedDict[tuple, RadixScratch] = OrderedDict()
+        # Kinds of bucket whose kernels failed to compile (selopt.functional): they step on the
+        # reference from then on without building a plan first. Kept by clear(): the compiler decides.
+        self.falling_back: set[tuple] = set()
 
     def clear(self) -> None:
         """Forget every plan and the scratch (after a load_state_dict, say); captured graphs keep theirs."""

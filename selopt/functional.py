@@ -145,6 +145,25 @@ def _triton_or_fallback(device: torch.device, param_dtype: torch.dtype, moment_d
     return TRITON
 
 
+def amp_scalar(name: str, value: Tensor | None, device: torch.device | None = None) -> Tensor | None:
+    """GradScaler's ``grad_scale`` or ``found_inf`` as the step reads it: a 0-d view, checked.
+
+    FSDP's ``ShardedGradScaler`` hands them over with shape ``(1,)``.
+    ``device``: where the step reads it on the device (the kernels), else None.
+
+    >>> amp_scalar("found_inf", torch.zeros(1)).shape
+    torch.Size([])
+    """
+    if value is None:
+        return None
+    if not isinstance(value, Tensor) or value.numel() != 1 or not value.is_floating_point():
+        shown = f"shape {tuple(value.shape)} {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"{name} must be a one-element floating-point tensor (as GradScaler sets it), got {shown}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{name} must be on the params' device {device} for the Triton kernels, got {value.device}")
+    return value if value.dim() == 0 else value.view(())
+
+
 def prepare_adamw(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -174,6 +193,8 @@ def prepare_adamw(
     if implementation is None:
         implementation = choose_implementation(params[0].device, params[0].dtype, exp_avgs[0].dtype,
                                                sharded=distributed.is_dtensor(params[0]), options=options)
+    grad_scale, found_inf = (amp_scalar(name, value, params[0].device if implementation.counts_on_device else None)
+                             for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf)))
     arguments = dict(options=options, soft_masks=soft_masks, rounding_seeds=rounding_seeds, grad_scale=grad_scale,
                      found_inf=found_inf, selections=selections, cache=cache)
     lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
@@ -181,6 +202,11 @@ def prepare_adamw(
         return implementation.prepare(*lists, **arguments)
     from selopt import kernels
 
+    # The reference reads the device step counts back: correct, if slower.
+    fallback = SHARDED if implementation is SHARDED_TRITON else REFERENCE
+    kind = _bucket_kind(implementation, params[0], exp_avgs[0], arguments)
+    if cache is not None and kind in cache.falling_back:
+        return fallback.prepare(*lists, **arguments)
     try:
         return implementation.prepare(*lists, **arguments)
     except kernels.KernelCompileError as error:
@@ -188,9 +214,16 @@ def prepare_adamw(
             raise
         warn_fallback(f"selopt runs its torch reference for {params[0].dtype} params with "
                       f"{exp_avgs[0].dtype} moments: {error}")
-        # The reference reads the device step counts back: correct, if slower.
-        fallback = SHARDED if implementation is SHARDED_TRITON else REFERENCE
-        return fallback.prepare(*lists, **arguments)
+        if cache is not None:
+            cache.falling_back.add(kind)
+    return fallback.prepare(*lists, **arguments)
+
+
+def _bucket_kind(implementation: Implementation, param: Tensor, exp_avg: Tensor, arguments: dict) -> tuple:
+    """What picks a bucket's kernel specializations, but for tensor sizes and addresses."""
+    options = arguments["options"]
+    present = tuple(arguments[name] is not None for name in ("soft_masks", "grad_scale", "found_inf", "selections"))
+    return (implementation.name, param.device, param.dtype, exp_avg.dtype, options.structure(), present)
 
 
 def adamw(*args, **kwargs) -> None:

@@ -213,7 +213,7 @@ class UpdateStatsCallback(TrainerCallback):
         if self._optimizer is None or logs is None or "loss" not in logs:
             return  # not a training log (evaluation, end-of-training summary)
         stats = self._optimizer.update_stats()
-        if stats is None:
+        if not stats.tracked:
             return
         added = {}
         for i, (group, counts) in enumerate(zip(self._optimizer.param_groups, stats.groups)):

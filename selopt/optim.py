@@ -121,10 +121,7 @@ class AdamW(torch.optim.Optimizer):
         bound.apply_defaults()
         arguments = dict(bound.arguments)
         del arguments["params"]
-        # As torch.optim.AdamW: one-element tensor betas are kept as 0-d tensors.
-        arguments["betas"] = tuple(beta.squeeze() if isinstance(beta, Tensor) and beta.dim() else beta
-                                   for beta in arguments["betas"])
-        defaults = AdamWOptions(**arguments).group_defaults()
+        defaults = AdamWOptions(**arguments).group_defaults()  # betas as torch keeps them: 0-d tensors
         self._soft_masks: dict[Tensor, Tensor] = {}
         self._update_tracker: UpdateTracker | None = None  # see track_updates
         self._reset_caches()
@@ -252,16 +249,18 @@ class AdamW(torch.optim.Optimizer):
             raise TypeError(f"per_tensor must be a bool, got {per_tensor!r}")
         self._update_tracker = UpdateTracker(per_tensor) if enabled else None
 
-    def update_stats(self) -> UpdateStats | None:
-        """What the last step moved (:class:`selopt.stats.UpdateStats`), or None before a tracked step.
+    def update_stats(self) -> UpdateStats:
+        """What the last tracked step moved (:class:`selopt.stats.UpdateStats`).
 
-        Reads the device counts: one device-to-host copy per device. With sharded
-        (DTensor) params it sums the shards' counts with one ``all_reduce`` per
-        mesh, so every rank must call it, as every rank calls :meth:`step`.
+        Before the first tracked step every group reports 0 entries and
+        ``tracked`` is False. Reads the device counts: one device-to-host copy
+        per device. With sharded (DTensor) params it sums the shards' counts
+        with one ``all_reduce`` per mesh, so every rank must call it, as every
+        rank calls :meth:`step`.
         """
         if self._update_tracker is None:
             raise RuntimeError("update tracking is off: call track_updates() before the steps to count")
-        return self._update_tracker.stats()
+        return self._update_tracker.stats(self.param_groups)
 
     def _init_state(self, param: Tensor, options: AdamWOptions) -> dict:
         state = self.state[param]
@@ -287,8 +286,8 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
+        grad_scale = functional.amp_scalar("grad_scale", getattr(self, "grad_scale", None))
+        found_inf = functional.amp_scalar("found_inf", getattr(self, "found_inf", None))
 
         # Check and choose everything first, so that bad input changes nothing.
         work = []
@@ -299,6 +298,10 @@ class AdamW(torch.optim.Optimizer):
                 work.append((group, options, (), replayed))
                 continue
             params = [p for p in group["params"] if p.grad is not None]
+            if len(set(map(id, params))) != len(params):
+                # torch warns about a param listed twice in a group and steps it twice; selopt steps it
+                # once, since the kernels would update it twice in one launch, racing with themselves.
+                params = list({id(p): p for p in params}.values())
             if any([p.grad.is_sparse for p in params]):
                 raise RuntimeError("selopt does not support sparse gradients; use torch.optim.SparseAdam for them")
             for dtype in {p.dtype for p in params}:
@@ -317,26 +320,33 @@ class AdamW(torch.optim.Optimizer):
         # Then prepare every bucket of every group (the kernels' checks and compiles included) before
         # any runs: a kernel that cannot compile for backend="triton" leaves every param untouched.
         with contextlib.ExitStack() as real_views:
-            runs = []
-            for group, options, fresh, buckets in work:
-                if isinstance(buckets, _Replayed):
-                    runs += [functools.partial(_run_launches, launches) for launches in buckets.launches]
-                    continue
-                for p in fresh:
-                    self._init_state(p, options)
-                prepared = []
-                for implementation, bucket, entries, has_complex in buckets:
-                    if has_complex:
-                        stepped = real_views.enter_context(self._complex_as_real(bucket))
-                        states = [self.state[view] for view in stepped]
-                    else:
-                        # Entries looked up in the check phase; those made since are looked up again.
-                        stepped, states = bucket, [e if e else self.state[p] for e, p in zip(entries, bucket)]
-                    if tracker is not None:
-                        tracker.expect(group, bucket, stepped)
-                    prepared.append(self._prepare(implementation, stepped, states, options, grad_scale, found_inf))
-                runs += prepared
-                self._remember(group, options, buckets, prepared, grad_scale, found_inf)
+            runs, made = [], []
+            try:
+                for group, options, fresh, buckets in work:
+                    if isinstance(buckets, _Replayed):
+                        runs += [functools.partial(_run_launches, launches) for launches in buckets.launches]
+                        continue
+                    made += [p for p in fresh if p not in self.state]
+                    for p in fresh:
+                        self._init_state(p, options)
+                    prepared = []
+                    for implementation, bucket, entries, has_complex in buckets:
+                        if has_complex:
+                            stepped = real_views.enter_context(self._complex_as_real(bucket))
+                            states = [self.state[view] for view in stepped]
+                        else:
+                            # Entries looked up in the check phase; those made since are looked up again.
+                            stepped, states = bucket, [e if e else self.state[p] for e, p in zip(entries, bucket)]
+                        if tracker is not None:
+                            tracker.expect(group, bucket, stepped, states)
+                        prepared.append(self._prepare(implementation, stepped, states, options, grad_scale,
+                                                      found_inf))
+                    runs += prepared
+                    self._remember(group, options, buckets, prepared, grad_scale, found_inf)
+            except BaseException:
+                for p in made:  # a failed step leaves no state behind, not even a fresh one
+                    del self.state[p]
+                raise
             for run in runs:
                 run()
         if tracker is not None:

@@ -9,7 +9,7 @@ a parameter ``p`` with gradient ``g`` and step count ``t``:
 2. dense moments: ``m = b1*m + (1-b1)*g``, ``v = b2*v + (1-b2)*g*g``
    (``vmax = max(vmax, v)`` replaces ``v`` below with amsgrad);
 3. the selection ``S`` (:mod:`selopt.selection`): per block the ``k`` largest
-   ``|m|``, ties included, NaN never;
+   ``|m|``, ties included, NaN above every number, 0 never;
 4. decoupled decay ``p = p * (1 - lr*wd)`` on every entry (``decay="all"``) or
    on ``S`` only (``decay="selected"``);
 5. ``p = p - lr * s * [S] * m_hat / (sqrt(v_hat) + eps)``, with ``s`` applied
@@ -85,7 +85,7 @@ class Moments(NamedTuple):
 def adam_moments(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor | None,
                  *, options: AdamWOptions, soft_mask: Tensor | None = None,
                  grad_scale: Tensor | None = None) -> Moments:
-    """Steps 1-2: the dense moments after this step's gradient; inputs are not modified.
+    """Steps 1-2: the dense moments after this step's gradient, as their state stores them; inputs are not modified.
 
     >>> z = torch.zeros(2)
     >>> adam_moments(z, torch.tensor([1.0, -2.0]), z, z, None, options=AdamWOptions()).exp_avg.tolist()
@@ -95,10 +95,16 @@ def adam_moments(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tenso
     g = effective_grad(param, grad, maximize=options.maximize, soft_mask=soft_mask,
                        soft_mask_mode=options.soft_mask_mode, grad_scale=grad_scale)
     beta1, beta2 = options.beta1, options.beta2
-    m = exp_avg.to(dtype).lerp(g, 1 - beta1)
-    v = exp_avg_sq.to(dtype).mul(beta2).addcmul(g, g, value=1 - beta2)
+    m = _as_stored(exp_avg.to(dtype).lerp(g, 1 - beta1), exp_avg.dtype)
+    v = _as_stored(exp_avg_sq.to(dtype).mul(beta2).addcmul(g, g, value=1 - beta2), exp_avg_sq.dtype)
     vmax = torch.maximum(max_exp_avg_sq.to(dtype), v) if options.amsgrad else None
     return Moments(m, v, vmax)
+
+
+def _as_stored(moment: Tensor, state_dtype: torch.dtype) -> Tensor:
+    # The selection and the update read a moment as its state holds it (bf16 moments of fp32 params
+    # rounded once), so every path, whichever rereads the state, computes the same step.
+    return moment if moment.dtype == state_dtype else moment.to(state_dtype).to(moment.dtype)
 
 
 def apply_update(param: Tensor, moments: Moments, selected: Tensor, *, step: float, options: AdamWOptions,

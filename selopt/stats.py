@@ -18,9 +18,14 @@ counts its real and imaginary parts as two entries, as its selection does.
 
 Counting happens on the device and nothing is read back until
 :meth:`~selopt.AdamW.update_stats` is called, so a tracked step does not
-synchronise the host. What tracking costs, only while it is on:
+synchronise the host. Each group also counts its entries whose moments are
+NaN or inf (``nonfinite``): they come from NaN or inf gradients, and they
+always move, so the parameters turn non-finite as with torch's AdamW (see the
+README for guards). What tracking costs, only while it is on:
 
-- dense groups (``fraction=1``): nothing on the device, their count is known;
+- every group: one read of each stepped tensor's moments after the step, for
+  the non-finite count (8 bytes per fp32 entry);
+- dense groups (``fraction=1``): nothing more, their moved count is known;
 - the torch reference: a copy of each selective tensor's selection into a scratch
   bool buffer, counted as the kernels' are;
 - the Triton kernels: they write the selection of each selective tensor to a
@@ -35,7 +40,7 @@ synchronise the host. What tracking costs, only while it is on:
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -46,11 +51,18 @@ from selopt import distributed
 
 @dataclass(frozen=True)
 class Counts:
-    """Entries one step covered (params with a gradient), moved by the update, and changed by weight decay."""
+    """Entries one step covered (params with a gradient), moved by the update, and changed by weight decay.
+
+    ``nonfinite``: entries whose moments (``exp_avg`` or ``exp_avg_sq``) are NaN
+    or inf after the step, left by a NaN or inf gradient. They always move
+    (docs/design.md §2), so their parameters turn non-finite too, as with
+    ``torch.optim.AdamW``; this count says how many there are and where.
+    """
 
     entries: int
     moved: int
     decayed: int
+    nonfinite: int = field(default=0, kw_only=True)
 
     @property
     def fraction(self) -> float:
@@ -71,20 +83,25 @@ class Counts:
 class GroupStats(Counts):
     """:class:`Counts` of one param group, with the decay settings that explain ``decayed``.
 
-    ``tensors`` (with ``per_tensor=True``) maps the index of a parameter in the
-    group's ``params`` to its counts, for the parameters that stepped.
+    ``tensors`` (with ``per_tensor=True``) maps each parameter that stepped to
+    its counts: by its name when the group was given named parameters
+    (``param_names``), else by its index in the group's ``params``.
     """
 
     decay: str
     weight_decay: float
-    tensors: dict[int, Counts] | None = None
+    tensors: dict[int | str, Counts] | None = None
 
     def __str__(self) -> str:
         moved = f"moved {self.fraction:.1%} ({self.moved:,} of {self.entries:,} entries)"
         if not self.weight_decay:
-            return f"{moved}; no weight decay"
-        which = "every entry" if self.decay == "all" else "the moved entries only"
-        return f"{moved}; weight decay changed {self.decayed_fraction:.1%} (decay={self.decay!r}: {which})"
+            text = f"{moved}; no weight decay"
+        else:
+            which = "every entry" if self.decay == "all" else "the moved entries only"
+            text = f"{moved}; weight decay changed {self.decayed_fraction:.1%} (decay={self.decay!r}: {which})"
+        if self.nonfinite:
+            text += f"; {self.nonfinite:,} entries with NaN/inf moments (from NaN/inf gradients)"
+        return text
 
 
 @dataclass(frozen=True)
@@ -93,12 +110,17 @@ class UpdateStats:
 
     ``skipped`` is True when a GradScaler found inf/NaN gradients and the
     step changed nothing: every group then reports 0 moved and decayed.
+    ``tracked`` is False before the first step tracking counted: every group
+    then reports 0 entries.
     """
 
     groups: list[GroupStats]
     skipped: bool
+    tracked: bool = True
 
     def __str__(self) -> str:
+        if not self.tracked:
+            return "no step tracked yet: the counts describe the first step() after track_updates()"
         lines = ["last step: skipped (inf/NaN gradients), nothing moved" if self.skipped else "last step:"]
         lines += [f"  group {i}: {group}" for i, group in enumerate(self.groups)]
         return "\n".join(lines)
@@ -107,12 +129,14 @@ class UpdateStats:
 class _Entry:
     """One stepped tensor of the current step: where it is, how many entries, and what moved."""
 
-    __slots__ = ("index", "numel", "moved", "shard_groups")
+    __slots__ = ("key", "numel", "moved", "moments", "nonfinite", "shard_groups")
 
-    def __init__(self, index: int, numel: int, moved, shard_groups: tuple):
-        self.index = index  # in its group's "params"
+    def __init__(self, key: int | str, numel: int, moved, moments: tuple, shard_groups: tuple):
+        self.key = key  # the param's name in its group, or its index in the group's "params"
         self.numel = numel  # whole-tensor entries, real components for a complex param
         self.moved = moved  # int (known on the host), a 0-d device count, _PENDING, or None: in a bucket count
+        self.moments = moments  # (exp_avg, exp_avg_sq), local shards: counted after the step
+        self.nonfinite = None  # 0-d device count of entries with a non-finite moment
         self.shard_groups = shard_groups  # process groups a DTensor's local counts are summed over
 
 
@@ -124,6 +148,7 @@ class _Step:
 
     def __init__(self, param_groups: list[dict], found_inf: Tensor | None):
         self.group_index = {id(group): i for i, group in enumerate(param_groups)}
+        self.names = [group.get("param_names") for group in param_groups]
         self.options = [(group["decay"], group["weight_decay"]) for group in param_groups]
         self.found_inf = found_inf
         self.entries: list[list[_Entry]] = [[] for _ in param_groups]
@@ -151,16 +176,19 @@ class UpdateTracker:
     def begin_step(self, param_groups: list[dict], found_inf: Tensor | None) -> None:
         self._current = _Step(param_groups, found_inf)
 
-    def expect(self, group: dict, params: list[Tensor], stepped: list[Tensor]) -> None:
-        """``params`` of ``group`` step now, as ``stepped`` (the real views of complex ones)."""
+    def expect(self, group: dict, params: list[Tensor], stepped: list[Tensor], states: list[dict]) -> None:
+        """``params`` of ``group`` step now, as ``stepped`` (the real views of complex ones), with ``states``."""
         step = self._current
         group_index = step.group_index[id(group)]
-        position = {id(p): i for i, p in enumerate(group["params"])}
+        names = step.names[group_index]
+        position = {id(p): i if names is None else names[i] for i, p in enumerate(group["params"])}
         dense = group["fraction"] >= 1.0
-        for param, tensor in zip(params, stepped):
+        for param, tensor, state in zip(params, stepped, states):
             # numel of a DTensor is the whole tensor's; a complex param's real view counts both parts.
             numel = tensor.numel()
-            entry = _Entry(position[id(param)], numel, numel if dense else _PENDING, distributed.shard_groups(param))
+            moments = (distributed.local(state["exp_avg"]), distributed.local(state["exp_avg_sq"]))
+            entry = _Entry(position[id(param)], numel, numel if dense else _PENDING, moments,
+                           distributed.shard_groups(param))
             step.entries[group_index].append(entry)
             step.by_tensor[id(tensor)] = (group_index, entry)
 
@@ -181,8 +209,12 @@ class UpdateTracker:
         return views
 
     def end_step(self) -> None:
-        """Count the kernels' selections (on the device) and keep this step as the last one."""
+        """Count the selections and the non-finite moments (on the device); keep this step as the last one."""
         step = self._current
+        for entries in step.entries:
+            for entry in entries:
+                entry.nonfinite = _nonfinite_count(*entry.moments)
+                entry.moments = ()  # the state is not the tracker's to keep alive
         for group_index, entries, flat, views in step.buffers:
             # Shards are counted per tensor: update_stats sums each over its own process groups.
             if self.per_tensor or entries[0].shard_groups:
@@ -199,48 +231,60 @@ class UpdateTracker:
             raise RuntimeError(f"selopt recorded no selection for {len(unrecorded)} selective tensor(s) of this step")
         self._last, self._current = step, None
 
-    def stats(self) -> UpdateStats | None:
-        """Read the last step's counts: one device-to-host copy per device, one all_reduce per mesh."""
+    def stats(self, param_groups: list[dict]) -> UpdateStats:
+        """Read the last step's counts: one device-to-host copy per device, one all_reduce per mesh.
+
+        Before the first tracked step: ``tracked=False`` and zero counts for each of ``param_groups``.
+        """
         step = self._last
         if step is None:
-            return None
+            return UpdateStats([GroupStats(0, 0, 0, group["decay"], group["weight_decay"],
+                                           {} if self.per_tensor else None) for group in param_groups],
+                               skipped=False, tracked=False)
         pieces: list[Tensor] = []  # every device count, in a fixed order (the same on every rank)
         sharded: dict[tuple, list[int]] = defaultdict(list)  # shard groups -> positions in pieces
         for group_index, entries in enumerate(step.entries):
             for entry in entries:
-                if isinstance(entry.moved, Tensor):
-                    if entry.shard_groups:
-                        sharded[entry.shard_groups].append(len(pieces))
-                    pieces.append(entry.moved)
+                for count in (entry.moved, entry.nonfinite):
+                    if isinstance(count, Tensor):
+                        if entry.shard_groups:
+                            sharded[entry.shard_groups].append(len(pieces))
+                        pieces.append(count)
             pieces += [count for _, count in step.bucket_counts[group_index]]
-        values = _read(pieces, sharded)
+        position = iter(_read(pieces, sharded))
         skipped = step.found_inf is not None and bool(step.found_inf)
 
-        groups, position = [], iter(values)
+        groups = []
         for (decay, weight_decay), entries, buckets in zip(step.options, step.entries, step.bucket_counts):
-            tensors = {}
+            tensors, nonfinite = {}, 0
             for entry in entries:
-                if entry.moved is None:
-                    continue  # counted with its bucket
                 moved = next(position) if isinstance(entry.moved, Tensor) else entry.moved
-                tensors[entry.index] = _counts(entry.numel, moved, decay, weight_decay, skipped)
+                entry_nonfinite = next(position)
+                nonfinite += entry_nonfinite
+                if moved is not None:  # else counted with its bucket
+                    tensors[entry.key] = _counts(entry.numel, moved, decay, weight_decay, skipped, entry_nonfinite)
             bucket_totals = [(numel, next(position)) for numel, _ in buckets]
             total = _counts(
                 sum(e.numel for e in entries if e.moved is not None) + sum(numel for numel, _ in bucket_totals),
                 sum(c.moved for c in tensors.values()) + sum(moved for _, moved in bucket_totals),
-                decay, weight_decay, skipped,
+                decay, weight_decay, skipped, nonfinite,
             )
             groups.append(GroupStats(total.entries, total.moved, total.decayed, decay, weight_decay,
-                                     tensors if self.per_tensor else None))
+                                     tensors if self.per_tensor else None, nonfinite=nonfinite))
         return UpdateStats(groups, skipped)
 
 
-def _counts(entries: int, moved: int, decay: str, weight_decay: float, skipped: bool) -> Counts:
+def _counts(entries: int, moved: int, decay: str, weight_decay: float, skipped: bool, nonfinite: int) -> Counts:
     if skipped:
-        return Counts(entries, 0, 0)
-    if not weight_decay:
-        return Counts(entries, moved, 0)
-    return Counts(entries, moved, entries if decay == "all" else moved)
+        return Counts(entries, 0, 0, nonfinite=nonfinite)
+    decayed = 0 if not weight_decay else entries if decay == "all" else moved
+    return Counts(entries, moved, decayed, nonfinite=nonfinite)
+
+
+def _nonfinite_count(exp_avg: Tensor, exp_avg_sq: Tensor) -> Tensor:
+    """Entries whose moments are not both finite, as a 0-d int64 device count (no host sync)."""
+    # m * 0 is NaN exactly where m is NaN or inf; adding v carries v's own NaN or inf.
+    return exp_avg.mul(0).add_(exp_avg_sq).isfinite().logical_not_().sum(dtype=torch.int64)
 
 
 def _read(pieces: list[Tensor], sharded: dict[tuple, list[int]]) -> list[int]:

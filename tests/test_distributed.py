@@ -56,7 +56,8 @@ def test_magnitude_keys_order_like_magnitudes():
     bits = selection.magnitude_keys(m)
     finite_order = bits[:6].argsort(stable=True)
     assert torch.equal(m[:6].abs()[finite_order], m[:6].abs().sort(stable=True).values)
-    assert (bits[6:] < 0).all() and (bits[:6] >= 0).all()
+    assert (bits[6:] == selection.NAN_KEY[torch.int32]).all() and (bits[:6] < bits[6:].min()).all()
+    assert bits[0] == bits[1] == 0 and bits[2] == selection.MIN_THRESHOLD  # the smallest non-zero |m|
 
 
 def test_plain_params_exchange_nothing():

@@ -244,21 +244,29 @@ def with_nans(shape, gen):
     return g.masked_fill(torch.rand(shape, generator=gen) < 0.2, float("nan"))
 
 
-@pytest.mark.parametrize("grad_fill", [ties, with_nans])
+def mostly_zero(shape, gen):
+    # Fewer non-zero gradients than k: the zero-momentum rest must not be selected.
+    g = torch.randn(shape, generator=gen)
+    return g.masked_fill(torch.rand(shape, generator=gen) < 0.9, 0.0)
+
+
+@pytest.mark.parametrize("grad_fill", [ties, with_nans, mostly_zero])
 @pytest.mark.parametrize("block_size", [256, None])
-def test_ties_and_nans(grad_fill, block_size):
+def test_ties_nans_and_zeros(grad_fill, block_size):
     bucket = Bucket([(1000,), (3, 100), (5,)], grad_fill=grad_fill, seed=9)
     for t in bucket.exp_avgs + bucket.exp_avg_sqs:
-        t.zero_()  # m = 0.1 * g: the ties survive, NaN grads give NaN moments
+        t.zero_()  # m = 0.1 * g: the ties survive, NaN grads give NaN moments, zero grads zero ones
     bucket.before = bucket.snapshot()
     options = dict(HYPER, fraction=0.3, block_size=block_size)
     bucket.step(**options)
     bucket.check(**options)
-    assert not any(s[m.isnan()].any() for s, m in zip(bucket.selections, bucket.exp_avgs))
+    # Non-finite moments always move (as with torch's AdamW), zero ones never do.
+    assert all(s[~m.isfinite()].all() for s, m in zip(bucket.selections, bucket.exp_avgs))
+    assert not any(s[m == 0].any() for s, m in zip(bucket.selections, bucket.exp_avgs))
 
 
-def test_all_nan_block_selects_nothing_but_tail_selects_its_k():
-    # A block of NaN moments has no candidate; the reference then selects no entry of it.
+def test_all_nan_block_moves_entirely_and_tail_selects_its_k():
+    # A block of NaN moments: every entry outranks the finite ones, all k of them tie, all move.
     bucket = Bucket([(512 + 3,)], seed=2)
     bucket.grads[0][:512] = float("nan")
     bucket.exp_avgs[0][:512] = float("nan")
@@ -266,7 +274,8 @@ def test_all_nan_block_selects_nothing_but_tail_selects_its_k():
     options = dict(HYPER, fraction=0.5, block_size=512)
     bucket.step(**options)
     bucket.check(**options)
-    assert not bucket.selections[0][:512].any() and int(bucket.selections[0][512:].sum()) == 1
+    assert bucket.selections[0][:512].all() and bucket.params[0][:512].isnan().all()
+    assert int(bucket.selections[0][512:].sum()) == 1
 
 
 @pytest.mark.parametrize("block_size", [256, None])

@@ -10,16 +10,22 @@ from selopt import reference
 
 
 def brute_force_mask(m, fraction, block_size):
-    """Selection by sorting each block in Python: slow and obviously right."""
+    """Selection by sorting each block in Python: slow and obviously right.
+
+    NaN ranks above every number (``torch.topk``'s order, the official code's);
+    an entry whose ``|m|`` is 0 is never selected.
+    """
     values = m.flatten().tolist()
     block = len(values) if block_size is None else block_size
+    def rank(x):  # NaN above inf above every finite |m|
+        return (1, 0.0) if math.isnan(x) else (0, abs(x))
+
     selected = []
     for start in range(0, len(values), block or 1):
         chunk = values[start : start + block]
-        ranked = sorted((abs(x) for x in chunk if not math.isnan(x)), reverse=True)
-        k = max(1, math.floor(fraction * len(chunk)))
-        threshold = ranked[k - 1] if len(ranked) >= k else -1.0
-        selected += [not math.isnan(x) and abs(x) >= threshold for x in chunk]
+        ranked = sorted((rank(x) for x in chunk), reverse=True)
+        threshold = ranked[max(1, math.floor(fraction * len(chunk))) - 1]
+        selected += [rank(x) > (0, 0.0) and rank(x) >= threshold for x in chunk]
     return torch.tensor(selected, dtype=torch.bool).view(m.shape)
 
 
@@ -36,6 +42,15 @@ def test_selection_moves_k_per_block_without_ties(numel, block_size, fraction):
     assert torch.equal(mask, brute_force_mask(m, fraction, block_size))
 
 
+@pytest.mark.parametrize("block_size", [None, 4, 16])
+@pytest.mark.parametrize("fraction", [0.01, 0.15, 0.5, 0.9])
+def test_selection_with_nan_inf_zeros_and_ties_matches_brute_force(fraction, block_size):
+    generator = torch.Generator().manual_seed(3)
+    pool = torch.tensor([0.0, -0.0, float("nan"), -float("nan"), float("inf"), -float("inf"), 1e-45, 0.5, -0.5, 2.0])
+    m = pool[torch.randint(len(pool), (67,), generator=generator)]
+    assert torch.equal(reference.selection_mask(m, fraction, block_size), brute_force_mask(m, fraction, block_size))
+
+
 @pytest.mark.parametrize(
     ("fraction", "n", "k"),
     [(0.15, 100, 15), (0.15, 3, 1), (0.3, 10, 3), (0.1, 9, 1), (1e-6, 1, 1), (0.5, 7, 3), (0.999, 1000, 999)],
@@ -50,13 +65,23 @@ def test_ties_at_the_threshold_are_all_selected():
     assert mask.tolist() == [True, True, True, True, False, True, False, False]
 
 
-def test_nan_is_never_selected():
-    nan = float("nan")
-    m = torch.tensor([nan, 0.1, nan, -0.2, nan, nan, nan, nan])
-    assert reference.selection_mask(m, 0.125, None).tolist() == [False, False, False, True] + [False] * 4
-    # Fewer real entries than k: the real ones are selected, NaN still not.
-    assert reference.selection_mask(m, 0.5, None).tolist() == [False, True, False, True] + [False] * 4
-    assert not reference.selection_mask(torch.full((4,), nan), 0.5, None).any()
+def test_non_finite_momentum_ranks_above_every_number():
+    nan, inf = float("nan"), float("inf")
+    m = torch.tensor([0.1, nan, -0.2, 5.0, -inf, 0.3, 0.4, 0.5])
+    # k = 2: NaN and -inf outrank 5.0, as torch.topk ranks them in the official code.
+    assert reference.selection_mask(m, 0.25, None).tolist() == [False, True, False, False, True] + [False] * 3
+    assert reference.selection_mask(m, 0.125, None).tolist() == [False, True] + [False] * 6
+    assert reference.selection_mask(torch.full((4,), nan), 0.25, None).all()
+
+
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_zero_momentum_is_never_selected(block_size):
+    m = torch.tensor([0.0, -0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0])
+    # k = 4 (or 2 per block), but only one |m| is non-zero: it alone moves.
+    assert reference.selection_mask(m, 0.5, block_size).tolist() == [False] * 3 + [True] + [False] * 4
+    assert not reference.selection_mask(torch.zeros(8), 0.5, block_size).any()
+    # fraction = 1 is dense AdamW: every entry, zeros included.
+    assert reference.selection_mask(torch.zeros(8), 1.0, block_size).all()
 
 
 def test_blocks_partition_the_flattened_tensor_and_the_last_block_is_shorter():

@@ -51,7 +51,8 @@ def test_counts_are_the_entries_that_moved(backend, block_size):
     groups = selopt.param_groups(model, weight_decay=0.0, fraction=0.2, block_size=block_size)
     opt = selopt.MoFO(groups, lr=1e-2, backend=backend)
     opt.track_updates(per_tensor=True)
-    assert opt.update_stats() is None  # no tracked step yet
+    before = opt.update_stats()  # no tracked step yet: zero counts, and it says so
+    assert not before.tracked and [g.entries for g in before.groups] == [0, 0] and "no step tracked" in str(before)
     index = {id(p): (g, i) for g, group in enumerate(opt.param_groups) for i, p in enumerate(group["params"])}
     for seed in range(3):
         changed = _step_and_diff(model, opt, seed)

@@ -15,6 +15,11 @@ import torch
 
 import selopt
 
+try:
+    import numpy as np
+except ImportError:  # not a dependency of selopt: the cases with NumPy numbers are skipped without it
+    np = None
+
 OPTIMIZERS = [selopt.AdamW, selopt.MoFO]
 BACKENDS = [
     "torch",
@@ -142,22 +147,56 @@ def test_foreach_and_fused_are_kept_in_the_groups_and_change_nothing(foreach, fu
 # Each case builds its params from two fresh (1, 1) parameters: torch's add_param_group writes into
 # the group dicts it is given, so no two constructions may share them.
 TORCH_ERROR_INPUTS = [
-    ("invalid param type", lambda a, b: a, {}, TypeError),
-    ("duplicate params across groups", lambda a, b: [{"params": a}, {"params": a}], {}, ValueError),
-    ("Tensor lr must be 1-element", lambda a, b: [a], dict(lr=torch.tensor([0.001, 0.001])), ValueError),
-    ("all params with or without names", lambda a, b: [("weight", a), b], {}, ValueError),
+    ("invalid param type", lambda a, b: a, {}, TypeError,
+     "params argument given to the optimizer should be an iterable of Tensors or dicts"),
+    ("duplicate params across groups", lambda a, b: [{"params": a}, {"params": a}], {}, ValueError,
+     "some parameters appear in more than one parameter group"),
+    ("Tensor lr must be 1-element", lambda a, b: [a], dict(lr=torch.tensor([0.001, 0.001])), ValueError,
+     "Tensor lr must be 1-element"),
+    ("all params with or without names", lambda a, b: [("weight", a), b], {}, ValueError,
+     "all optimizer params should be with/without names. Some param names are missing"),
     ("all groups with or without names",
-     lambda a, b: [{"params": [a], "lr": 1e-2}, {"params": [("weight", b)]}], {}, ValueError),
-    ("beta1 in [0, 1)", lambda a, b: [a], dict(lr=1e-2, betas=(1.0, 0.0)), ValueError),
-    ("weight_decay >= 0", lambda a, b: [a], dict(lr=1e-2, weight_decay=-1), ValueError),
+     lambda a, b: [{"params": [a], "lr": 1e-2}, {"params": [("weight", b)]}], {}, ValueError,
+     "all optimizer param groups should be with/without names."),
+    ("beta1 in [0, 1)", lambda a, b: [a], dict(lr=1e-2, betas=(1.0, 0.0)), ValueError,
+     "Invalid beta parameter at index 0: 1.0"),
+    ("weight_decay >= 0", lambda a, b: [a], dict(lr=1e-2, weight_decay=-1), ValueError,
+     "Invalid weight_decay value: -1"),
     ("tensor lr with foreach, not capturable", lambda a, b: [a], dict(lr=torch.tensor(0.001), foreach=True),
-     ValueError),
-    ("betas float and tensor", lambda a, b: [a], dict(lr=1e-2, betas=(0.9, torch.tensor(0.99))), ValueError),
-    ("betas tensor and float", lambda a, b: [a], dict(lr=1e-2, betas=(torch.tensor(0.9), 0.99)), ValueError),
+     ValueError, "lr as a Tensor is not supported for capturable=False and foreach=True"),
+    ("betas float and tensor", lambda a, b: [a], dict(lr=1e-2, betas=(0.9, torch.tensor(0.99))), ValueError,
+     "betas must be either both floats or both Tensors"),
+    ("betas tensor and float", lambda a, b: [a], dict(lr=1e-2, betas=(torch.tensor(0.9), 0.99)), ValueError,
+     "betas must be either both floats or both Tensors"),
     ("tensor betas with foreach, not capturable", lambda a, b: [a],
-     dict(lr=1e-2, betas=(torch.tensor(0.9), torch.tensor(0.99)), foreach=True), ValueError),
-    ("fused and foreach", lambda a, b: [a], dict(foreach=True, fused=True), RuntimeError),
-    ("fused and differentiable", lambda a, b: [a], dict(fused=True, differentiable=True), RuntimeError),
+     dict(lr=1e-2, betas=(torch.tensor(0.9), torch.tensor(0.99)), foreach=True), ValueError,
+     r"betas\[0\] as a Tensor is not supported for capturable=False and foreach=True"),
+    ("fused and foreach", lambda a, b: [a], dict(foreach=True, fused=True), RuntimeError,
+     "`fused` and `foreach` cannot be `True` together"),
+    ("fused and differentiable", lambda a, b: [a], dict(fused=True, differentiable=True), RuntimeError,
+     "`fused` does not support `differentiable`"),
+]
+
+# torch.optim.Adam.__init__'s other refusals (torch/optim/adam.py), which PyTorch's tests do not list, and
+# the errors Python raises for it where it indexes or compares a value that does not fit.
+TORCH_INIT_ERROR_INPUTS = [
+    ("lr >= 0", lambda a, b: [a], dict(lr=-1e-3), ValueError, "Invalid learning rate: -0.001"),
+    ("lr nan", lambda a, b: [a], dict(lr=float("nan")), ValueError, "Invalid learning rate: nan"),
+    ("tensor lr >= 0", lambda a, b: [a], dict(lr=torch.tensor(-1.0)), ValueError, "Invalid learning rate: -1.0"),
+    ("eps >= 0", lambda a, b: [a], dict(eps=-1e-8), ValueError, "Invalid epsilon value: -1e-08"),
+    ("beta2 in [0, 1)", lambda a, b: [a], dict(betas=(0.9, 1.0)), ValueError, "Invalid beta parameter at index 1: 1.0"),
+    ("betas of one", lambda a, b: [a], dict(betas=(0.9,)), IndexError, "tuple index out of range"),
+    ("betas not a pair", lambda a, b: [a], dict(betas=0.9), TypeError, "'float' object is not subscriptable"),
+    ("betas of bools", lambda a, b: [a], dict(betas=(False, 0.9)), ValueError,
+     "betas must be either both floats or both Tensors"),
+    ("lr a string", lambda a, b: [a], dict(lr="0.1"), TypeError,
+     "'<=' not supported between instances of 'float' and 'str'"),
+    ("eps None", lambda a, b: [a], dict(eps=None), TypeError,
+     "'<=' not supported between instances of 'float' and 'NoneType'"),
+    ("betas of two-element tensors", lambda a, b: [a], dict(betas=(torch.tensor([0.9, 0.9]), torch.tensor(0.99))),
+     RuntimeError, "Boolean value of Tensor with more than one value is ambiguous"),
+    ("complex tensor lr", lambda a, b: [a], dict(lr=torch.tensor(1e-3 + 0j)), NotImplementedError,
+     "not implemented for 'ComplexFloat'"),
 ]
 
 
@@ -166,12 +205,15 @@ def fresh_pair():
 
 
 @pytest.mark.parametrize(
-    ("desc", "make_params", "kwargs", "error"), TORCH_ERROR_INPUTS, ids=[case[0] for case in TORCH_ERROR_INPUTS]
+    ("desc", "make_params", "kwargs", "error", "words"), TORCH_ERROR_INPUTS + TORCH_INIT_ERROR_INPUTS,
+    ids=[case[0] for case in TORCH_ERROR_INPUTS + TORCH_INIT_ERROR_INPUTS],
 )
 @pytest.mark.parametrize("optimizer_class", OPTIMIZERS)
-def test_torch_error_inputs_raise_torch_s_exception_type(optimizer_class, desc, make_params, kwargs, error):
+def test_torch_error_inputs_raise_torch_s_exception_type_and_words(optimizer_class, desc, make_params, kwargs,
+                                                                  error, words):
+    # As PyTorch's TestOptimRenewed.test_errors checks them: the type, and the words found in the message.
     for cls in (torch.optim.AdamW, optimizer_class):
-        with pytest.raises(error):
+        with pytest.raises(error, match=words):
             cls(make_params(*fresh_pair()), **kwargs)
 
 
@@ -205,6 +247,180 @@ def test_capturable_on_cpu_params_steps_as_without_it(backend):
     train(selopt.MoFO(params, lr=1e-2, fraction=0.5, capturable=True, backend=backend), params, 2, seed=1)
     train(selopt.MoFO(plain, lr=1e-2, fraction=0.5, backend=backend), plain, 2, seed=1)
     assert_same_params(params, plain)
+
+
+# --- What torch accepts -------------------------------------------------------------------------
+
+# Each case: what torch.optim.AdamW accepts, the plain value selopt computes with (the same number as a
+# Python int or float, a bool flag), and whether torch steps on it bit for bit as on the plain value
+# (None: a selopt option, which torch does not have). NumPy numbers are what a config or a scheduler
+# computed with NumPy hands over.
+NUMPY = pytest.mark.skipif(np is None, reason="NumPy is not installed")
+ACCEPTED = [
+    pytest.param(lambda: (dict(lr=np.float32(1e-2)), dict(lr=float(np.float32(1e-2))), False),
+                 id="lr=np.float32", marks=NUMPY),
+    pytest.param(lambda: (dict(lr=np.int64(1)), dict(lr=1), True), id="lr=np.int64", marks=NUMPY),
+    pytest.param(lambda: (dict(lr=True), dict(lr=1), True), id="lr=True"),
+    pytest.param(lambda: (dict(eps=np.float32(1e-6)), dict(eps=float(np.float32(1e-6))), True),
+                 id="eps=np.float32", marks=NUMPY),
+    pytest.param(lambda: (dict(weight_decay=np.float32(0.1)), dict(weight_decay=float(np.float32(0.1))), False),
+                 id="weight_decay=np.float32", marks=NUMPY),
+    pytest.param(lambda: (dict(betas=(np.float64(0.8), np.float64(0.99))), dict(betas=(0.8, 0.99)), True),
+                 id="betas=np.float64", marks=NUMPY),
+    pytest.param(lambda: (dict(betas=[0.8, 0.99]), dict(betas=(0.8, 0.99)), True), id="betas=list"),
+    pytest.param(lambda: (dict(amsgrad=1), dict(amsgrad=True), True), id="amsgrad=1"),
+    pytest.param(lambda: (dict(amsgrad=None), dict(amsgrad=False), True), id="amsgrad=None"),
+    pytest.param(lambda: (dict(maximize=0), dict(maximize=False), True), id="maximize=0"),
+    pytest.param(lambda: (dict(maximize=1), dict(maximize=True), True), id="maximize=1"),
+    pytest.param(lambda: (dict(capturable=None), dict(capturable=False), True), id="capturable=None"),
+    pytest.param(lambda: (dict(foreach=0, fused=0), dict(foreach=False, fused=False), True), id="foreach=fused=0"),
+    pytest.param(lambda: (dict(lr=torch.tensor(1)), dict(lr=torch.tensor(1.0, dtype=torch.float64)), False),
+                 id="lr=int64-tensor"),
+    pytest.param(lambda: (dict(lr=torch.tensor(1e-2, dtype=torch.float64)),
+                          dict(lr=torch.tensor(1e-2, dtype=torch.float64).item()), True), id="lr=fp64-tensor"),
+    pytest.param(lambda: (dict(lr=torch.tensor(1e-2)), dict(lr=torch.tensor(1e-2).item()), False),
+                 id="lr=fp32-tensor"),
+    pytest.param(lambda: (dict(eps=torch.tensor(1e-6)), dict(eps=torch.tensor(1e-6).item()), True), id="eps=tensor"),
+    pytest.param(lambda: (dict(weight_decay=torch.tensor(0.1)), dict(weight_decay=torch.tensor(0.1).item()), False),
+                 id="weight_decay=tensor"),
+    pytest.param(lambda: (dict(betas=(torch.tensor(0), torch.tensor(0))), dict(betas=(0.0, 0.0)), False),
+                 id="betas=int-tensors"),
+    pytest.param(lambda: (dict(block_size=np.int64(4), fraction=0.5), dict(block_size=4, fraction=0.5), None),
+                 id="block_size=np.int64", marks=NUMPY),
+    pytest.param(lambda: (dict(fraction=np.float32(0.5)), dict(fraction=0.5), None), id="fraction=np.float32",
+                 marks=NUMPY),
+]
+
+
+def assert_same_group_value(ours, theirs):
+    """A group value kept as torch keeps it: the same object, or an equal one of the same type."""
+    if isinstance(theirs, tuple):
+        assert type(ours) is tuple and len(ours) == len(theirs)
+        for a, b in zip(ours, theirs):
+            assert_same_group_value(a, b)
+    elif isinstance(theirs, torch.Tensor):
+        assert ours is theirs or (ours.dtype == theirs.dtype and torch.equal(ours, theirs))
+    else:
+        assert type(ours) is type(theirs) and ours == theirs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ACCEPTED)
+def test_what_torch_accepts_is_accepted_kept_in_the_group_and_steps_as_its_plain_value(case, backend):
+    given, plain, _ = case()
+    params, plain_params = make_params(), make_params()
+    opt = selopt.MoFO(params, **{"lr": 1e-2, "fraction": 0.5, "weight_decay": 0.1, **given}, backend=backend)
+    if "fraction" not in given and "block_size" not in given:  # torch's options: its group holds the same
+        theirs = torch.optim.AdamW(make_params(), **{"lr": 1e-2, "weight_decay": 0.1, **given}).param_groups[0]
+        for key in given:
+            assert_same_group_value(opt.param_groups[0][key], theirs[key])
+    train(opt, params, 3, seed=3)
+    train(selopt.MoFO(plain_params, **{"lr": 1e-2, "fraction": 0.5, "weight_decay": 0.1, **plain}, backend=backend),
+          plain_params, 3, seed=3)
+    assert_same_params(params, plain_params)
+
+
+def ulps_apart(a, b):
+    """How many units in the last place of ``a``'s dtype, at its magnitude, ``a`` and ``b`` are apart."""
+    spacing = torch.nextafter(a.abs(), torch.tensor(float("inf"), dtype=a.dtype)) - a.abs()
+    return ((a.double() - b.double()).abs() / spacing.double()).max().item()
+
+
+@pytest.mark.parametrize("case", ACCEPTED)
+def test_what_torch_accepts_steps_as_torch_steps_on_it(case):
+    # Bit for bit, except where torch does the step's scalar arithmetic (lr / bias_correction1,
+    # 1 - lr * weight_decay, 1 - beta) in the value's own precision (an fp32 or integer tensor, a NumPy
+    # float32), which selopt does in double: then a few fp32 ulps apart (README, "Where selopt differs").
+    given, _, exact = case()
+    if exact is None:
+        pytest.skip("a selopt option: torch.optim.AdamW has no such argument")
+    ours, theirs = make_params(), make_params()
+    train(selopt.AdamW(ours, **{"lr": 1e-2, "weight_decay": 0.1, **given}, backend="torch"), ours, 10, seed=4)
+    train(torch.optim.AdamW(theirs, **{"lr": 1e-2, "weight_decay": 0.1, "foreach": False, **given}), theirs, 10,
+          seed=4)
+    for p, q in zip(ours, theirs):
+        if exact:
+            assert torch.equal(p, q)
+        else:
+            assert ulps_apart(p.detach(), q.detach()) <= 4
+
+
+@pytest.mark.skipif(np is None, reason="NumPy is not installed")
+def test_a_scheduler_setting_numpy_learning_rates_steps_as_with_torch():
+    # LambdaLR multiplies the base lr by what the lambda returns: a NumPy float32 here, as torch keeps it.
+    def schedule(epoch):
+        return np.float32(0.5) ** epoch
+
+    ours, theirs = make_params(), make_params()
+    opts = [selopt.AdamW(ours, lr=1e-2, backend="torch"), torch.optim.AdamW(theirs, lr=1e-2, foreach=False)]
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, schedule) for opt in opts]
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(4):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        for opt, scheduler in zip(opts, schedulers):
+            opt.step()
+            scheduler.step()
+        lrs = [opt.param_groups[0]["lr"] for opt in opts]
+        assert type(lrs[0]) is type(lrs[1]) is np.float32 and lrs[0] == lrs[1]
+    for p, q in zip(ours, theirs):  # torch computes with the fp32 lr in fp32, selopt in double
+        assert ulps_apart(p.detach(), q.detach()) <= 4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_values_changed_in_place_step_as_the_numbers_they_now_hold(backend):
+    # As a scheduler of tensor values does it (torch's own LRScheduler fills a tensor lr in place).
+    def options(lr, beta1, beta2, eps, weight_decay):
+        return dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
+
+    before, after = (1e-2, 0.9, 0.99, 1e-8, 0.1), (5e-3, 0.5, 0.9, 1e-3, 0.2)
+    values = [torch.tensor(x) for x in before]
+    params, numbers = make_params(), make_params()
+    opts = [selopt.MoFO(params, fraction=0.5, backend=backend, **options(*values)),
+            selopt.MoFO(numbers, fraction=0.5, backend=backend, **options(*(v.item() for v in values)))]
+    train(opts[0], params, 2, seed=6)
+    train(opts[1], numbers, 2, seed=6)
+    for value, new in zip(values, after):
+        value.fill_(new)
+    opts[1].param_groups[0].update(options(*(v.item() for v in values)))
+    train(opts[0], params, 2, seed=7)
+    train(opts[1], numbers, 2, seed=7)
+    assert_same_params(params, numbers)
+
+
+def test_a_cpu_tensor_lr_changed_in_place_makes_new_options_so_no_stale_launch_is_replayed():
+    # Launches for params on another device take a CPU lr read on the host when they are prepared; the
+    # optimizer replays them only while its options are the same object.
+    from selopt.options import AdamWOptions
+
+    lr = torch.tensor(0.1)
+    group = AdamWOptions(lr=lr).group_defaults()
+    options = AdamWOptions.from_group(group)
+    assert options.of(group) is options
+    lr.fill_(0.2)
+    changed = options.of(group)
+    assert changed is not options and changed.of(group) is changed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cpu_tensor_lr_changed_in_place_steps_cuda_params_with_its_new_value():
+    lr = torch.tensor(1e-2)
+    params = [p.cuda() for p in make_params()]
+    numbers = [p.detach().clone().requires_grad_() for p in params]
+    opts = [selopt.MoFO(params, lr=lr, fraction=0.5, backend="triton"),
+            selopt.MoFO(numbers, lr=1e-2, fraction=0.5, backend="triton")]
+    for step in range(4):
+        if step == 2:
+            lr.fill_(5e-3)
+            opts[1].param_groups[0]["lr"] = lr.item()
+        for p, q in zip(params, numbers):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        for opt in opts:
+            opt.step()
+    assert_same_params(params, numbers)
 
 
 # --- Tensor hyper-parameters --------------------------------------------------------------------
@@ -465,6 +681,40 @@ def test_complex_params_at_fraction_one_are_torch_adamw(dtype, backend):
             assert torch.equal(p, q)
         else:  # the kernel rounds its fp32 arithmetic differently
             torch.testing.assert_close(p, q, rtol=4e-6, atol=1e-7)
+
+
+def special_complex(dtype, swap=False):
+    """Every pair of a zero of either sign, ±1, ±inf and NaN as the parts of an entry."""
+    values = (0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), float("nan"))
+    return torch.tensor([complex(b, a) if swap else complex(a, b) for a in values for b in values], dtype=dtype)
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_complex_params_differ_from_torch_only_in_zero_signs_and_nan_spreading_at_the_decay(dtype, maximize):
+    # torch multiplies a complex entry by the decay factor c as a complex number, (re*c - im*0) +
+    # (re*0 + im*c)i: a non-finite part makes the other part NaN, and a zero part's sign can change.
+    # selopt scales the two parts alone, as for any real entries. Without decay the two agree bit for bit.
+    for weight_decay in (0.0, 0.1):
+        ours, theirs = torch.nn.Parameter(special_complex(dtype)), torch.nn.Parameter(special_complex(dtype))
+        opts = [selopt.AdamW([ours], lr=0.1, weight_decay=weight_decay, maximize=maximize, backend="torch"),
+                torch.optim.AdamW([theirs], lr=0.1, weight_decay=weight_decay, maximize=maximize, foreach=False)]
+        # Without decay, gradients of every kind too; with it, zero ones: the decay alone moves the entries.
+        grads = [special_complex(dtype), special_complex(dtype, swap=True)] if weight_decay == 0 else [
+            torch.zeros_like(ours)] * 2
+        for grad in grads:
+            for opt, p in zip(opts, (ours, theirs)):
+                p.grad = grad.clone()
+                opt.step()
+        a, b = torch.view_as_real(ours.detach()), torch.view_as_real(theirs.detach())
+        same = ((a == b) & (a.signbit() == b.signbit())) | (a.isnan() & b.isnan())
+        if weight_decay == 0:
+            assert same.all()
+            continue
+        zero_signs = (a == 0) & (b == 0)
+        spread = b.isnan() & ~a.isnan() & ~a.isfinite().all(-1, keepdim=True)
+        assert zero_signs[~same].any() and spread[~same].any()
+        assert (same | zero_signs | spread).all()
 
 
 def test_complex_state_dicts_move_between_torch_adamw_and_selopt():
