@@ -272,3 +272,32 @@ def _frames(traceback):
     while traceback is not None:
         yield traceback.tb_frame
         traceback = traceback.tb_next
+
+
+# ---------------------------------------------------------------- 5, 7. what the reference keeps, stats by name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_amsgrad_keeps_a_nan_max_as_the_reference_and_torch_do(backend):
+    param = _param(torch.ones(6))
+    opt = selopt.AdamW([param], amsgrad=True, backend=backend)
+    param.grad = torch.ones(6, device=DEVICE)
+    opt.step()
+    opt.state[param]["max_exp_avg_sq"][2] = float("nan")
+    opt.state[param]["max_exp_avg_sq"][4] = float("inf")
+    param.grad = torch.ones(6, device=DEVICE)
+    opt.step()
+    kept = opt.state[param]["max_exp_avg_sq"]
+    assert kept[2].isnan() and kept[4].isinf() and kept[[0, 1, 3, 5]].isfinite().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_tensor_stats_are_keyed_by_name_for_named_parameters(backend):
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 2)).to(DEVICE)
+    opt = selopt.MoFO(model.named_parameters(), fraction=0.5, backend=backend)
+    opt.track_updates(per_tensor=True)
+    model(torch.randn(3, 6, device=DEVICE)).sum().backward()
+    opt.step()
+    tensors = opt.update_stats().groups[0].tensors
+    assert sorted(tensors) == sorted(name for name, _ in model.named_parameters())
+    assert tensors["0.weight"].entries == 24
