@@ -39,10 +39,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 import triton
-from triton.runtime.jit import JITFunction
 
-from selopt.kernels import _device
-from selopt.kernels import block
+from selopt.kernels import block, device, launch
 from selopt.kernels.compile_check import Compiled, Configuration, compile_only, run_configuration
 from selopt.kernels.launch import KernelCompileError
 
@@ -142,7 +140,7 @@ def streamed_bytes(compiled: Compiled, config: Configuration) -> float:
     if compiled.name == "_block_adamw_kernel":
         return 3 * param + moments + selection  # p read + written, g read
     if compiled.name == "_moments_histogram_kernel":
-        return param + moments + 4 / _device.CANDIDATE_SHARE.value
+        return param + moments + 4 / device.CANDIDATE_SHARE.value
     if compiled.name == "_refine_from_m_kernel":
         return moment
     if compiled.name == "_refine_from_list_kernel":
@@ -163,7 +161,7 @@ def working_share(name: str, window_missed: bool) -> float:
     if name == "_refine_from_m_kernel":
         return 1.0 if window_missed else 0.0
     if name == "_refine_from_list_kernel":
-        return 0.0 if window_missed else 1 / _device.CANDIDATE_SHARE.value
+        return 0.0 if window_missed else 1 / device.CANDIDATE_SHARE.value
     return 1.0
 
 
@@ -323,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
                         help="folder of static-sm<arch>.json ('' writes nothing)")
     args = parser.parse_args(argv)
-    if not isinstance(block._block_adamw_kernel, JITFunction):
+    if launch.INTERPRETED:
         parser.error("the kernels were loaded by Triton's interpreter: run with TRITON_INTERPRET unset")
     triton.knobs.cache.dir = tempfile.mkdtemp(prefix="selopt-static-")
     names = QUICK if args.quick else tuple(PATHS)

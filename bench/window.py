@@ -37,7 +37,7 @@ import selopt
 from bench.forgetting import FactStream, Tasks, next_token_loss
 from bench.tiny_llama import TinyLlama, TinyLlamaConfig
 from selopt import functional, selection
-from selopt.kernels import _device as d
+from selopt.kernels import device as d
 from selopt.kernels import exact, tables
 
 RESULTS = Path(__file__).parent / "results" / "window.json"

@@ -10,7 +10,7 @@ the soft mask, decay and update, and stores once: the bytes of plain AdamW.
 import triton
 import triton.language as tl
 
-from selopt.kernels import _device as d
+from selopt.kernels import device as d
 from selopt.kernels.launch import Launch
 from selopt.kernels.steps import step_scalars_launch
 

@@ -37,7 +37,7 @@ from triton.backends.driver import DriverBase
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
-from selopt.kernels import block
+from selopt.kernels import block, launch
 from selopt.kernels.adamw import multi_tensor_adamw_, prepare_adamw
 from selopt.kernels.launch import KernelCompileError
 from selopt.options import AdamWOptions
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="only the configurations whose name contains this text")
     parser.add_argument("--jobs", type=int, default=1, help="targets compiled in parallel, one process each")
     args = parser.parse_args(argv)
-    if not isinstance(block._block_adamw_kernel, JITFunction):
+    if launch.INTERPRETED:
         parser.error("the kernels were loaded by Triton's interpreter: run with TRITON_INTERPRET unset")
     targets = [(arch, False) for arch in args.arch] + [(arch, True) for arch in args.quick_arch]
     print(f"Triton {triton.__version__}, torch {torch.__version__}: compiling " + "; ".join(

@@ -44,7 +44,7 @@ import triton.language as tl
 from torch import Tensor
 
 from selopt import selection
-from selopt.kernels import _device as d
+from selopt.kernels import device as d
 from selopt.kernels.launch import Launch
 from selopt.kernels.steps import step_scalars_launch
 

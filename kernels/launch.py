@@ -23,11 +23,21 @@ from triton.runtime.jit import JITFunction
 
 
 # No FMA contraction: the moments then round operation by operation as the reference's formula
-# does (torch's lerp and mul/add order is spelled out in _device.adam_moments), which keeps the
+# does (torch's lerp and mul/add order is spelled out in device.adam_moments), which keeps the
 # kernels' m, and so their selection, within an ulp or two of the reference's. Contraction would
 # save ~10% of the instructions of kernels that bench.static predicts to be bound by their bytes
 # anyway. Explicit, so that every Triton makes the same choice (3.10 changes the default).
 _COMPILE_OPTIONS = dict(enable_fp_fusion=False)
+
+
+@triton.jit
+def _probe():
+    pass
+
+
+# Whether @triton.jit made the interpreter's stand-ins (TRITON_INTERPRET=1 when the kernels were
+# defined): then there is nothing to compile, and the interpreter runs the Python source.
+INTERPRETED = not isinstance(_probe, JITFunction)
 
 
 class KernelCompileError(RuntimeError):
@@ -175,6 +185,6 @@ def compile_launches(steps: list, device: torch.device) -> None:
     there is nothing to compile: the interpreter runs the Python source.
     """
     launches = [step for step in steps if isinstance(step, Launch)]
-    if not launches or not isinstance(launches[0].kernel, JITFunction):
+    if not launches or INTERPRETED:
         return
     _memo.compile(launches, device, triton.runtime.driver.active.get_current_target())

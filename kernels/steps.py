@@ -11,7 +11,7 @@ when ``found_inf`` is set), so the step still never reads back to the host.
 import triton
 import triton.language as tl
 
-from selopt.kernels import _device as d
+from selopt.kernels import device as d
 from selopt.kernels.launch import Launch
 
 

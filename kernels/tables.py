@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from selopt.kernels import _device as d
+from selopt.kernels import device as d
 from selopt.selection import block_k
 
 

@@ -35,7 +35,7 @@ def test_tiny_run_reports_each_step_and_the_mean(tmp_path):
 
 
 def test_window_matches_the_kernels_rule():
-    from selopt.kernels import _device as d
+    from selopt.kernels import device as d
 
     state = torch.zeros(3, d.STATE_COLUMNS.value, dtype=torch.int64)
     state[:, d.STATE_WINDOW_BITS.value] = torch.tensor([0, 20, 21])

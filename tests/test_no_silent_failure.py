@@ -229,7 +229,7 @@ def test_a_remembered_compile_failure_raises_fresh_errors_and_keeps_no_step_aliv
     monkeypatch.setattr(launch, "_memo", memo)
     # The interpreter compiles nothing: stand in for a GPU whose compiler refuses every kernel,
     # so that every launch goes through the real memo.
-    monkeypatch.setattr(launch, "JITFunction", object)
+    monkeypatch.setattr(launch, "INTERPRETED", False)
     target = types.SimpleNamespace(get_current_target=lambda: "sm_90 (simulated)")
     monkeypatch.setattr(launch.triton.runtime, "driver", types.SimpleNamespace(active=target))
     compiles = []

@@ -407,8 +407,8 @@ def test_a_cpu_tensor_lr_changed_in_place_makes_new_options_so_no_stale_launch_i
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_cpu_tensor_lr_changed_in_place_steps_cuda_params_with_its_new_value():
     lr = torch.tensor(1e-2)
-    params = [p.cuda() for p in make_params()]
-    numbers = [p.detach().clone().requires_grad_() for p in params]
+    params = [torch.nn.Parameter(p.detach().cuda()) for p in make_params()]
+    numbers = [torch.nn.Parameter(p.detach().clone()) for p in params]
     opts = [selopt.MoFO(params, lr=lr, fraction=0.5, backend="triton"),
             selopt.MoFO(numbers, lr=1e-2, fraction=0.5, backend="triton")]
     for step in range(4):
