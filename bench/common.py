@@ -106,9 +106,10 @@ def keep_freed_memory_mapped() -> bool:
     step that allocates temporaries (torch's foreach and for-loop AdamW, the
     reference backend, the official MoFO loop) pays page faults for every one
     of them, depending on which variant ran before and on how the heap was
-    trimmed; the same step measured 5 ms or 17 ms at 2^20 elements. With
-    mmap off and trimming at 2 GiB, the steady state is what a CPU training
-    job with jemalloc/tcmalloc sees. Returns False where this is not glibc.
+    trimmed, so a step's time depends on the run order (bench/NOTES.md §1 has
+    the figures). With mmap off and trimming at 2 GiB, the steady state is what
+    a CPU training job with jemalloc/tcmalloc sees. Returns False where this is
+    not glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")

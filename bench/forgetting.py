@@ -32,9 +32,10 @@ the study reports:
 
 Written to the output folder: ``forgetting.json`` (config, curves, frontier,
 matched-skill table) and ``forgetting.png`` (the curves and the frontiers).
+How long each preset runs is in bench/NOTES.md §3.
 
-    python -m bench.forgetting          # the demo: 1 seed, 1 lr per method, 300 steps, ~3.5 min; writes bench/results/runs/<time>-demo/
-    python -m bench.forgetting --full   # the committed study: 3 seeds x 3-4 lrs per method, 600 steps, ~1 hour; writes bench/results/
+    python -m bench.forgetting          # the demo: 1 seed, 1 lr per method, 300 steps; writes bench/results/runs/<time>-demo/
+    python -m bench.forgetting --full   # the committed study: 3 seeds x 3-4 lrs per method, 600 steps; writes bench/results/
     python -m bench.forgetting --tiny   # CI smoke run, seconds
     python -m bench.forgetting --device cuda --layers 8 --dim 256 --finetune-steps 1000 --full --out /tmp/gpu
 """
@@ -516,7 +517,7 @@ class Preset:
 
 
 PRESETS = {
-    "demo": Preset((0,), "middle", STUDY_METHODS, 300),  # under 4 minutes on one core
+    "demo": Preset((0,), "middle", STUDY_METHODS, 300),  # a few minutes on one core: a first look, one seed
     "full": Preset((0, 1, 2), "all", STUDY_METHODS, 600),
     "tiny": Preset((0, 1), "all", tuple(METHODS), 20),
 }

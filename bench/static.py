@@ -44,8 +44,8 @@ from selopt.kernels import block, device, launch
 from selopt.kernels.compile_check import Compiled, Configuration, compile_only, run_configuration
 from selopt.kernels.launch import KernelCompileError
 
-# What the prediction assumes: an H100 SXM5 80GB. Copy bandwidth is a measured H100
-# device-to-device copy (about 3.0 TB/s, read + write bytes); the issue rate is one
+# What the prediction assumes: an H100 SXM5 80GB. Copy bandwidth is that of an H100
+# device-to-device copy (read + write bytes; bench/NOTES.md §2, §4); the issue rate is one
 # warp-instruction per clock per SM sub-partition at the clock an H100 holds under a
 # memory-bound load.
 H100 = dict(sms=132, issue_per_clock_per_sm=4, clock_hz=1.755e9, copy_bytes_per_s=3.0e12, elements=2**28)

@@ -139,7 +139,7 @@ class TinyLlama(nn.Module):
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        # Llama's initializer_range; torch's default Linear init is ~3x larger at these widths.
+        # Llama's initializer_range; torch's default Linear init is several times larger at these widths.
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
 

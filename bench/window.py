@@ -11,7 +11,7 @@ reads the kernels' select state for every matrix: whether the refinement read
 the list, the window's width, and the share of the entries the list held.
 
 It runs the kernels themselves, so without a GPU it needs Triton's
-interpreter (slow: about a second per step at the default size)::
+interpreter (slow; bench/NOTES.md §4 gives the time per step)::
 
     TRITON_INTERPRET=1 python -m bench.window            # writes bench/results/window.json
     python -m bench.window --device cuda --steps 600

@@ -64,14 +64,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selopt.hft import (
+from selopt.freezing import (
     DEFAULT_LAYER_PATTERN,
     FreezeReport,
-    _member_regex,
-    _no_match_error,
     apply_trainable,
     compile_layer_pattern,
     layer_index,
+    member_regex,
+    no_match_error,
 )
 from selopt.wrappers import class_name, innermost
 
@@ -171,7 +171,7 @@ def freeze_coarse(
         layer_pattern: regex whose first group is the layer index.
 
     Returns:
-        A :class:`selopt.hft.FreezeReport`; ``report.layers`` lists the trained
+        A :class:`selopt.freezing.FreezeReport`; ``report.layers`` lists the trained
         modules of each layer in the span.
 
     Example:
@@ -186,9 +186,9 @@ def freeze_coarse(
     names = [name for name, _ in model.named_parameters()]
     indices = [i for i in (layer_index(name, layer_regex) for name in names) if i is not None]
     if not indices:
-        raise _no_match_error(model, f"layer_pattern {layer_pattern!r}")
+        raise no_match_error(model, f"layer_pattern {layer_pattern!r}")
     span = layer_range(layers, max(indices) + 1)
-    regexes = [(module, _member_regex(module)) for module in modules]
+    regexes = [(module, member_regex(module)) for module in modules]
 
     chosen: dict[int, dict[str, list[str]]] = {}
     trainable = set()
@@ -203,7 +203,7 @@ def freeze_coarse(
                 if module not in found:
                     found.append(module)
     if not trainable:
-        raise _no_match_error(model, f"modules {modules} in layers {span.start}-{span.stop - 1}")
+        raise no_match_error(model, f"modules {modules} in layers {span.start}-{span.stop - 1}")
     return apply_trainable(model, trainable.__contains__, dict(sorted(chosen.items())))
 
 
@@ -276,6 +276,21 @@ def search(
         >>> ranked[0].config["layers"]  # then: freeze_coarse(model, **ranked[0].config)
         'bottom2'
     """
+    candidates = _check_search_arguments(candidates, train_and_score, versatility, weight)
+    log = _Progress("cofi.search", progress)
+    log.log(f"{len(candidates)} candidate configurations, one fine-tune each")
+    results = []
+    for number, config in enumerate(candidates, 1):
+        results.append(_score_candidate(dict(config), train_and_score, versatility, weight))
+        described = " ".join(f"{key}={value!r}" for key, value in results[-1].config.items())
+        log.log(f"{number}/{len(candidates)} {described}: speciality {results[-1].speciality:.4g}, "
+                f"versatility {results[-1].versatility:.4g}, score {results[-1].score:.4g}")
+    # Stable sort: equal scores keep the candidates' order; versatility breaks ties first.
+    return sorted(results, key=lambda r: (-r.score, -r.versatility))
+
+
+def _check_search_arguments(candidates, train_and_score, versatility, weight) -> list:
+    """:func:`search`'s arguments checked before any fine-tune starts; returns the candidates as a list."""
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
         raise ValueError(f"weight must be in [0, 1], got {weight!r}")
     if not callable(train_and_score) or not callable(versatility):
@@ -290,23 +305,17 @@ def search(
             _check_module_names(config["modules"], "candidate modules")
         if isinstance(config.get("layers"), str) and config["layers"] not in LAYER_PRESETS:
             raise ValueError(f"candidate layers must be one of {tuple(LAYER_PRESETS)} or a span, got {config['layers']!r}")
+    return candidates
 
-    log = _Progress("cofi.search", progress)
-    log.log(f"{len(candidates)} candidate configurations, one fine-tune each")
-    results = []
-    for number, config in enumerate(candidates, 1):
-        config = dict(config)
-        outcome = train_and_score(config)
-        if not isinstance(outcome, tuple) or len(outcome) != 2:
-            raise TypeError(f"train_and_score must return (speciality, trained), got {type(outcome).__name__}")
-        speciality = _score(outcome[0], "speciality", config)
-        general = _score(versatility(outcome[1]), "versatility", config)
-        results.append(SearchResult(config, speciality, general, weight * speciality + (1 - weight) * general))
-        described = " ".join(f"{key}={value!r}" for key, value in config.items())
-        log.log(f"{number}/{len(candidates)} {described}: speciality {speciality:.4g}, versatility {general:.4g}, "
-                f"score {results[-1].score:.4g}")
-    # Stable sort: equal scores keep the candidates' order; versatility breaks ties first.
-    return sorted(results, key=lambda r: (-r.score, -r.versatility))
+
+def _score_candidate(config: dict, train_and_score, versatility, weight: float) -> SearchResult:
+    """Fine-tune one configuration through the user's callbacks and score it."""
+    outcome = train_and_score(config)
+    if not isinstance(outcome, tuple) or len(outcome) != 2:
+        raise TypeError(f"train_and_score must return (speciality, trained), got {type(outcome).__name__}")
+    speciality = _score(outcome[0], "speciality", config)
+    general = _score(versatility(outcome[1]), "versatility", config)
+    return SearchResult(config, speciality, general, weight * speciality + (1 - weight) * general)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -552,7 +561,7 @@ def importance(
     log = _Progress("cofi.importance", progress)
     units = _find_units(model, compile_layer_pattern(layer_pattern), {"ffn_out": ffn_out, "attn_out": attn_out})
     if not units:
-        raise _no_match_error(model, f"modules {ffn_out!r} / {attn_out!r} inside layers")
+        raise no_match_error(model, f"modules {ffn_out!r} / {attn_out!r} inside layers")
 
     log.log(f"scoring the units of {len(units)} layers: two dropout passes and one backward per batch")
     with _gate_hooks(model, units, dropout, num_heads) as gates:
@@ -592,6 +601,14 @@ def soft_masks(
     attn_in = _check_module_names(attn_in, "attn_in") if attn_in else ()
     roles = {"ffn_in": ffn_in, "ffn_out": ffn_out, "attn_out": attn_out, **{f"attn_in:{m}": m for m in attn_in}}
     units = _find_units(model, compile_layer_pattern(layer_pattern), roles)
+    masks = _ffn_masks(units, scores)
+    for index, table in sorted(scores.heads.items()) if attn_in else ():
+        masks.update(_head_masks(units.get(index, {}), index, table, attn_in, attn_out))
+    return masks
+
+
+def _ffn_masks(units: dict[int, dict[str, tuple[str, nn.Module]]], scores: Importance) -> dict[str, Tensor]:
+    """The masks of each layer's ``ffn_in`` rows (``scores.ffn``) and ``ffn_out`` rows (``scores.hidden``)."""
     masks = {}
     for role, kind in (("ffn_in", "ffn"), ("ffn_out", "hidden")):
         for index, table in sorted(getattr(scores, kind).items()):
@@ -599,29 +616,35 @@ def soft_masks(
                 raise ValueError(f"importance has {kind} scores for layer {index}, but the model has no {role} module there")
             name, module = units[index][role]
             masks.update(_row_masks(name, module, 1.0 - table, table.numel()))
-    for index, table in sorted(scores.heads.items()) if attn_in else ():
-        found = {role: units[index][role] for role in units.get(index, {}) if role.startswith("attn_in:")}
-        if not found:
-            raise ValueError(
-                f"importance has head scores for layer {index}, but the model has none of the attention input "
-                f"modules {attn_in} there: pass attn_in= with their names, or attn_in=() to leave attention unmasked"
-            )
-        if "attn_out" not in units.get(index, {}):
-            raise ValueError(f"layer {index} has no {attn_out!r} module to tell the head width from: pass attn_out=")
-        out_name, out_module = units[index]["attn_out"]
-        heads = table.numel()
-        if out_module.weight.shape[1] % heads:
-            raise ValueError(f"{out_name} has {out_module.weight.shape[1]} inputs, not a multiple of {heads} heads")
-        head_dim = out_module.weight.shape[1] // heads
-        for name, module in found.values():
-            rows = module.weight.shape[0]
-            if rows % head_dim or heads % (rows // head_dim):
-                raise ValueError(f"{name} has {rows} output rows: not whole heads of {head_dim} rows each for "
-                                 f"{heads} query heads")
-            # Query heads h * group .. (h + 1) * group - 1 share key/value head h (transformers' repeat_kv).
-            group = heads // (rows // head_dim)
-            per_head = 1.0 - table.view(-1, group).amax(dim=1)
-            masks.update(_row_masks(name, module, per_head.repeat_interleave(head_dim), rows))
+    return masks
+
+
+def _head_masks(roles: dict[str, tuple[str, nn.Module]], index: int, table: Tensor, attn_in: Sequence[str],
+                attn_out: str) -> dict[str, Tensor]:
+    """The masks of one layer's ``attn_in`` rows from its head scores ``table``: ``head_dim`` rows per head."""
+    found = {role: roles[role] for role in roles if role.startswith("attn_in:")}
+    if not found:
+        raise ValueError(
+            f"importance has head scores for layer {index}, but the model has none of the attention input "
+            f"modules {attn_in} there: pass attn_in= with their names, or attn_in=() to leave attention unmasked"
+        )
+    if "attn_out" not in roles:
+        raise ValueError(f"layer {index} has no {attn_out!r} module to tell the head width from: pass attn_out=")
+    out_name, out_module = roles["attn_out"]
+    heads = table.numel()
+    if out_module.weight.shape[1] % heads:
+        raise ValueError(f"{out_name} has {out_module.weight.shape[1]} inputs, not a multiple of {heads} heads")
+    head_dim = out_module.weight.shape[1] // heads
+    masks = {}
+    for name, module in found.values():
+        rows = module.weight.shape[0]
+        if rows % head_dim or heads % (rows // head_dim):
+            raise ValueError(f"{name} has {rows} output rows: not whole heads of {head_dim} rows each for "
+                             f"{heads} query heads")
+        # Query heads h * group .. (h + 1) * group - 1 share key/value head h (transformers' repeat_kv).
+        group = heads // (rows // head_dim)
+        per_head = 1.0 - table.view(-1, group).amax(dim=1)
+        masks.update(_row_masks(name, module, per_head.repeat_interleave(head_dim), rows))
     return masks
 
 

@@ -14,8 +14,9 @@ parameters (or :func:`selopt.param_groups`, which skips frozen ones) to the
 optimizer after :func:`freeze_half`, and switch stages with
 :func:`next_stage`, which also brings the optimizer to the new trainable set.
 
-The layer-wise bookkeeping (which parameters belong to which layer and module)
-is shared with :mod:`selopt.cofi`.
+The layer-wise bookkeeping (which parameters belong to which layer and module,
+freezing and its report) lives in :mod:`selopt.freezing`, shared with
+:mod:`selopt.cofi`.
 """
 
 from __future__ import annotations
@@ -23,13 +24,18 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
-# Matches the layer index in Hugging Face names: "model.layers.3.", "transformer.h.3.",
-# "encoder.layer.3.", "blocks.3.". The first match in a name is its layer.
-DEFAULT_LAYER_PATTERN = r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\."
+from selopt.freezing import (
+    DEFAULT_LAYER_PATTERN,
+    FreezeReport,
+    apply_trainable,
+    compile_layer_pattern,
+    layer_index,
+    member_regex,
+    no_match_error,
+)
 
 # Module names of Llama, Qwen2 and Mistral (and most of their derivatives).
 DEFAULT_PATTERNS: dict[str, tuple[str, ...]] = {
@@ -37,49 +43,6 @@ DEFAULT_PATTERNS: dict[str, tuple[str, ...]] = {
     "ffn": ("gate_proj", "up_proj", "down_proj"),
     "norm": ("input_layernorm", "post_attention_layernorm"),
 }
-
-
-@dataclass
-class FreezeReport:
-    """What a freezing call left trainable; ``print(report)`` gives a summary.
-
-    ``layers`` maps each layer index to the trainable members of each category,
-    e.g. ``{0: {"attention": ["k_proj", "o_proj"], "ffn": ["up_proj"], ...}}``.
-    """
-
-    trainable: list[str]
-    frozen: list[str]
-    trainable_numel: int
-    total_numel: int
-    trainable_bytes: int
-    total_bytes: int
-    layers: dict[int, dict[str, list[str]]] = field(default_factory=dict)
-
-    @property
-    def fraction_by_count(self) -> float:
-        """Share of parameter entries that train."""
-        return self.trainable_numel / self.total_numel if self.total_numel else 0.0
-
-    @property
-    def fraction_by_bytes(self) -> float:
-        """Share of parameter bytes that train (differs from the count with mixed dtypes)."""
-        return self.trainable_bytes / self.total_bytes if self.total_bytes else 0.0
-
-    def __str__(self) -> str:
-        lines = [
-            f"{len(self.trainable)} trainable / {len(self.trainable) + len(self.frozen)} tensors, "
-            f"{self.fraction_by_count:.1%} of entries, {self.fraction_by_bytes:.1%} of bytes"
-        ]
-        for index, categories in sorted(self.layers.items()):
-            chosen = "; ".join(f"{cat}: {', '.join(members) or '-'}" for cat, members in categories.items())
-            lines.append(f"  layer {index}: {chosen}")
-        return "\n".join(lines)
-
-
-def _member_regex(member: str) -> re.Pattern:
-    # A member names one dotted component of the module path ("q_proj" matches
-    # "model.layers.0.self_attn.q_proj.weight" but not "...q_proj_extra.weight").
-    return re.compile(rf"(?:^|\.)(?:{member})(?:\.|$)")
 
 
 def compile_patterns(patterns: Mapping[str, Sequence[str]] | None) -> dict[str, list[tuple[str, re.Pattern]]]:
@@ -99,28 +62,10 @@ def compile_patterns(patterns: Mapping[str, Sequence[str]] | None) -> dict[str, 
             if not isinstance(member, str) or not member:
                 raise TypeError(f"patterns[{category!r}] must hold non-empty strings, got {member!r}")
             try:
-                compiled[category].append((member, _member_regex(member)))
+                compiled[category].append((member, member_regex(member)))
             except re.error as err:
                 raise ValueError(f"patterns[{category!r}] entry {member!r} is not a valid regex: {err}") from None
     return compiled
-
-
-def compile_layer_pattern(layer_pattern: str) -> re.Pattern:
-    if not isinstance(layer_pattern, str):
-        raise TypeError(f"layer_pattern must be a regex string, got {type(layer_pattern).__name__}")
-    try:
-        regex = re.compile(layer_pattern)
-    except re.error as err:
-        raise ValueError(f"layer_pattern {layer_pattern!r} is not a valid regex: {err}") from None
-    if regex.groups < 1:
-        raise ValueError(f"layer_pattern must capture the layer index in its first group, got {layer_pattern!r}")
-    return regex
-
-
-def layer_index(name: str, layer_regex: re.Pattern) -> int | None:
-    """The layer a parameter or module name belongs to, or None outside the layer stack."""
-    match = layer_regex.search(name)
-    return int(match.group(1)) if match else None
 
 
 def classify(
@@ -136,32 +81,6 @@ def classify(
     if len(hits) > 1:
         raise ValueError(f"parameter {name!r} matches several patterns {hits}: make the patterns disjoint")
     return (index, *hits[0])
-
-
-def _no_match_error(model: torch.nn.Module, what: str) -> ValueError:
-    names = [name for name, _ in model.named_parameters()][:6]
-    return ValueError(
-        f"no parameter of the model matches {what}; first parameter names: {names}. "
-        "Pass patterns={'attention': [...], 'ffn': [...], 'norm': [...]} with the model's module names "
-        "and layer_pattern=r'...\\.(\\d+)\\.' capturing its layer index."
-    )
-
-
-def apply_trainable(model: torch.nn.Module, trains, layers: dict[int, dict[str, list[str]]]) -> FreezeReport:
-    """Set ``requires_grad`` from ``trains(name) -> bool`` and report the result."""
-    trainable, frozen = [], []
-    counts = {"trainable_numel": 0, "total_numel": 0, "trainable_bytes": 0, "total_bytes": 0}
-    for name, param in model.named_parameters():
-        on = bool(trains(name))
-        param.requires_grad_(on)
-        (trainable if on else frozen).append(name)
-        numel, nbytes = param.numel(), param.numel() * param.element_size()
-        counts["total_numel"] += numel
-        counts["total_bytes"] += nbytes
-        if on:
-            counts["trainable_numel"] += numel
-            counts["trainable_bytes"] += nbytes
-    return FreezeReport(trainable=trainable, frozen=frozen, layers=layers, **counts)
 
 
 def freeze_half(
@@ -234,7 +153,7 @@ def _draw_half(model, seed, patterns, layer_pattern, train_others):
         if member not in members:
             members.append(member)
     if not found:
-        raise _no_match_error(model, f"the patterns {dict(patterns or DEFAULT_PATTERNS)} inside layers")
+        raise no_match_error(model, f"the patterns {dict(patterns or DEFAULT_PATTERNS)} inside layers")
 
     rng = random.Random(seed)
     layer_ids = sorted(found)
@@ -304,27 +223,48 @@ def next_stage(
         >>> held == {id(p) for p in model.parameters() if p.requires_grad}
         True
     """
+    _check_stage_arguments(optimizer, keep_state, group_of)
+    trains, chosen = _draw_half(model, seed, patterns, layer_pattern, train_others)
+    joining = _joining(model, optimizer.param_groups, trains, group_of)  # raises before anything changes
+    report = apply_trainable(model, trains, chosen)
+    _drop_params(optimizer, {id(p) for p in model.parameters() if not p.requires_grad})
+    for index, name, param in joining:
+        group = optimizer.param_groups[index]
+        group["params"].append(param)
+        if "param_names" in group:
+            group["param_names"].append(name)
+    if not keep_state:
+        for param in model.parameters():
+            optimizer.state.pop(param, None)
+    return report
+
+
+def _check_stage_arguments(optimizer, keep_state, group_of) -> None:
+    """Type checks of :func:`next_stage`'s arguments beyond those of the draw."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if not isinstance(keep_state, bool):
         raise TypeError(f"keep_state must be a bool, got {keep_state!r}")
     if group_of is not None and not callable(group_of):
         raise TypeError(f"group_of must be None or a callable (name, param) -> group index, got {group_of!r}")
-    trains, chosen = _draw_half(model, seed, patterns, layer_pattern, train_others)
 
-    groups = optimizer.param_groups
+
+def _joining(model, groups: list[dict], trains, group_of) -> list[tuple[int, str, torch.nn.Parameter]]:
+    """``(group index, name, param)`` of each parameter that trains but no group holds yet; checks ``group_of``."""
     held = {id(p) for group in groups for p in group["params"]}
-    joining = []  # (group index, name, param) of the params the optimizer must take on
+    joining = []
     for name, param in model.named_parameters():
         if trains(name) and id(param) not in held:
             index = _group_for(groups, name, param) if group_of is None else group_of(name, param)
             if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(groups):
                 raise ValueError(f"group_of({name!r}, param) must be a group index in [0, {len(groups)}), got {index!r}")
             joining.append((index, name, param))
+    return joining
 
-    report = apply_trainable(model, trains, chosen)
-    leaving = {id(p) for p in model.parameters() if not p.requires_grad}
-    for group in groups:
+
+def _drop_params(optimizer: torch.optim.Optimizer, leaving: set[int]) -> None:
+    """Take the parameters whose ids are in ``leaving`` out of their groups, with their state and soft mask."""
+    for group in optimizer.param_groups:
         kept = [i for i, p in enumerate(group["params"]) if id(p) not in leaving]
         for p in group["params"]:
             if id(p) in leaving:
@@ -334,14 +274,6 @@ def next_stage(
         group["params"] = [group["params"][i] for i in kept]
         if "param_names" in group:
             group["param_names"] = [group["param_names"][i] for i in kept]
-    for index, name, param in joining:
-        groups[index]["params"].append(param)
-        if "param_names" in groups[index]:
-            groups[index]["param_names"].append(name)
-    if not keep_state:
-        for param in model.parameters():
-            optimizer.state.pop(param, None)
-    return report
 
 
 def _group_for(groups: list[dict], name: str, param: torch.Tensor) -> int:
