@@ -303,7 +303,7 @@ def element_bytes(param_dtype: torch.dtype, moment_dtype: torch.dtype) -> int:
 def moment_dtype_of(variant: Variant, param_dtype: torch.dtype) -> torch.dtype:
     if variant.name.startswith("torch_"):
         return param_dtype  # torch.optim.AdamW: zeros_like(param)
-    return selopt.optim.moment_dtype(param_dtype, None)  # fp32 for bf16, as the official MoFO code
+    return selopt.state.moment_dtype(param_dtype, None)  # fp32 for bf16, as the official MoFO code
 
 
 @dataclass

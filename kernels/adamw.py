@@ -1,18 +1,18 @@
 """The Triton implementation of one selective AdamW step for a bucket of tensors.
 
-The bucket shares a device, a parameter dtype and a moment dtype. Which
-kernels run:
+The bucket (:class:`selopt.bucket.Bucket`) shares a device, a parameter dtype
+and a moment dtype. Which kernels run, by :attr:`AdamWOptions.path
+<selopt.options.AdamWOptions.path>`:
 
 * first, one program per tensor computes the step's scalars and advances its
   step count (:mod:`selopt.kernels.steps`);
-* ``fraction == 1`` (dense AdamW) or ``block_size <= MAX_BLOCK``: the
-  one-pass kernel of :mod:`selopt.kernels.block`, one launch;
-* ``block_size=None`` (one block per tensor, the MoFO paper) or a larger
-  block: the exact radix select of :mod:`selopt.kernels.exact`, nine
+* ``"dense"`` and ``"one_pass"``: the one-pass kernel of
+  :mod:`selopt.kernels.block`, one launch;
+* ``"exact"``: the radix select of :mod:`selopt.kernels.exact`, nine
   launches whatever the number of tensors.
 
-:func:`prepare_adamw` has the signature of every implementation of
-:func:`selopt.functional.adamw` and, as torch's functional optimizers, trusts
+:func:`prepare_adamw` has the signature of every implementation
+(:mod:`selopt.bucket`) and, as torch's functional optimizers, trusts
 its caller; :func:`check_bucket` is the validation, and
 :func:`multi_tensor_adamw_` checks, prepares and runs. Nothing here reads a
 device value back, so the step neither waits for the GPU nor breaks
@@ -22,7 +22,7 @@ CUDA-graph capture.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -31,6 +31,7 @@ from torch import Tensor
 
 import triton.language as tl
 
+from selopt.bucket import Bucket
 from selopt.kernels import block, exact, tables
 from selopt.kernels.launch import compile_launches
 from selopt.options import AdamWOptions
@@ -105,7 +106,7 @@ class PreparedStep:
     write_back: list[tuple[Tensor, Tensor]]  # (strided original, the contiguous copy the kernels update)
     # Every tensor the launches address by pointer, contiguous copies of strided inputs included:
     # nothing else holds those copies until the launches have run.
-    operands: list[list[Tensor | None]]
+    operands: Bucket | list
     # The launches of this bucket's next step, for the same tensors at the same addresses, from that
     # step's options (lr, betas, eps, weight decay may change), grad_scale and found_inf: the plan is
     # reused, so nothing per tensor is looked at. None when the step made contiguous copies (they
@@ -119,40 +120,31 @@ class PreparedStep:
             original.copy_(copy)
 
 
-def _contiguous(column: list) -> list:
-    # The kernels address flattened memory; a strided tensor goes through a contiguous copy.
-    if all([t is None or t.is_contiguous() for t in column]):
-        return column
-    return [t if t is None or t.is_contiguous() else t.contiguous() for t in column]
+# Bucket fields the step writes: a strided one goes through a contiguous copy, written back after.
+_WRITTEN = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
 
 
-def _column(values: Sequence | None, count: int) -> list:
-    return [None] * count if values is None else list(values)
+def _contiguous(bucket: Bucket) -> tuple[Bucket, list[tuple[Tensor, Tensor]]]:
+    """``bucket`` with contiguous tensors (the kernels address flattened memory), and the copies to write back."""
+    copied, write_back = {}, []
+    for name, values in bucket.fields():
+        if values is None or all([t is None or t.is_contiguous() for t in values]):
+            continue
+        copied[name] = [t if t is None or t.is_contiguous() else t.contiguous() for t in values]
+        if name in _WRITTEN:
+            write_back += [(t, c) for t, c in zip(values, copied[name]) if c is not t]
+    return (bucket.replace(**copied) if copied else bucket), write_back
 
 
-def prepare_adamw(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    max_exp_avg_sqs: Sequence[Tensor] | None,
-    state_steps: Sequence[Tensor],
-    *,
-    options: AdamWOptions,
-    soft_masks: Sequence[Tensor | None] | None = None,
-    rounding_seeds: Sequence[Tensor | None] | None = None,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    selections: Sequence[Tensor | None] | None = None,
-    cache: tables.PlanCache | None = None,
-    whole_numels: list[int] | None = None,
-    combine: Callable[[Tensor], None] | None = None,
-) -> PreparedStep:
+def prepare_adamw(bucket: Bucket, options: AdamWOptions, *, grad_scale: Tensor | None = None,
+                  found_inf: Tensor | None = None, cache: tables.PlanCache | None = None,
+                  whole_numels: list[int] | None = None, combine: Callable[[Tensor], None] | None = None,
+                  ) -> PreparedStep:
     """Compile one step of the bucket; nothing is written until the returned step is called.
 
-    The arguments are :func:`selopt.functional.adamw`'s, trusted as torch's
-    functional optimizers trust theirs (:func:`check_bucket` checks them), with
-    ``state_steps`` fp32 and ``rounding_seeds`` int64 on the params' device.
+    The signature of every implementation (:mod:`selopt.bucket`), trusted as
+    torch's functional optimizers trust theirs (:func:`check_bucket` checks
+    it), with steps fp32 and rounding seeds int64 on the params' device.
     ``cache`` keeps the launch plans between steps (an optimizer owns one);
     without it every call builds its plan. A kernel that cannot compile raises
     :class:`~selopt.kernels.launch.KernelCompileError` with every tensor untouched.
@@ -164,29 +156,25 @@ def prepare_adamw(
     (:func:`selopt.kernels.exact.exact_adamw_launches`). Other paths are
     elementwise or per local block and ignore both.
     """
-    count = len(params)
-    if count == 0:
+    if not len(bucket):
         return PreparedStep([], [], [])
-    device = params[0].device
-    columns = [params, grads, exp_avgs, exp_avg_sqs, _column(max_exp_avg_sqs, count), _column(soft_masks, count)]
-    work = [_contiguous(column) for column in columns]
-    selections, rounding_seeds = _column(selections, count), _column(rounding_seeds, count)
-
+    device = bucket.params[0].device
+    work, write_back = _contiguous(bucket)
     cache = tables.PlanCache() if cache is None else cache
-    one_pass = options.dense or (options.block_size is not None and options.block_size <= block.MAX_BLOCK)
-    if one_pass:
-        program_size = block.DENSE_TILE if options.dense else options.block_size
-        plan = tables.plan_for(cache, *work, rounding_seeds, state_steps, selections, program_size=program_size,
-                               row_size=None, fraction=options.fraction, select_per_row=False)
-    else:
-        per_tensor = options.block_size is None
-        plan = tables.plan_for(cache, *work, rounding_seeds, state_steps, selections, program_size=exact.CHUNK,
-                               row_size=options.block_size, fraction=options.fraction, select_per_row=True,
+    path = options.path
+    per_tensor = path == "exact" and options.block_size is None
+    if path == "exact":
+        plan = tables.plan_for(cache, work, program_size=exact.CHUNK, row_size=options.block_size,
+                               fraction=options.fraction, select_per_row=True,
                                whole_numels=whole_numels if per_tensor else None)
-        combine = combine if per_tensor else None
-    param_dtype, moment_dtype = params[0].dtype, exp_avgs[0].dtype
-    has_soft_mask = any(m is not None for m in work[5])
-    writes_selection = any(s is not None for s in selections)
+    else:
+        program_size = block.DENSE_TILE if path == "dense" else options.block_size
+        plan = tables.plan_for(cache, work, program_size=program_size, row_size=None, fraction=options.fraction,
+                               select_per_row=False)
+    combine = combine if per_tensor else None
+    has_soft_mask = any(m is not None for m in work.column("soft_masks"))
+    writes_selection = any(s is not None for s in work.column("selections"))
+    param_dtype, moment_dtype = work.params[0].dtype, work.exp_avgs[0].dtype
 
     def launches_for(options: AdamWOptions, grad_scale: Tensor | None, found_inf: Tensor | None) -> list:
         # Only what is per bucket: it holds no tensor of the step, so a kept closure keeps none alive.
@@ -194,101 +182,86 @@ def prepare_adamw(
         flags = kernel_flags(options, param_dtype, moment_dtype, scalars, has_soft_mask=has_soft_mask,
                              writes_selection=writes_selection)
         values = {**plan.arguments(), **scalars._asdict(), **flags}
-        if one_pass:
-            launches = block.block_adamw_launches(plan, values, program_size, options.dense)
-        else:
+        if path == "exact":
             launches = exact.exact_adamw_launches(plan, values, combine)
+        else:
+            launches = block.block_adamw_launches(plan, values, program_size, path == "dense")
         compile_launches(launches, device)
         return launches
 
     launches = launches_for(options, grad_scale, found_inf)
-    write_back = [(original, copy) for index in (0, 2, 3, 4)  # params and moments: what the step writes
-                  if work[index] is not columns[index]  # _contiguous returns a column as it is when it can
-                  for original, copy in zip(columns[index], work[index]) if copy is not original]
-    copied = any(work[index] is not columns[index] for index in range(len(columns)))
-    replayable = not copied and (one_pass or combine is None)
+    # Copies are new tensors each step, and exchanges between shards are bound to their process groups.
+    replayable = work is bucket and combine is None
     return PreparedStep(launches, write_back, work, launches_for if replayable else None)
 
 
-def check_bucket(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    max_exp_avg_sqs: Sequence[Tensor] | None,
-    state_steps: Sequence[Tensor],
-    *,
-    options: AdamWOptions,
-    soft_masks: Sequence[Tensor | None] | None = None,
-    rounding_seeds: Sequence[Tensor | None] | None = None,
-    selections: Sequence[Tensor | None] | None = None,
-) -> None:
-    """Raise ``ValueError``/``TypeError`` unless the bucket is one :func:`prepare_adamw` can step.
+def check_bucket(bucket: Bucket, options: AdamWOptions) -> None:
+    """Raise ``ValueError``/``TypeError`` unless ``bucket`` is one :func:`prepare_adamw` can step.
 
-    One entry per param in every list; params of one kernel dtype on one
+    One entry per param in every field; params of one kernel dtype on one
     device; grads and moments shaped like their params (moments of one kernel
-    moment dtype); ``state_steps`` one-element fp32 tensors on the device;
-    soft masks fp32, ``(rows,)`` or full shape; selections contiguous bool
-    tensors shaped like their params; an int64 seed per bf16 param when the
-    options ask for stochastic rounding.
+    moment dtype); steps one-element fp32 tensors on the device; soft masks
+    fp32, ``(rows,)`` or full shape; selections contiguous bool tensors shaped
+    like their params; an int64 seed per bf16 param when the options ask for
+    stochastic rounding.
     """
-    count = len(params)
-    lists = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "state_steps": state_steps}
-    optional = {"max_exp_avg_sqs": max_exp_avg_sqs, "soft_masks": soft_masks, "rounding_seeds": rounding_seeds,
-                "selections": selections}
-    for name, values in {**lists, **{k: v for k, v in optional.items() if v is not None}}.items():
-        if len(values) != count:
+    count = len(bucket)
+    for name, values in bucket.fields():
+        if values is not None and len(values) != count:
             raise ValueError(f"{name} must have one entry per param ({count}), got {len(values)}")
-    if (max_exp_avg_sqs is not None) != options.amsgrad:
+    if (bucket.max_exp_avg_sqs is not None) != options.amsgrad:
         raise ValueError(f"max_exp_avg_sqs must be given exactly when options.amsgrad, got amsgrad={options.amsgrad}")
     if count == 0:
         return
-    device, param_dtype, moment_dtype = params[0].device, params[0].dtype, exp_avgs[0].dtype
+    device, param_dtype, moment_dtype = bucket.params[0].device, bucket.params[0].dtype, bucket.exp_avgs[0].dtype
     if param_dtype not in TRITON_PARAM_DTYPES:
         raise TypeError(f"params must be one of {list(TRITON_PARAM_DTYPES)} for the Triton kernels, got {param_dtype}")
     if moment_dtype not in TRITON_MOMENT_DTYPES:
         raise TypeError(f"exp_avgs must be one of {list(TRITON_MOMENT_DTYPES)}, got {moment_dtype}")
-    shapes = [p.shape for p in params]
-    for name, column, dtype in (("params", params, param_dtype), ("grads", grads, param_dtype),
-                                ("exp_avgs", exp_avgs, moment_dtype), ("exp_avg_sqs", exp_avg_sqs, moment_dtype),
-                                ("max_exp_avg_sqs", max_exp_avg_sqs or (), moment_dtype)):
-        for t, shape in zip(column, shapes):
-            if t.shape != shape or t.device != device or t.dtype != dtype:
+    for name, dtype in (("params", param_dtype), ("grads", param_dtype), ("exp_avgs", moment_dtype),
+                        ("exp_avg_sqs", moment_dtype), ("max_exp_avg_sqs", moment_dtype)):
+        for t, p in zip(bucket.column(name), bucket.params):
+            if t is not None and (t.shape != p.shape or t.device != device or t.dtype != dtype):
                 raise ValueError(f"{name} must match its param in shape and device and be {dtype}, got "
-                                 f"{tuple(t.shape)} {t.dtype} on {t.device} for a param {tuple(shape)} on {device}")
-    if {(s.dtype, s.device) for s in state_steps} != {(torch.float32, device)} or any(
-            s.numel() != 1 for s in state_steps):
-        raise ValueError(f"state_steps must be one-element fp32 tensors on {device}, got "
-                         f"{sorted({f'{s.dtype} on {s.device}, {s.numel()} elements' for s in state_steps})}")
-    for mask, p in zip(_column(soft_masks, count), params):
+                                 f"{tuple(t.shape)} {t.dtype} on {t.device} for a param {tuple(p.shape)} on {device}")
+    if {(s.dtype, s.device) for s in bucket.steps} != {(torch.float32, device)} or any(
+            s.numel() != 1 for s in bucket.steps):
+        raise ValueError(f"steps must be one-element fp32 tensors on {device}, got "
+                         f"{sorted({f'{s.dtype} on {s.device}, {s.numel()} elements' for s in bucket.steps})}")
+    _check_optional_columns(bucket, options, device)
+
+
+def _check_optional_columns(bucket: Bucket, options: AdamWOptions, device: torch.device) -> None:
+    for mask, p in zip(bucket.column("soft_masks"), bucket.params):
         if mask is not None and (mask.dtype != torch.float32 or mask.device != device
                                  or mask.shape not in (p.shape[:1], p.shape)):
             raise ValueError(
                 f"soft_masks must be fp32 on {device} with shape {tuple(p.shape[:1])} or {tuple(p.shape)}, "
                 f"got {tuple(mask.shape)} {mask.dtype} on {mask.device}"
             )
-    for selection, p in zip(_column(selections, count), params):
+    for selection, p in zip(bucket.column("selections"), bucket.params):
         if selection is not None and (selection.dtype != torch.bool or selection.shape != p.shape
                                       or not selection.is_contiguous() or selection.device != device):
             raise ValueError(f"selections must be contiguous bool tensors shaped like their params on {device}")
-    if options.stochastic_rounding and param_dtype == torch.bfloat16:
-        seeds = _column(rounding_seeds, count)
-        if any(s is None or s.dtype != torch.int64 or s.device != device or s.numel() != 1 for s in seeds):
+    if options.stochastic_rounding and bucket.params[0].dtype == torch.bfloat16:
+        if any(s is None or s.dtype != torch.int64 or s.device != device or s.numel() != 1
+               for s in bucket.column("rounding_seeds")):
             raise ValueError(f"stochastic rounding of bf16 params needs rounding_seeds: one-element int64 tensors "
                              f"on {device}, one per param (an optimizer keeps them in its state)")
 
 
-def multi_tensor_adamw_(*args, **kwargs) -> None:
+def multi_tensor_adamw_(bucket: Bucket, options: AdamWOptions, **step) -> None:
     """One selective AdamW step, in place: :func:`check_bucket`, then :func:`prepare_adamw`, then run.
+
+    ``step``: :func:`prepare_adamw`'s keywords (``grad_scale``, ``found_inf``, ``cache``, ...).
 
     Example (on CPU this needs ``TRITON_INTERPRET=1``):
         >>> p, g = torch.zeros(6, device="cuda"), torch.arange(6.0, device="cuda")
         >>> m, v, t = torch.zeros_like(p), torch.zeros_like(p), torch.zeros((), device="cuda")
         >>> options = AdamWOptions(lr=0.1, weight_decay=0.0, fraction=0.5)
-        >>> multi_tensor_adamw_([p], [g], [m], [v], None, [t], options=options)
+        >>> multi_tensor_adamw_(Bucket([p], [g], [m], [v], [t]), options)
         >>> (p != 0).tolist(), t.item()
         ([False, False, False, True, True, True], 1.0)
     """
-    unchecked = ("grad_scale", "found_inf", "cache", "whole_numels", "combine")  # not the bucket's tensors
-    check_bucket(*args, **{k: v for k, v in kwargs.items() if k not in unchecked})
-    prepare_adamw(*args, **kwargs)()
+    check_bucket(bucket, options)
+    prepare_adamw(bucket, options, **step)()

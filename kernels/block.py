@@ -13,10 +13,11 @@ import triton.language as tl
 from selopt.kernels import device as d
 from selopt.kernels.launch import Launch
 from selopt.kernels.steps import step_scalars_launch
+from selopt.options import ONE_PASS_MAX_BLOCK
 
-# The largest block one program selects in registers: at 8192 and above the kernel spills on sm_90
-# (bench.static); larger blocks take the exact path, cut into segments of block_size.
-MAX_BLOCK = 4096
+# The largest block one program selects in registers (AdamWOptions.path decides with it); larger
+# blocks take the exact path, cut into segments of block_size.
+MAX_BLOCK = ONE_PASS_MAX_BLOCK
 # Tile of the dense kernel (fraction == 1), where the block size has no meaning, and its warps:
 # 16 entries per thread, with no reduction to share, leaves 63 registers (4 CTAs per SM on sm_90).
 DENSE_TILE = 4096

@@ -37,6 +37,7 @@ from triton.backends.driver import DriverBase
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
+from selopt.bucket import Bucket
 from selopt.kernels import block, launch
 from selopt.kernels.adamw import multi_tensor_adamw_, prepare_adamw
 from selopt.kernels.launch import KernelCompileError
@@ -93,8 +94,8 @@ def compile_only(arch: int) -> Iterator[list]:
     Example (``TRITON_INTERPRET`` unset):
         >>> p = torch.zeros(10)
         >>> with compile_only(90) as compiled:
-        ...     multi_tensor_adamw_([p], [p.clone()], [p.clone()], [p.clone()], None, [torch.zeros(())],
-        ...                         options=AdamWOptions())
+        ...     multi_tensor_adamw_(Bucket([p], [p.clone()], [p.clone()], [p.clone()], [torch.zeros(())]),
+        ...                         AdamWOptions())
         >>> [(c.name, c.options["BLOCK"]) for c in compiled]
         [('_block_adamw_kernel', 4096)]
     """
@@ -200,20 +201,18 @@ def run_configuration(config: Configuration) -> None:
         block_size=config.block_size, decay="selected" if "decay_selected" in opts else "all",
         soft_mask_mode=soft_mask_mode if soft_masks else "update", stochastic_rounding="stochastic_rounding" in opts,
     )
-    columns = (params, [torch.zeros_like(p) for p in params], state[0], state[1],
-               state[2] if options.amsgrad else None, [torch.zeros(()) for _ in params])
-    keywords = dict(
-        options=options, soft_masks=soft_masks,
+    bucket = Bucket(
+        params, [torch.zeros_like(p) for p in params], state[0], state[1], [torch.zeros(()) for _ in params],
+        max_exp_avg_sqs=state[2] if options.amsgrad else None, soft_masks=soft_masks,
         rounding_seeds=[torch.zeros((), dtype=torch.int64) for _ in params] if options.stochastic_rounding else None,
-        grad_scale=torch.tensor(1.0) if "grad_scale" in opts else None,
-        found_inf=torch.tensor(0.0) if "found_inf" in opts else None,
-        selections=[torch.zeros(shape, dtype=torch.bool) for _ in params] if "selections" in opts else None,
-    )
+        selections=[torch.zeros(shape, dtype=torch.bool) for _ in params] if "selections" in opts else None)
+    step = dict(grad_scale=torch.tensor(1.0) if "grad_scale" in opts else None,
+                found_inf=torch.tensor(0.0) if "found_inf" in opts else None)
     if config.sharded:
-        prepare_adamw(*columns, **keywords, whole_numels=[2 * p.numel() for p in params],
+        prepare_adamw(bucket, options, **step, whole_numels=[2 * p.numel() for p in params],
                       combine=lambda counts: None)()
     else:
-        multi_tensor_adamw_(*columns, **keywords)
+        multi_tensor_adamw_(bucket, options, **step)
 
 
 def check_arch(arch: int, only: str = "", quick: bool = False) -> tuple[list[str], str]:

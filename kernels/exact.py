@@ -65,6 +65,9 @@ _CROWDED = tl.constexpr((1 << FIRST_BITS) + 2)
 _OVERFLOWED = tl.constexpr((1 << FIRST_BITS) + 3)
 FIRST_ROUND_COUNTERS = (1 << FIRST_BITS) + 4
 assert FIRST_ROUND_COUNTERS <= selection.RADIX_BINS
+# Counts a sharded tensor's shards sum per step (selopt.distributed): every round's histogram, the first
+# with the window's counters.
+EXCHANGED_COUNTS = FIRST_ROUND_COUNTERS + sum(1 << bits for _, bits in REFINEMENTS)
 # Keys relative to the window's low end have only the refinement rounds' bits: the window is at most
 # that wide (a quarter octave of |m|), starts an eighth of an octave wide, and never reaches past
 # the largest key.

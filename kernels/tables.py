@@ -12,14 +12,19 @@ host-to-device copy after the first step, which is what lets a step run under
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from selopt.bucket import Bucket
 from selopt.kernels import device as d
+from selopt.kernels.launch import KernelCompileError
+from selopt.options import AdamWOptions
 from selopt.selection import block_k
 
 
@@ -29,6 +34,19 @@ class RadixScratch(NamedTuple):
     histogram: Tensor  # int64 [rows, d.RADIX_BINS], zero between launches
     select_state: Tensor  # int64 [rows, d.STATE_COLUMNS], kept between steps
     candidates: Tensor  # int32: the rows' candidate lists, which the select state addresses
+
+
+@dataclass(frozen=True)
+class Replay:
+    """A param group's last prepared step (:meth:`PlanCache.replay`)."""
+
+    partition: list[list[int]]  # per bucket: its params' positions among the group's stepped params
+    layouts: list[tuple]  # per bucket: Bucket.layout() as prepared
+    options: AdamWOptions
+    grad_scale: Tensor | None
+    found_inf: Tensor | None
+    relaunches: list[Callable]  # per bucket: the launches for new options, grad_scale, found_inf
+    launches: list[list]  # per bucket: the launches of the last step
 
 
 @dataclass(frozen=True)
@@ -84,11 +102,48 @@ class PlanCache:
         # Kinds of bucket whose kernels failed to compile (selopt.functional): they step on the
         # reference from then on without building a plan first. Kept by clear(): the compiler decides.
         self.falling_back: set[tuple] = set()
+        # A step for hundreds of tensors spends most of its host time looking at each tensor. A param
+        # group whose tensors stay put replays its last step's launches instead, keyed by the group.
+        self.replays: dict[object, Replay] = {}
 
     def clear(self) -> None:
-        """Forget every plan and the scratch (after a load_state_dict, say); captured graphs keep theirs."""
+        """Forget every plan, replay and the scratch (after a load_state_dict, say); captured graphs keep theirs."""
         self._plans.clear()
         self._scratch.clear()
+        self.replays.clear()
+
+    def remember(self, key, partition: list[list[int]], buckets: list[Bucket], steps: list, options: AdamWOptions,
+                 grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        """Keep a param group's prepared step for :meth:`replay`: its ``buckets`` (``partition`` gives their
+        params' positions among the group's stepped params), as prepared, and their ``steps``."""
+        relaunches = [getattr(step, "relaunch", None) for step in steps]
+        if None in relaunches:
+            self.replays.pop(key, None)
+            return
+        self.replays[key] = Replay(partition, [b.layout() for b in buckets], options, grad_scale, found_inf,
+                                   relaunches, [step.launches for step in steps])
+
+    def replay(self, key, buckets: list[Bucket], options: AdamWOptions, grad_scale: Tensor | None,
+               found_inf: Tensor | None) -> list[list] | None:
+        """The launches of a param group's last prepared step, bound to this step's scalars, if its
+        ``buckets`` (built by the remembered partition) are laid out as they were; else None.
+
+        A kernel that cannot compile for new scalars returns None too: the
+        caller then prepares the group in full, which knows the fallback.
+        """
+        record = self.replays.get(key)
+        if record is None or [b.layout() for b in buckets] != record.layouts:
+            return None
+        if options is not record.options and not record.options.differ_only_in_scalars(options):
+            return None
+        if options is not record.options or grad_scale is not record.grad_scale or found_inf is not record.found_inf:
+            try:
+                launches = [relaunch(options, grad_scale, found_inf) for relaunch in record.relaunches]
+            except KernelCompileError:
+                return None
+            record = self.replays[key] = dataclasses.replace(
+                record, options=options, grad_scale=grad_scale, found_inf=found_inf, launches=launches)
+        return record.launches
 
     def get(self, key: tuple, device: torch.device) -> Plan | None:
         capturing = _capturing(device)
@@ -152,11 +207,9 @@ def candidate_capacity(row_numel: int) -> int:
     return -(-row_numel // d.CANDIDATE_SHARE.value)
 
 
-def plan_for(cache: PlanCache, params: list, grads: list, exp_avgs: list, exp_avg_sqs: list,
-             max_exp_avg_sqs: list, soft_masks: list, rounding_seeds: list, steps: list, selections: list, *,
-             program_size: int, row_size: int | None, fraction: float, select_per_row: bool,
-             whole_numels: list[int] | None = None) -> Plan:
-    """The plan for a bucket, given as columns of tensors (None where a tensor has none), from ``cache``.
+def plan_for(cache: PlanCache, bucket: Bucket, *, program_size: int, row_size: int | None, fraction: float,
+             select_per_row: bool, whole_numels: list[int] | None = None) -> Plan:
+    """The plan for ``bucket``, from ``cache``: built when its addresses and sizes are new.
 
     Each tensor is cut into rows of ``row_size`` elements (None: one row for
     the whole tensor), each row into programs of ``program_size`` elements (at
@@ -167,62 +220,74 @@ def plan_for(cache: PlanCache, params: list, grads: list, exp_avgs: list, exp_av
     ``whole_numels`` (exact path, one row per tensor): the tensors are shards,
     and each row's k is counted over the whole tensor of that many entries.
     """
-    columns = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, soft_masks, rounding_seeds, steps, selections)
+    params = bucket.params
     device = params[0].device
-    # Addresses a column at a time: the key is built on every step, and this is its cost.
-    key = (select_per_row, device, params[0].dtype, exp_avgs[0].dtype, program_size, row_size, fraction,
+    key = (select_per_row, device, params[0].dtype, bucket.exp_avgs[0].dtype, program_size, row_size, fraction,
            tuple([p.numel() for p in params]),
-           tuple([-1 if m is None else m.numel() for m in soft_masks]),
-           None if whole_numels is None else tuple(whole_numels),
-           *(tuple([0 if t is None else t.data_ptr() for t in column]) for column in columns))
+           tuple([-1 if m is None else m.numel() for m in bucket.column("soft_masks")]),
+           None if whole_numels is None else tuple(whole_numels), bucket.layout())
     plan = cache.get(key, device)
     if plan is None:
-        plan = _build_plan(cache, columns, program_size, row_size, fraction, select_per_row, whole_numels)
+        plan = _build_plan(cache, bucket, program_size, row_size, fraction, select_per_row, whole_numels)
         cache.put(key, plan)
     return plan
 
 
-def _build_plan(cache: PlanCache, columns: tuple, program_size: int, row_size: int | None, fraction: float,
-                select_per_row: bool, whole_numels: list[int] | None) -> Plan:
-    params, steps = columns[0], columns[7]
-    device = params[0].device
-    for name, column in (("params", params), ("grads", columns[1]), ("exp_avgs", columns[2])):
-        # Checked when a plan is built, which any new address set triggers: a model moved after its
-        # state was made would otherwise hand the kernels foreign pointers.
-        if {t.device for t in column} != {device}:
-            raise ValueError(f"{name} must all be on {device}, got {sorted({str(t.device) for t in column})}")
+# Table columns that hold the address of a streamed tensor, offset to the row's start, by bucket field.
+_STREAMED_COLUMNS = {"params": d.COL_PARAM, "grads": d.COL_GRAD, "exp_avgs": d.COL_EXP_AVG,
+                     "exp_avg_sqs": d.COL_EXP_AVG_SQ, "max_exp_avg_sqs": d.COL_MAX_EXP_AVG_SQ,
+                     "selections": d.COL_SELECTION}
+
+
+def _table_rows(bucket: Bucket, program_size: int, row_size: int | None, fraction: float, select_per_row: bool,
+                whole_numels: list[int] | None) -> tuple[list[list[int]], list[int]]:
+    """The launch table's rows (``d.COL_*``) and the program-to-row map."""
     rows, program_rows = [], []
-    for index, (p, g, m, v, vmax, mask, seed, step, selection) in enumerate(zip(*columns)):
-        numel = p.numel()
-        mask_div = 0 if mask is None else max(numel // max(mask.numel(), 1), 1)
+    for index in range(len(bucket)):
+        tensors = bucket.tensors(index)
+        numel = tensors["params"].numel()
+        mask = tensors["soft_masks"]
         length = numel if row_size is None else row_size
         for start in range(0, max(numel, 1), max(length, 1)):
             n = min(length, numel - start)
             row = [0] * d.NUM_COLUMNS.value
-            for column, t in ((d.COL_PARAM, p), (d.COL_GRAD, g), (d.COL_EXP_AVG, m), (d.COL_EXP_AVG_SQ, v),
-                              (d.COL_MAX_EXP_AVG_SQ, vmax), (d.COL_SELECTION, selection)):
+            for name, column in _STREAMED_COLUMNS.items():
+                t = tensors[name]
                 row[column.value] = 0 if t is None else t.data_ptr() + start * t.element_size()
             row[d.COL_SOFT_MASK.value] = _address(mask)
-            row[d.COL_ROUNDING_SEED.value] = _address(seed)
+            row[d.COL_ROUNDING_SEED.value] = _address(tensors["rounding_seeds"])
             row[d.COL_NUMEL.value] = n
             selected_from = n if whole_numels is None else whole_numels[index]
             row[d.COL_K_FULL.value] = block_k(fraction, selected_from if select_per_row else program_size)
             row[d.COL_K_TAIL.value] = block_k(fraction, n % program_size or program_size)
-            row[d.COL_MASK_DIV.value] = mask_div
+            row[d.COL_MASK_DIV.value] = 0 if mask is None else max(numel // max(mask.numel(), 1), 1)
             row[d.COL_FIRST_PROGRAM.value] = len(program_rows)
             row[d.COL_OFFSET.value] = start
             row[d.COL_TENSOR.value] = index
             # At least one program per row, so that an empty tensor still gets its row.
             program_rows += [len(rows)] * max(1, -(-n // program_size))
             rows.append(row)
+    return rows, program_rows
 
+
+def _build_plan(cache: PlanCache, bucket: Bucket, program_size: int, row_size: int | None, fraction: float,
+                select_per_row: bool, whole_numels: list[int] | None) -> Plan:
+    params, device = bucket.params, bucket.params[0].device
+    for name in ("params", "grads", "exp_avgs"):
+        # Checked when a plan is built, which any new address set triggers: a model moved after its
+        # state was made would otherwise hand the kernels foreign pointers.
+        column = getattr(bucket, name)
+        if {t.device for t in column} != {device}:
+            raise ValueError(f"{name} must all be on {device}, got {sorted({str(t.device) for t in column})}")
+    rows, program_rows = _table_rows(bucket, program_size, row_size, fraction, select_per_row, whole_numels)
     streams = (d.COL_PARAM, d.COL_GRAD, d.COL_EXP_AVG, d.COL_EXP_AVG_SQ, d.COL_MAX_EXP_AVG_SQ)
     aligned = program_size % 8 == 0 and all(
         row[d.COL_NUMEL.value] % 8 == 0 and all(row[c.value] % 16 == 0 for c in streams) for row in rows)
     scratch = cache.radix_scratch(device, params, [row[d.COL_NUMEL.value] for row in rows]) if select_per_row else None
     num_rows, num_programs, num_tensors = len(rows), len(program_rows), len(params)
     # One host-to-device copy for the table, the program map and the step addresses.
-    packed = _to_device([x for row in rows for x in row] + program_rows + [step.data_ptr() for step in steps], device)
+    packed = _to_device([x for row in rows for x in row] + program_rows + [t.data_ptr() for t in bucket.steps],
+                        device)
     table_end = num_rows * d.NUM_COLUMNS.value
     return Plan(
         table=packed[:table_end].view(num_rows, d.NUM_COLUMNS.value),

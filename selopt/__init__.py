@@ -6,7 +6,8 @@
 """
 
 from selopt.groups import param_groups
-from selopt.optim import AdamW, MoFO, strip_soft_masks
+from selopt.optim import AdamW, MoFO
+from selopt.soft_masks import strip_soft_masks
 from selopt.wrappers import unwrap
 from selopt import cofi, hft, stats
 

@@ -36,6 +36,7 @@ from torch import Tensor
 
 import selopt
 from selopt import reference
+from selopt.bucket import Bucket
 from selopt.options import AdamWOptions
 
 HYPER = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)  # AdamWOptions keywords
@@ -262,10 +263,10 @@ def run_case(case: Case, device: torch.device, seed: int = 0) -> list[str]:
     before = [{k: v.clone() if isinstance(v, Tensor) else v for k, v in t.items()} for t in tensors]
     columns = {key: [t[key] for t in tensors] for key in tensors[0]}
     try:
-        kernels.multi_tensor_adamw_(
-            columns["param"], columns["grad"], columns["exp_avg"], columns["exp_avg_sq"],
-            columns["max_exp_avg_sq"] if amsgrad else None, columns["step"], options=options, soft_masks=masks,
-            selections=columns["selection"])
+        bucket = Bucket(columns["param"], columns["grad"], columns["exp_avg"], columns["exp_avg_sq"],
+                        columns["step"], max_exp_avg_sqs=columns["max_exp_avg_sq"] if amsgrad else None,
+                        soft_masks=masks, selections=columns["selection"])
+        kernels.multi_tensor_adamw_(bucket, options)
     except kernels.KernelCompileError as error:
         return [str(error)]
     if device.type == "cuda":

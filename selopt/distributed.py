@@ -18,20 +18,16 @@ the one radix select of :mod:`selopt.selection` (the kernels' launches, or the
 same rounds in torch ops), with each round's histograms all-reduced (summed)
 between counting and choosing the bin, so every rank picks the same bins and
 then selects exactly what one process holding the whole tensor would: ties at
-the threshold all selected, NaN never. The histograms of all tensors of a
+the threshold all selected, NaN above every number, zero never. The histograms of all tensors of a
 bucket that share a mesh go into one all-reduce per round.
 
-Bytes exchanged (the all-reduced payload per rank per step, counted in
-:data:`traffic` and predicted by :func:`selection_bytes_per_step`): one count
-per bin of every round, int32 while the tensor has fewer than 2**31 entries
-(int64 beyond): ``(1024 + 2048 + 1024) * 4`` B = 16 KiB per exactly-selected
-sharded tensor for fp32/bf16/fp16 params (16 B more on the kernels, whose
-first round also sums the four counters of their candidate window), and
-36 KiB for fp64 (six rounds), whatever the tensor's size (a ring all-reduce moves about twice the payload
-per rank on the wire). That is twice the 8 KiB of the earlier torch-only
-select (four rounds of 256 int64 bins): the rounds are the kernels' (10, 11
-and 10 bits, which keep their register histograms small), and one algorithm
-for every path is worth 8 KiB per matrix and step. Dense AdamW, block mode and
+Bytes exchanged (the all-reduced payload per rank per step, counted by a
+:class:`Traffic` and predicted by :func:`selopt.functional.selection_bytes_per_step`):
+one count per bin of every radix round (plus the kernels' own counters, which
+ride the first round), int32 while the tensor has fewer than 2**31 entries
+(int64 beyond), per exactly-selected sharded tensor, whatever its size: the
+rounds are the kernels', and one algorithm for every path is worth a few KiB
+per matrix and step (figures in bench/NOTES.md). Dense AdamW, block mode and
 unsharded tensors exchange nothing.
 
 Block mode (``block_size`` set) never communicates: blocks are contiguous runs
@@ -60,6 +56,7 @@ Example (under ``torchrun --nproc-per-node 2``)::
 
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +64,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from selopt import reference, selection
+from selopt.bucket import Bucket
 from selopt.options import AdamWOptions
 
 try:
@@ -77,17 +75,30 @@ except ImportError:  # torch built without distributed support
 
 @dataclass
 class Traffic:
-    """Collective calls and bytes (payload per rank) this process spent on selection thresholds."""
+    """Collective calls and bytes (payload per rank) spent on selection thresholds while counting.
+
+    Counting is opt-in and scoped: ``with Traffic() as traffic: opt.step()``
+    counts the all-reduces of the steps inside the block (a context variable,
+    so threads and other optimizers outside it are not counted).
+
+    >>> with Traffic() as traffic:
+    ...     pass
+    >>> traffic.all_reduces, traffic.bytes
+    (0, 0)
+    """
 
     all_reduces: int = 0
     bytes: int = 0
 
-    def reset(self) -> None:
-        self.all_reduces = 0
-        self.bytes = 0
+    def __enter__(self) -> Traffic:
+        self._token = _counting.set((*_counting.get(), self))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _counting.reset(self._token)
 
 
-traffic = Traffic()
+_counting: contextvars.ContextVar[tuple[Traffic, ...]] = contextvars.ContextVar("selopt_traffic", default=())
 
 
 def is_dtensor(tensor) -> bool:
@@ -126,42 +137,9 @@ def shard_groups(param: Tensor) -> tuple:
     return tuple(groups)
 
 
-def selection_bytes_per_step(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes this rank all-reduces per step for exact selection (the payload :data:`traffic` counts).
-
-    Assumes every param gets a gradient in the step. Dense groups, block mode
-    and unsharded params exchange nothing.
-
-    >>> selection_bytes_per_step(torch.optim.SGD([torch.zeros(3, requires_grad=True)], lr=0.1))
-    0
-    """
-    total = 0
-    for group in optimizer.param_groups:
-        if group.get("fraction", 1.0) >= 1.0 or group.get("block_size") is not None:
-            continue
-        for p in group["params"]:
-            n_groups = len(shard_groups(p))
-            if n_groups:
-                key_dtype = torch.int64 if p.dtype == torch.float64 else torch.int32
-                bins = sum(1 << bits for _, bits in selection.RADIX_ROUNDS[key_dtype]) + _window_counters(p, group)
-                total += n_groups * bins * _count_dtype([p.numel()]).itemsize
-    return total
-
-
-def _window_counters(param: Tensor, group: dict) -> int:
-    """The counters the kernels' exact path adds to its first round's histogram (its candidate window)."""
-    # Imported here: both import this module.
-    from selopt import functional
-    from selopt.optim import moment_dtype
-
-    options = AdamWOptions.from_group(group)
-    implementation = functional.choose_implementation(
-        param.device, param.dtype, moment_dtype(param.dtype, options.moment_dtype), sharded=True, options=options)
-    if implementation is not functional.SHARDED_TRITON:
-        return 0
-    from selopt.kernels import exact
-
-    return exact.FIRST_ROUND_COUNTERS - (1 << exact.FIRST_BITS)
+def exchanged_bytes(param: Tensor, counts_per_step: int) -> int:
+    """Bytes one rank all-reduces per step to select ``param`` exactly, exchanging ``counts_per_step`` counts."""
+    return len(shard_groups(param)) * counts_per_step * _count_dtype([param.numel()]).itemsize
 
 
 def _count_dtype(numels: list[int]) -> torch.dtype:
@@ -174,8 +152,9 @@ def _all_reduce_counts(groups: tuple, count_dtype: torch.dtype):
         exchanged = counts.to(count_dtype)
         for group in groups:
             dist.all_reduce(exchanged, group=group)
-            traffic.all_reduces += 1
-            traffic.bytes += exchanged.numel() * exchanged.element_size()
+            for traffic in _counting.get():
+                traffic.all_reduces += 1
+                traffic.bytes += exchanged.numel() * exchanged.element_size()
         counts.copy_(exchanged)
     return combine
 
@@ -195,17 +174,21 @@ def _local_grad(grad: Tensor, param: Tensor) -> Tensor:
     return local(grad)
 
 
-class _Local:
-    """A bucket's lists on this rank's local shards: what an implementation for plain tensors takes."""
+def local_bucket(bucket: Bucket) -> Bucket:
+    """``bucket`` on this rank's local shards: what an implementation for plain tensors takes.
 
-    def __init__(self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, soft_masks):
-        count = len(params)
-        self.params = [local(p) for p in params]
-        self.grads = [_local_grad(g, p) for g, p in zip(grads, params)]
-        self.exp_avgs = [local(m) for m in exp_avgs]
-        self.exp_avg_sqs = [local(v) for v in exp_avg_sqs]
-        self.max_exp_avg_sqs = None if max_exp_avg_sqs is None else [local(v) for v in max_exp_avg_sqs]
-        self.soft_masks = [local_soft_mask(m, p) for m, p in zip(soft_masks or [None] * count, params)]
+    Whole-parameter soft masks become the local shard's slice; selections are local already.
+    """
+    params = bucket.params
+    masks = bucket.soft_masks
+    return bucket.replace(
+        params=[local(p) for p in params],
+        grads=[_local_grad(g, p) for g, p in zip(bucket.grads, params)],
+        exp_avgs=[local(m) for m in bucket.exp_avgs],
+        exp_avg_sqs=[local(v) for v in bucket.exp_avg_sqs],
+        max_exp_avg_sqs=None if bucket.max_exp_avg_sqs is None else [local(v) for v in bucket.max_exp_avg_sqs],
+        soft_masks=None if masks is None else [local_soft_mask(m, p) for m, p in zip(masks, params)],
+    )
 
 
 def _by_mesh(params) -> dict[tuple, list[int]]:
@@ -216,89 +199,74 @@ def _by_mesh(params) -> dict[tuple, list[int]]:
     return groups
 
 
-def _exact(options: AdamWOptions) -> bool:
-    return not options.dense and options.block_size is None
+def prepare_adamw(bucket: Bucket, options: AdamWOptions, *, grad_scale=None, found_inf=None, cache=None):
+    """The sharded reference implementation: DTensor params, the reference on their local shards.
 
-
-def prepare_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, options: AdamWOptions,
-                  soft_masks=None, rounding_seeds=None, grad_scale=None, found_inf=None, selections=None,
-                  cache=None):
-    """The sharded reference implementation of :func:`selopt.functional.adamw`: DTensor params, local shards.
-
-    Same signature as every implementation (``cache`` is unused); moments are
-    DTensors too, soft masks whole-parameter masks, ``selections`` local-shard
-    buffers. Exact per-tensor selection agrees on each tensor's threshold
-    across its shards first (one all-reduce per radix round and mesh). Every
-    rank of the mesh must step the same param groups.
+    The signature of every implementation (:mod:`selopt.bucket`; ``cache`` is
+    unused); moments are DTensors too, soft masks whole-parameter masks,
+    selections local-shard buffers. Exact per-tensor selection agrees on each
+    tensor's threshold across its shards first (one all-reduce per radix round
+    and mesh). Every rank of the mesh must step the same param groups.
     """
-    count = len(params)
-    shards = _Local(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, soft_masks)
-    if not _exact(options):
-        return reference.prepare_adamw(shards.params, shards.grads, shards.exp_avgs, shards.exp_avg_sqs,
-                                       shards.max_exp_avg_sqs, state_steps, options=options,
-                                       soft_masks=shards.soft_masks, rounding_seeds=rounding_seeds,
-                                       grad_scale=grad_scale, found_inf=found_inf, selections=selections)
-    states = reference.bucket_states(shards.exp_avgs, shards.exp_avg_sqs, shards.max_exp_avg_sqs, state_steps,
-                                     rounding_seeds)
-    selections = selections or [None] * count
+    shards = local_bucket(bucket)
+    if options.path != "exact":
+        return reference.prepare_adamw(shards, options, grad_scale=grad_scale, found_inf=found_inf)
+
+    per_tensor = [shards.tensors(i) for i in range(len(shards))]
+    states = [reference.tensor_state(tensors) for tensors in per_tensor]
 
     def step() -> None:
         # Steps 1-2 on every tensor, stored (as the kernels do), keeping only the keys of |m|.
         keys = []
-        for i, p in enumerate(shards.params):
-            moments = reference.adam_moments(p, shards.grads[i], states[i]["exp_avg"], states[i]["exp_avg_sq"],
-                                             states[i]["max_exp_avg_sq"], options=options,
-                                             soft_mask=shards.soft_masks[i], grad_scale=grad_scale)
+        for p, tensors, state in zip(shards.params, per_tensor, states):
+            moments = reference.adam_moments(p, tensors["grads"], state["exp_avg"], state["exp_avg_sq"],
+                                             state["max_exp_avg_sq"], options=options,
+                                             soft_mask=tensors["soft_masks"], grad_scale=grad_scale)
             keys.append(selection.magnitude_keys(moments.exp_avg))
-            reference.store_moments_(states[i], moments, found_inf)
-        thresholds = [None] * count
-        for (groups, _), indices in _by_mesh(params).items():  # one dtype: keys of one width
-            numels = [params[i].numel() for i in indices]  # a DTensor's numel is the whole tensor's
-            found = selection.radix_thresholds(
-                [keys[i] for i in indices], [selection.block_k(options.fraction, n) for n in numels],
-                _all_reduce_counts(groups, _count_dtype(numels)))
-            for i, threshold in zip(indices, found):
-                thresholds[i] = threshold
-        for i, p in enumerate(shards.params):
-            selected = (keys[i] >= thresholds[i]).view(p.shape)
-            reference.update_param_(p, states[i], selected, options=options, soft_mask=shards.soft_masks[i],
+            reference.store_moments_(state, moments, found_inf)
+        thresholds = _thresholds(bucket.params, keys, options)
+        for p, tensors, state, key, threshold in zip(shards.params, per_tensor, states, keys, thresholds):
+            selected = (key >= threshold).view(p.shape)
+            reference.update_param_(p, state, selected, options=options, soft_mask=tensors["soft_masks"],
                                     found_inf=found_inf)
-            if selections[i] is not None:
-                selections[i].copy_(selected)
+            if tensors["selections"] is not None:
+                tensors["selections"].copy_(selected)
     return step
 
 
-def prepare_adamw_on_kernels(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
-                             options: AdamWOptions, soft_masks=None, rounding_seeds=None, grad_scale=None,
-                             found_inf=None, selections=None, cache=None):
-    """The sharded Triton implementation of :func:`selopt.functional.adamw`: the kernels on local shards.
-
-    The signature and the conventions of :func:`prepare_adamw`; ``cache`` is
-    the kernels' :class:`~selopt.kernels.PlanCache`. Exact per-tensor selection
-    runs the kernels' own radix rounds with each round's histograms all-reduced
-    between counting and choosing, one collective per round and mesh.
-    """
-    from selopt.kernels import adamw as kernels
-
-    shards = _Local(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, soft_masks)
-    common = dict(options=options, grad_scale=grad_scale, found_inf=found_inf, cache=cache)
-    if not _exact(options):
-        return kernels.prepare_adamw(shards.params, shards.grads, shards.exp_avgs, shards.exp_avg_sqs,
-                                     shards.max_exp_avg_sqs, state_steps, soft_masks=shards.soft_masks,
-                                     rounding_seeds=rounding_seeds, selections=selections, **common)
-
-    def pick(column, indices):
-        return None if column is None else [column[i] for i in indices]
-
-    prepared = []
-    for (groups, _), indices in _by_mesh(params).items():
+def _thresholds(params: list, keys: list[Tensor], options: AdamWOptions) -> list[Tensor]:
+    """Each sharded tensor's threshold over all its shards: one radix select per mesh, histograms all-reduced."""
+    thresholds = [None] * len(params)
+    for (groups, _), indices in _by_mesh(params).items():  # one dtype: keys of one width
         numels = [params[i].numel() for i in indices]  # a DTensor's numel is the whole tensor's
-        prepared.append(kernels.prepare_adamw(
-            pick(shards.params, indices), pick(shards.grads, indices), pick(shards.exp_avgs, indices),
-            pick(shards.exp_avg_sqs, indices), pick(shards.max_exp_avg_sqs, indices), pick(state_steps, indices),
-            soft_masks=pick(shards.soft_masks, indices), rounding_seeds=pick(rounding_seeds, indices),
-            selections=pick(selections, indices), whole_numels=numels,
-            combine=_all_reduce_counts(groups, _count_dtype(numels)), **common))
+        found = selection.radix_thresholds(
+            [keys[i] for i in indices], [selection.block_k(options.fraction, n) for n in numels],
+            _all_reduce_counts(groups, _count_dtype(numels)))
+        for i, threshold in zip(indices, found):
+            thresholds[i] = threshold
+    return thresholds
+
+
+def prepare_adamw_on_kernels(bucket: Bucket, options: AdamWOptions, *, grad_scale=None, found_inf=None,
+                             cache=None):
+    """The sharded Triton implementation: the kernels on local shards.
+
+    The conventions of :func:`prepare_adamw`; ``cache`` is the kernels'
+    :class:`~selopt.kernels.PlanCache`. Exact per-tensor selection runs the
+    kernels' own radix rounds with each round's histograms all-reduced between
+    counting and choosing, one collective per round and mesh.
+    """
+    from selopt.kernels import adamw as kernels  # Triton is optional: imported only when the kernels run
+
+    shards = local_bucket(bucket)
+    common = dict(grad_scale=grad_scale, found_inf=found_inf, cache=cache)
+    if options.path != "exact":
+        return kernels.prepare_adamw(shards, options, **common)
+    prepared = []
+    for (groups, _), indices in _by_mesh(bucket.params).items():
+        numels = [bucket.params[i].numel() for i in indices]  # a DTensor's numel is the whole tensor's
+        prepared.append(kernels.prepare_adamw(shards.select(indices), options, whole_numels=numels,
+                                              combine=_all_reduce_counts(groups, _count_dtype(numels)), **common))
 
     def step() -> None:
         for run in prepared:

@@ -1,11 +1,11 @@
 """``selopt.functional.adamw``: one selective AdamW step on lists of tensors (``docs/design.md`` §4).
 
 torch's layering: the optimizer class gathers a param group's tensors into
-lists, this entry point takes the lists plus the group's
-:class:`~selopt.options.AdamWOptions`, and an implementation runs the step.
-The implementations share one signature (:func:`prepare_adamw`'s, without
-``implementation``) and return the step to run, so that a caller can prepare
-every bucket before writing anything:
+buckets (:class:`selopt.bucket.Bucket`), :func:`prepare_adamw` takes a bucket
+plus the group's :class:`~selopt.options.AdamWOptions`, and an
+implementation prepares the step, which runs when called, so that a caller
+can prepare every bucket before writing anything. Every implementation is
+called as ``prepare(bucket, options, grad_scale=..., found_inf=..., cache=...)``:
 
 - ``selopt.reference.prepare_adamw``: the torch reference, tensor by tensor;
 - ``selopt.kernels.prepare_adamw``: the fused Triton kernels, a few launches per bucket;
@@ -14,7 +14,8 @@ every bucket before writing anything:
   their local shards, with exact selection across shards.
 
 :func:`choose_implementation` is the one place that picks among them, once
-per bucket of tensors sharing device, dtypes and sharding.
+per bucket of tensors sharing device, dtypes and sharding. :func:`adamw`
+takes torch-style lists, for callers of the functional API.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from selopt import distributed, reference
+from selopt import distributed, reference, selection
+from selopt.bucket import Bucket
 from selopt.options import AdamWOptions
+from selopt.state import moment_dtype
 
 MIN_TRITON = (3, 6)  # the oldest Triton whose compile selopt's CI checks (torch 2.11's on CUDA)
 # Devices whose tensors backend="auto" sends to the kernels (tests add "cpu", where the interpreter runs them).
@@ -39,7 +42,7 @@ AUTO_KERNEL_DEVICES = ("cuda",)
 
 
 class Implementation(NamedTuple):
-    """A way to run the step: ``prepare`` has :func:`prepare_adamw`'s signature (less ``implementation``)."""
+    """A way to run the step: ``prepare(bucket, options, grad_scale=, found_inf=, cache=)`` returns it."""
 
     name: str
     prepare: Callable[..., Callable[[], None]]
@@ -51,7 +54,7 @@ class Implementation(NamedTuple):
 
 
 def _kernels_prepare(*args, **kwargs):
-    from selopt import kernels
+    from selopt import kernels  # Triton is optional: imported only when the kernels run
 
     return kernels.prepare_adamw(*args, **kwargs)
 
@@ -86,23 +89,19 @@ def triton_problem() -> str | None:
     return None
 
 
-_fallback_warnings: set[str] = set()
-
-
 def warn_fallback(message: str) -> None:
-    """Warn once per process and message: the fallback holds for every later step too."""
-    if message not in _fallback_warnings:
-        _fallback_warnings.add(message)
-        warnings.warn(f"{message}. Please report this to the selopt maintainers with the output of "
-                      "`python -m selopt.check`.", RuntimeWarning, stacklevel=5)
+    """The fallback warning; an optimizer passes its own ``warn`` that gives each message once."""
+    warnings.warn(f"{message}. Please report this to the selopt maintainers with the output of "
+                  "`python -m selopt.check`.", RuntimeWarning, stacklevel=6)
 
 
 def choose_implementation(device: torch.device, param_dtype: torch.dtype, moment_dtype: torch.dtype, *,
-                          sharded: bool, options: AdamWOptions) -> Implementation:
+                          sharded: bool, options: AdamWOptions,
+                          warn: Callable[[str], None] = warn_fallback) -> Implementation:
     """The implementation for a bucket: its device, param and moment dtypes, DTensor or not, and the options.
 
     Raises when ``options.backend`` asks for what cannot run here, before any
-    state changes.
+    state changes; ``warn`` receives the reason for a fallback to the reference.
 
     >>> choose_implementation(torch.device("cpu"), torch.float32, torch.float32, sharded=False,
     ...                       options=AdamWOptions()).name
@@ -112,7 +111,7 @@ def choose_implementation(device: torch.device, param_dtype: torch.dtype, moment
     if backend == "torch" or (backend == "auto" and device.type not in AUTO_KERNEL_DEVICES):
         chosen = REFERENCE
     else:
-        chosen = _triton_or_fallback(device, param_dtype, moment_dtype, backend)
+        chosen = _triton_or_fallback(device, param_dtype, moment_dtype, backend, warn)
     if sharded:  # DTensor params step their local shards, with the same choice of math
         chosen = SHARDED_TRITON if chosen is TRITON else SHARDED
     if options.capturable and not chosen.counts_on_device and device.type != "cpu":
@@ -125,11 +124,11 @@ def choose_implementation(device: torch.device, param_dtype: torch.dtype, moment
 
 
 def _triton_or_fallback(device: torch.device, param_dtype: torch.dtype, moment_dtype: torch.dtype,
-                        backend: str) -> Implementation:
+                        backend: str, warn: Callable[[str], None]) -> Implementation:
     problem = triton_problem()
     if problem is not None:
         if backend == "auto":
-            warn_fallback(f"selopt runs its torch reference instead of the Triton kernels: {problem}")
+            warn(f"selopt runs its torch reference instead of the Triton kernels: {problem}")
             return REFERENCE
         raise ImportError(f"backend='triton' cannot run: {problem}. Or use backend='auto' to fall back to "
                           "the torch reference")
@@ -164,78 +163,69 @@ def amp_scalar(name: str, value: Tensor | None, device: torch.device | None = No
     return value if value.dim() == 0 else value.view(())
 
 
-def prepare_adamw(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    max_exp_avg_sqs: Sequence[Tensor] | None,
-    state_steps: Sequence[Tensor],
-    *,
-    options: AdamWOptions,
-    soft_masks: Sequence[Tensor | None] | None = None,
-    rounding_seeds: Sequence[Tensor | None] | None = None,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    selections: Sequence[Tensor | None] | None = None,
-    cache=None,
-    implementation: Implementation | None = None,
-) -> Callable[[], None]:
-    """The step of :func:`adamw`, prepared: nothing is written until it is called.
+def prepare_adamw(bucket: Bucket, options: AdamWOptions, *, grad_scale: Tensor | None = None,
+                  found_inf: Tensor | None = None, cache=None, implementation: Implementation | None = None,
+                  warn: Callable[[str], None] = warn_fallback) -> Callable[[], None]:
+    """The step of :func:`adamw` for one bucket, prepared: nothing is written until it is called.
 
     ``implementation`` defaults to :func:`choose_implementation`'s for the
     first param. A Triton bucket whose kernels cannot compile falls back to the
-    reference with ``backend="auto"`` (one warning per process and reason) and
-    raises :class:`~selopt.kernels.KernelCompileError` with ``"triton"``.
+    reference with ``backend="auto"`` (``warn`` gets the reason, and ``cache``
+    remembers the kind of bucket, so later steps go to the reference at once)
+    and raises :class:`~selopt.kernels.KernelCompileError` with ``"triton"``.
     """
-    if not params:
+    if not len(bucket):
         return lambda: None
+    params = bucket.params
     if implementation is None:
-        implementation = choose_implementation(params[0].device, params[0].dtype, exp_avgs[0].dtype,
-                                               sharded=distributed.is_dtensor(params[0]), options=options)
-    grad_scale, found_inf = (amp_scalar(name, value, params[0].device if implementation.counts_on_device else None)
-                             for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf)))
-    arguments = dict(options=options, soft_masks=soft_masks, rounding_seeds=rounding_seeds, grad_scale=grad_scale,
-                     found_inf=found_inf, selections=selections, cache=cache)
-    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+        implementation = choose_implementation(params[0].device, params[0].dtype, bucket.exp_avgs[0].dtype,
+                                               sharded=distributed.is_dtensor(params[0]), options=options, warn=warn)
+    device = params[0].device if implementation.counts_on_device else None
+    step = dict(grad_scale=amp_scalar("grad_scale", grad_scale, device),
+                found_inf=amp_scalar("found_inf", found_inf, device), cache=cache)
     if not implementation.counts_on_device:  # the reference paths compile nothing
-        return implementation.prepare(*lists, **arguments)
+        return implementation.prepare(bucket, options, **step)
     from selopt import kernels
 
     # The reference reads the device step counts back: correct, if slower.
     fallback = SHARDED if implementation is SHARDED_TRITON else REFERENCE
-    kind = _bucket_kind(implementation, params[0], exp_avgs[0], arguments)
-    if cache is not None and kind in cache.falling_back:
-        return fallback.prepare(*lists, **arguments)
-    try:
-        return implementation.prepare(*lists, **arguments)
-    except kernels.KernelCompileError as error:
-        if options.backend != "auto":
-            raise
-        warn_fallback(f"selopt runs its torch reference for {params[0].dtype} params with "
-                      f"{exp_avgs[0].dtype} moments: {error}")
-        if cache is not None:
-            cache.falling_back.add(kind)
-    return fallback.prepare(*lists, **arguments)
+    kind = _bucket_kind(implementation, bucket, options, step)
+    if cache is None or kind not in cache.falling_back:
+        try:
+            return implementation.prepare(bucket, options, **step)
+        except kernels.KernelCompileError as error:
+            if options.backend != "auto":
+                raise
+            warn(f"selopt runs its torch reference for {params[0].dtype} params with "
+                 f"{bucket.exp_avgs[0].dtype} moments: {error}")
+            if cache is not None:
+                cache.falling_back.add(kind)
+    return fallback.prepare(bucket, options, **step)
 
 
-def _bucket_kind(implementation: Implementation, param: Tensor, exp_avg: Tensor, arguments: dict) -> tuple:
+def _bucket_kind(implementation: Implementation, bucket: Bucket, options: AdamWOptions, step: dict) -> tuple:
     """What picks a bucket's kernel specializations, but for tensor sizes and addresses."""
-    options = arguments["options"]
-    present = tuple(arguments[name] is not None for name in ("soft_masks", "grad_scale", "found_inf", "selections"))
-    return (implementation.name, param.device, param.dtype, exp_avg.dtype, options.structure(), present)
+    present = (bucket.soft_masks is not None, bucket.selections is not None,
+               step["grad_scale"] is not None, step["found_inf"] is not None)
+    return (implementation.name, bucket.params[0].device, bucket.params[0].dtype, bucket.exp_avgs[0].dtype,
+            options.structure(), present)
 
 
-def adamw(*args, **kwargs) -> None:
-    """One selective AdamW step, in place, on lists of tensors: ``prepare_adamw(...)()``.
+def adamw(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+          exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Sequence[Tensor] | None, state_steps: Sequence[Tensor], *,
+          options: AdamWOptions, soft_masks: Sequence[Tensor | None] | None = None,
+          rounding_seeds: Sequence[Tensor | None] | None = None, selections: Sequence[Tensor | None] | None = None,
+          grad_scale: Tensor | None = None, found_inf: Tensor | None = None, cache=None,
+          implementation: Implementation | None = None) -> None:
+    """One selective AdamW step, in place, on torch-style lists of tensors of one bucket.
 
     ``params`` and their ``grads``, moments and ``state_steps`` (the counts
     before this step, one-element fp32 tensors, advanced by 1) as torch's
     ``torch.optim.adamw.adamw`` takes them; ``max_exp_avg_sqs`` with amsgrad;
     ``options`` the group's :class:`~selopt.options.AdamWOptions`. Optional:
     ``soft_masks`` (per row or full shape, fp32), ``rounding_seeds`` (int64,
-    for stochastic rounding of bf16 params), GradScaler's ``grad_scale`` and
-    ``found_inf``, ``selections`` (bool buffers that receive the selection),
+    for stochastic rounding of bf16 params), ``selections`` (bool buffers that
+    receive the selection), GradScaler's ``grad_scale`` and ``found_inf``,
     ``cache`` (an implementation's state between steps, e.g. the kernels'
     :class:`~selopt.kernels.PlanCache`).
 
@@ -245,4 +235,36 @@ def adamw(*args, **kwargs) -> None:
     >>> p.round(decimals=6).tolist(), t.item()
     ([0.0, 0.10000000149011612, -0.10000000149011612, 0.0], 1.0)
     """
-    prepare_adamw(*args, **kwargs)()
+    bucket = Bucket(params, grads, exp_avgs, exp_avg_sqs, state_steps, max_exp_avg_sqs, soft_masks, rounding_seeds,
+                    selections)
+    prepare_adamw(bucket, options, grad_scale=grad_scale, found_inf=found_inf, cache=cache,
+                  implementation=implementation)()
+
+
+def selection_bytes_per_step(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes this rank all-reduces per step for exact selection of sharded params (what a
+    :class:`selopt.distributed.Traffic` counts). Assumes every param gets a gradient in the step.
+
+    >>> selection_bytes_per_step(torch.optim.SGD([torch.zeros(3, requires_grad=True)], lr=0.1))
+    0
+    """
+    total = 0
+    for group in optimizer.param_groups:
+        options = AdamWOptions.from_group(group) if "fraction" in group else None
+        if options is None or options.path != "exact" or options.block_size is not None:
+            continue  # dense, blocks and plain torch optimizers exchange nothing
+        for p in filter(distributed.is_dtensor, group["params"]):
+            implementation = choose_implementation(p.device, p.dtype, moment_dtype(p.dtype, options.moment_dtype),
+                                                   sharded=True, options=options, warn=lambda message: None)
+            total += distributed.exchanged_bytes(p, _exchanged_counts(implementation, p.dtype))
+    return total
+
+
+def _exchanged_counts(implementation: Implementation, param_dtype: torch.dtype) -> int:
+    """Counts one exactly-selected sharded tensor exchanges per step on ``implementation``."""
+    if implementation is SHARDED_TRITON:
+        from selopt import kernels
+
+        return kernels.EXCHANGED_COUNTS
+    key_dtype = torch.int64 if param_dtype == torch.float64 else torch.int32
+    return sum(1 << bits for _, bits in selection.RADIX_ROUNDS[key_dtype])

@@ -35,6 +35,10 @@ SOFT_MASK_MODES = ("update", "grad")
 BACKENDS = ("auto", "triton", "torch")
 MOMENT_DTYPE_CHOICES = (None, torch.float32, torch.bfloat16)
 
+# The largest block one program of the one-pass kernel selects in its registers: larger blocks would
+# spill on the GPUs selopt targets (bench.static), so they take the exact path, per block.
+ONE_PASS_MAX_BLOCK = 4096
+
 # The ranges a numeric hyper-parameter may take, spelled as the error messages print them. Compared
 # as torch.optim.AdamW compares (``0.0 <= x``), so that what cannot be compared with a float raises
 # torch's TypeError, with its words.
@@ -241,8 +245,8 @@ class AdamWOptions:
     or None. A param group keeps the values as given, as torch's does.
 
     >>> options = AdamWOptions(lr=1e-4, fraction=0.15)
-    >>> options.beta1, options.dense
-    (0.9, False)
+    >>> options.beta1, options.path
+    (0.9, 'exact')
     >>> AdamWOptions(fraction=0)
     Traceback (most recent call last):
     ...
@@ -375,9 +379,24 @@ class AdamWOptions:
         return self.betas[1]
 
     @property
-    def dense(self) -> bool:
-        """Every entry moves (``fraction == 1``): plain AdamW, no selection."""
-        return self.fraction >= 1.0
+    def path(self) -> str:
+        """How a step selects, the one place that decides it; every implementation asks here.
+
+        - ``"dense"``: ``fraction == 1``, every entry moves: plain AdamW;
+        - ``"one_pass"``: blocks of at most :data:`ONE_PASS_MAX_BLOCK` entries,
+          each selected where it is loaded (the kernels' one-pass kernel);
+        - ``"exact"``: whole tensors (``block_size=None``, the MoFO paper) or
+          larger blocks, selected by a radix select over several passes; with
+          ``block_size=None`` a sharded tensor's shards agree on one threshold.
+
+        >>> [AdamWOptions(fraction=f, block_size=b).path for f, b in ((1.0, None), (0.1, 1024), (0.1, None))]
+        ['dense', 'one_pass', 'exact']
+        """
+        if self.fraction >= 1.0:
+            return "dense"
+        if self.block_size is not None and self.block_size <= ONE_PASS_MAX_BLOCK:
+            return "one_pass"
+        return "exact"
 
 
 NAMES = tuple(f.name for f in dataclasses.fields(AdamWOptions))

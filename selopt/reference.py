@@ -30,12 +30,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from selopt.bucket import STATE_KEYS, Bucket
 from selopt.options import AdamWOptions
 from selopt.selection import block_k, selection_mask
 
 __all__ = ["AdamWOptions", "Moments", "StepResult", "adam_moments", "adamw_math", "adamw_step_", "apply_update",
-           "block_k", "bucket_states", "compute_dtype", "effective_grad", "expand_soft_mask", "prepare_adamw", "rounding_generator",
-           "selection_mask", "stochastic_round_to_bf16", "store_moments_", "update_param_"]
+           "block_k", "compute_dtype", "effective_grad", "expand_soft_mask", "prepare_adamw", "rounding_generator",
+           "selection_mask", "stochastic_round_to_bf16", "store_moments_", "tensor_state", "update_param_"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -253,34 +254,27 @@ def adamw_step_(param: Tensor, grad: Tensor, state: dict, *, options: AdamWOptio
     return selected
 
 
-def prepare_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, options: AdamWOptions,
-                  soft_masks=None, rounding_seeds=None, grad_scale=None, found_inf=None, selections=None,
-                  cache=None):
-    """The reference implementation of :func:`selopt.functional.adamw`: :func:`adamw_step_` tensor by tensor.
+def prepare_adamw(bucket: Bucket, options: AdamWOptions, *, grad_scale=None, found_inf=None, cache=None):
+    """The reference implementation: :func:`adamw_step_` tensor by tensor.
 
-    Same signature as every implementation; ``cache`` is unused. The step
-    counts are read on the host (a device count syncs).
+    The signature of every implementation (:mod:`selopt.bucket`); ``cache`` is
+    unused. The step counts are read on the host (a device count syncs).
     """
-    count = len(params)
-    states = bucket_states(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, rounding_seeds)
-    soft_masks, selections = (column or [None] * count for column in (soft_masks, selections))
-
     def step() -> None:
-        for p, g, state, mask, selection in zip(params, grads, states, soft_masks, selections):
-            selected = adamw_step_(p, g, state, options=options, soft_mask=mask, grad_scale=grad_scale,
-                                   found_inf=found_inf)
-            if selection is not None:
-                selection.copy_(selected)
+        for i, p in enumerate(bucket.params):
+            tensors = bucket.tensors(i)
+            selected = adamw_step_(p, tensors["grads"], tensor_state(tensors), options=options,
+                                   soft_mask=tensors["soft_masks"], grad_scale=grad_scale, found_inf=found_inf)
+            if tensors["selections"] is not None:
+                tensors["selections"].copy_(selected)
     return step
 
 
-def bucket_states(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, rounding_seeds) -> list[dict]:
-    """Per-tensor state dicts, as :func:`adamw_step_` reads them, from an implementation's lists.
+def tensor_state(tensors: dict) -> dict:
+    """One param's state dict, as :func:`adamw_step_` reads it, from its entries of a bucket (:meth:`Bucket.tensors`).
 
-    >>> bucket_states([torch.zeros(1)], [torch.ones(1)], None, [torch.tensor(3.0)], None)[0]["exp_avg_sq"]
+    >>> z = torch.zeros(1)
+    >>> tensor_state(Bucket([z], [z], [z], [torch.ones(1)], [torch.tensor(3.0)]).tensors(0))["exp_avg_sq"]
     tensor([1.])
     """
-    count = len(exp_avgs)
-    max_exp_avg_sqs, rounding_seeds = (column or [None] * count for column in (max_exp_avg_sqs, rounding_seeds))
-    return [{"step": step, "exp_avg": m, "exp_avg_sq": v, "max_exp_avg_sq": vmax, "rounding_seed": seed}
-            for m, v, vmax, step, seed in zip(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, rounding_seeds)]
+    return {key: tensors[name] for name, key in STATE_KEYS.items()}

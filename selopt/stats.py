@@ -47,6 +47,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from selopt import distributed
+from selopt.options import AdamWOptions
 
 
 @dataclass(frozen=True)
@@ -146,10 +147,11 @@ _PENDING = object()  # the count comes from a kernel's selection buffer at the e
 class _Step:
     """Everything recorded for one ``step()`` call; device counts stay unread until asked."""
 
-    def __init__(self, param_groups: list[dict], found_inf: Tensor | None):
+    def __init__(self, param_groups: list[dict], options: list[AdamWOptions], found_inf: Tensor | None):
         self.group_index = {id(group): i for i, group in enumerate(param_groups)}
         self.names = [group.get("param_names") for group in param_groups]
-        self.options = [(group["decay"], group["weight_decay"]) for group in param_groups]
+        self.options = [(o.decay, o.weight_decay) for o in options]
+        self.dense = [o.path == "dense" for o in options]
         self.found_inf = found_inf
         self.entries: list[list[_Entry]] = [[] for _ in param_groups]
         self.by_tensor: dict[int, tuple[int, _Entry]] = {}  # id(stepped tensor) -> (group, entry)
@@ -173,8 +175,9 @@ class UpdateTracker:
         self._current: _Step | None = None
         self._last: _Step | None = None
 
-    def begin_step(self, param_groups: list[dict], found_inf: Tensor | None) -> None:
-        self._current = _Step(param_groups, found_inf)
+    def begin_step(self, param_groups: list[dict], options: list[AdamWOptions], found_inf: Tensor | None) -> None:
+        """A step of ``param_groups`` with their validated ``options`` begins."""
+        self._current = _Step(param_groups, options, found_inf)
 
     def expect(self, group: dict, params: list[Tensor], stepped: list[Tensor], states: list[dict]) -> None:
         """``params`` of ``group`` step now, as ``stepped`` (the real views of complex ones), with ``states``."""
@@ -182,7 +185,7 @@ class UpdateTracker:
         group_index = step.group_index[id(group)]
         names = step.names[group_index]
         position = {id(p): i if names is None else names[i] for i, p in enumerate(group["params"])}
-        dense = group["fraction"] >= 1.0
+        dense = step.dense[group_index]
         for param, tensor, state in zip(params, stepped, states):
             # numel of a DTensor is the whole tensor's; a complex param's real view counts both parts.
             numel = tensor.numel()
@@ -231,15 +234,15 @@ class UpdateTracker:
             raise RuntimeError(f"selopt recorded no selection for {len(unrecorded)} selective tensor(s) of this step")
         self._last, self._current = step, None
 
-    def stats(self, param_groups: list[dict]) -> UpdateStats:
+    def stats(self, options: list[AdamWOptions]) -> UpdateStats:
         """Read the last step's counts: one device-to-host copy per device, one all_reduce per mesh.
 
-        Before the first tracked step: ``tracked=False`` and zero counts for each of ``param_groups``.
+        Before the first tracked step: ``tracked=False`` and zero counts for the groups of ``options``.
         """
         step = self._last
         if step is None:
-            return UpdateStats([GroupStats(0, 0, 0, group["decay"], group["weight_decay"],
-                                           {} if self.per_tensor else None) for group in param_groups],
+            return UpdateStats([GroupStats(0, 0, 0, o.decay, o.weight_decay, {} if self.per_tensor else None)
+                                for o in options],
                                skipped=False, tracked=False)
         pieces: list[Tensor] = []  # every device count, in a fixed order (the same on every rank)
         sharded: dict[tuple, list[int]] = defaultdict(list)  # shard groups -> positions in pieces
@@ -304,3 +307,47 @@ def _read(pieces: list[Tensor], sharded: dict[tuple, list[int]]) -> list[int]:
         for i, value in zip(positions, torch.stack([pieces[i] for i in positions]).tolist()):
             values[i] = value
     return values
+
+
+class UpdateTracking:
+    """The update-tracking methods of :class:`selopt.AdamW`, on an optimizer that keeps
+    ``_update_tracker`` and calls it during its steps."""
+
+    def track_updates(self, enabled: bool = True, *, per_tensor: bool = False) -> None:
+        """Count, from the next step on, what each step moves; read it with :meth:`update_stats`.
+
+        Per param group: the entries the step covered, the entries the update
+        moved (MoFO's selection; all of them at ``fraction=1``) and the entries
+        weight decay changed (every one with ``decay="all"``, the moved ones with
+        ``"selected"``). ``per_tensor=True`` also counts each tensor. Counts stay
+        on the device until read, so steps do not synchronise the host; the
+        cost while tracking is on is described in :mod:`selopt.stats` (dense
+        groups cost nothing). ``enabled=False`` stops tracking and drops the counts.
+
+        >>> model = torch.nn.Linear(10, 10, bias=False)
+        >>> opt = selopt.MoFO(model.parameters(), lr=1e-3, fraction=0.1)
+        >>> opt.track_updates()
+        >>> model(torch.randn(2, 10)).sum().backward()
+        >>> opt.step()
+        >>> print(opt.update_stats())
+        last step:
+          group 0: moved 10.0% (10 of 100 entries); weight decay changed 100.0% (decay='all': every entry)
+        """
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {enabled!r}")
+        if not isinstance(per_tensor, bool):
+            raise TypeError(f"per_tensor must be a bool, got {per_tensor!r}")
+        self._update_tracker = UpdateTracker(per_tensor) if enabled else None
+
+    def update_stats(self) -> UpdateStats:
+        """What the last tracked step moved (:class:`selopt.stats.UpdateStats`).
+
+        Before the first tracked step every group reports 0 entries and
+        ``tracked`` is False. Reads the device counts: one device-to-host copy
+        per device. With sharded (DTensor) params it sums the shards' counts
+        with one ``all_reduce`` per mesh, so every rank must call it, as every
+        rank calls :meth:`step`.
+        """
+        if self._update_tracker is None:
+            raise RuntimeError("update tracking is off: call track_updates() before the steps to count")
+        return self._update_tracker.stats([self._options_of(group) for group in self.param_groups])

@@ -63,7 +63,7 @@ def test_magnitude_keys_order_like_magnitudes():
 def test_plain_params_exchange_nothing():
     model = torch.nn.Linear(64, 64)
     opt = selopt.MoFO(model.parameters(), fraction=0.1)
-    assert distributed.selection_bytes_per_step(opt) == 0
+    assert functional.selection_bytes_per_step(opt) == 0
     assert not distributed.is_dtensor(model.weight)
 
 
@@ -145,19 +145,19 @@ def _scenario_dtensor_exact(tmp):
     report = {}
     for dtype in (torch.float64, torch.float32, torch.bfloat16):
         for amsgrad in (False, True):
-            distributed.traffic.reset()
-            opt, params = _dtensor_run(
-                shapes, placements, dtype,
-                lambda ps: selopt.MoFO(ps, lr=0.05, weight_decay=0.1, fraction=0.3, decay="selected", amsgrad=amsgrad),
-                _tie_heavy_grad,
-            )
-            per_step = distributed.selection_bytes_per_step(opt)
+            with distributed.Traffic() as traffic:
+                opt, params = _dtensor_run(
+                    shapes, placements, dtype,
+                    lambda ps: selopt.MoFO(ps, lr=0.05, weight_decay=0.1, fraction=0.3, decay="selected", amsgrad=amsgrad),
+                    _tie_heavy_grad,
+                )
+            per_step = functional.selection_bytes_per_step(opt)
             rounds = selection.RADIX_ROUNDS[torch.int64 if dtype == torch.float64 else torch.int32]
             # One int32 count per bin of every round: 16 KiB a tensor (fp32 keys), 36 KiB (fp64 keys).
             assert per_step == len(shapes) * sum(1 << bits for _, bits in rounds) * 4
             rounds = len(rounds)
-            assert distributed.traffic.bytes == STEPS * per_step
-            assert distributed.traffic.all_reduces == STEPS * rounds  # one per round for the whole group
+            assert traffic.bytes == STEPS * per_step
+            assert traffic.all_reduces == STEPS * rounds  # one per round for the whole group
             if dtype == torch.bfloat16:
                 continue
             big = params[-1]
@@ -171,10 +171,10 @@ def _scenario_dtensor_dense(tmp):
     from torch.distributed.tensor import Shard
 
     shapes = [(7, 3), (1, 5), (3, 7)]
-    distributed.traffic.reset()
-    _, params = _dtensor_run(shapes, [Shard(0), Shard(0), Shard(1)], torch.float32,
-                             lambda ps: selopt.AdamW(ps, lr=0.05, weight_decay=0.1), _tie_heavy_grad)
-    assert distributed.traffic.bytes == 0
+    with distributed.Traffic() as traffic:
+        _, params = _dtensor_run(shapes, [Shard(0), Shard(0), Shard(1)], torch.float32,
+                                 lambda ps: selopt.AdamW(ps, lr=0.05, weight_decay=0.1), _tie_heavy_grad)
+    assert traffic.bytes == 0
 
 
 
@@ -200,15 +200,15 @@ def _scenario_kernels_dtensor(tmp):
     report = {}
     for dtype in (torch.float32, torch.bfloat16):
         for name, (shapes, placements, masks, options) in variants.items():
-            distributed.traffic.reset()
-            opt, _ = _dtensor_run(
-                shapes, placements, dtype,
-                lambda ps: selopt.MoFO(ps, lr=0.05, weight_decay=0.1, backend="triton", **options),
-                _tie_heavy_grad, soft_masks=masks)
+            with distributed.Traffic() as traffic:
+                opt, _ = _dtensor_run(
+                    shapes, placements, dtype,
+                    lambda ps: selopt.MoFO(ps, lr=0.05, weight_decay=0.1, backend="triton", **options),
+                    _tie_heavy_grad, soft_masks=masks)
             assert list(opt._caches) == ["sharded triton"], list(opt._caches)
-            per_step = distributed.selection_bytes_per_step(opt)
-            assert distributed.traffic.bytes == STEPS * per_step
-            assert distributed.traffic.all_reduces == (STEPS * 3 if name == "exact" else 0)
+            per_step = functional.selection_bytes_per_step(opt)
+            assert traffic.bytes == STEPS * per_step
+            assert traffic.all_reduces == (STEPS * 3 if name == "exact" else 0)
             report[f"{dtype} {name}"] = per_step // len(shapes)
     # A threshold that holds still (beta1 = 0 and the same gradient every step): after the first
     # steps every shard refines from its candidate list, choosing so from the summed counters.
@@ -230,15 +230,15 @@ def _scenario_hsdp_meshes(tmp):
     # On the torch reference, and on the kernels when they can run here.
     shapes = [(7, 3), (1, 5), (256, 9)]
     for mesh_shape, backend in [(m, b) for m in ((1, WORLD), (WORLD, 1)) for b in ("torch", "triton")[:1 + KERNELS]]:
-        distributed.traffic.reset()
-        opt, _ = _dtensor_run(shapes, [(Replicate(), Shard(0))] * 3, torch.float32,
-                              lambda ps: selopt.MoFO(ps, lr=0.05, weight_decay=0.0, fraction=0.3, backend=backend),
-                              _tie_heavy_grad, mesh_shape=mesh_shape)
+        with distributed.Traffic() as traffic:
+            opt, _ = _dtensor_run(shapes, [(Replicate(), Shard(0))] * 3, torch.float32,
+                                  lambda ps: selopt.MoFO(ps, lr=0.05, weight_decay=0.0, fraction=0.3, backend=backend),
+                                  _tie_heavy_grad, mesh_shape=mesh_shape)
         sharded_over = mesh_shape[1] > 1
         # The kernels also sum their candidate window's four counters with the first round.
         counts_per_tensor = 4096 + (4 if backend == "triton" else 0)
-        assert distributed.selection_bytes_per_step(opt) == (len(shapes) * counts_per_tensor * 4 if sharded_over else 0)
-        assert distributed.traffic.bytes == STEPS * distributed.selection_bytes_per_step(opt)
+        assert functional.selection_bytes_per_step(opt) == (len(shapes) * counts_per_tensor * 4 if sharded_over else 0)
+        assert traffic.bytes == STEPS * functional.selection_bytes_per_step(opt)
 
 
 def _scenario_dtensor_soft_mask(tmp):

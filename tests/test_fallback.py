@@ -39,7 +39,6 @@ def failing_compile(monkeypatch):
         real(launches, device)
 
     monkeypatch.setattr(adamw, "compile_launches", compile_launches)
-    monkeypatch.setattr(functional, "_fallback_warnings", set())
     # backend="auto" picks the kernels for CUDA tensors only; on CPU the interpreter stands in.
     monkeypatch.setattr(functional, "AUTO_KERNEL_DEVICES", ("cuda", "cpu"))
 
@@ -105,19 +104,24 @@ def test_a_triton_older_than_supported_is_reported(monkeypatch):
     assert functional.triton_problem.__wrapped__() is None
 
 
-def test_old_triton_auto_warns_once_and_uses_torch_triton_refuses(monkeypatch):
+def test_old_triton_auto_warns_once_per_optimizer_and_uses_torch_triton_refuses(monkeypatch):
     problem = "Triton 3.2.0 is older than 3.6, the oldest selopt supports"
     monkeypatch.setattr(functional, "triton_problem", lambda: problem)
-    monkeypatch.setattr(functional, "_fallback_warnings", set())
     cuda = torch.device("cuda")
 
-    def choose(backend):
+    def choose(backend, warn):
         return functional.choose_implementation(cuda, torch.float32, torch.float32, sharded=False,
-                                                options=AdamWOptions(backend=backend)).name
-    with pytest.warns(RuntimeWarning, match="3.2.0 is older than 3.6"):
-        assert choose("auto") == "torch"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert choose("auto") == "torch"  # no second warning
+                                                options=AdamWOptions(backend=backend), warn=warn).name
+    reasons = []
+    assert choose("auto", reasons.append) == "torch" and [problem in r for r in reasons] == [True]
     with pytest.raises(ImportError, match=r"backend='triton' cannot run: Triton 3.2.0 .* backend='auto'"):
-        choose("triton")
+        choose("triton", reasons.append)
+    # An optimizer says it once, however many steps and buckets meet it.
+    monkeypatch.setattr(functional, "AUTO_KERNEL_DEVICES", ("cuda", "cpu"))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    opt = selopt.AdamW([{"params": model[0].parameters()}, {"params": model[1].parameters()}], backend="auto")
+    with pytest.warns(RuntimeWarning, match="3.2.0 is older than 3.6") as caught:
+        for _ in range(3):
+            model(torch.randn(2, 4)).sum().backward()
+            opt.step()
+    assert len([w for w in caught if "older than" in str(w.message)]) == 1

@@ -14,6 +14,7 @@ pytest.importorskip("triton", reason="the kernel tests need Triton (pip install 
 
 import selopt  # noqa: E402
 from selopt import reference  # noqa: E402
+from selopt.bucket import Bucket  # noqa: E402
 from selopt.options import AdamWOptions  # noqa: E402
 
 if torch.cuda.is_available():
@@ -118,8 +119,8 @@ def test_stochastic_rounding_unbiased_over_many_steps():
     for _ in range(steps):
         for param, (m, v, step), rounding in zip((p, nearest), states, (True, False)):
             options = AdamWOptions(lr=lr, betas=(0.0, 0.0), eps=0.0, weight_decay=0.0, stochastic_rounding=rounding)
-            kernels.multi_tensor_adamw_([param], [g], [m], [v], None, [step], options=options,
-                                        rounding_seeds=[seed] if rounding else None)
+            kernels.multi_tensor_adamw_(
+                Bucket([param], [g], [m], [v], [step], rounding_seeds=[seed] if rounding else None), options)
     assert torch.equal(nearest, torch.ones_like(nearest))
     mean = p.double().mean().item()
     # The mean of n independent roundings (each within one ulp) is within a few 2^-8/sqrt(n) of exact.
@@ -143,7 +144,7 @@ def test_int64_offsets_beyond_2_to_the_31_elements():
     before = [(p[w].clone(), g[w].clone()) for w in windows]
     selections = [torch.zeros(n, dtype=torch.bool, device=DEVICE)]
     options = AdamWOptions(fraction=0.1, block_size=block_size, **HYPER)
-    kernels.multi_tensor_adamw_([p], [g], [m], [v], None, [step], options=options, selections=selections)
+    kernels.multi_tensor_adamw_(Bucket([p], [g], [m], [v], [step], selections=selections), options)
     for w, (p0, g0) in zip(windows, before):
         zeros = torch.zeros_like(p0, dtype=torch.float32)
         want = reference.adamw_math(p0, g0, zeros, zeros, None, step=1, options=options)

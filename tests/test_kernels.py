@@ -9,12 +9,14 @@ as random bits, so an unwritten entry shows up as a wrong mask.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
 import torch
 
 from selopt import reference
+from selopt.bucket import Bucket as SeloptBucket
 from selopt.check import HYPER, step_problems
 from selopt.options import AdamWOptions
 
@@ -28,6 +30,13 @@ from selopt import kernels  # noqa: E402  (after the skip: importing needs a usa
 from selopt.kernels import block, exact, tables  # noqa: E402
 
 GUARD = 64
+
+
+def multi_tensor_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, options, soft_masks=None,
+                        rounding_seeds=None, selections=None, **step):
+    """The kernels' checked step on torch-style lists (as the tests write their buckets)."""
+    kernels.multi_tensor_adamw_(SeloptBucket(params, grads, exp_avgs, exp_avg_sqs, steps, max_exp_avg_sqs,
+                                             soft_masks, rounding_seeds, selections), options, **step)
 
 
 def guarded(shape, dtype, fill: torch.Tensor | None = None) -> torch.Tensor:
@@ -82,7 +91,7 @@ class Bucket:
 
     def step(self, soft_masks=None, **keywords):
         options, arguments = options_and_arguments(self.amsgrad, keywords)
-        kernels.multi_tensor_adamw_(
+        multi_tensor_adamw_(
             self.params, self.grads, self.exp_avgs, self.exp_avg_sqs,
             self.max_exp_avg_sqs if self.amsgrad else None, self.steps, options=options, soft_masks=soft_masks,
             selections=self.selections, cache=self.cache, **arguments)
@@ -380,7 +389,7 @@ def test_stochastic_rounding_is_unbiased():
     step = torch.zeros((), device=DEVICE)
     seed = torch.tensor(12345, device=DEVICE)
     options = AdamWOptions(lr=lr, weight_decay=0.0, block_size=4096, fraction=1.0, stochastic_rounding=True)
-    kernels.multi_tensor_adamw_([p], [g], [m], [v], None, [step], options=options, rounding_seeds=[seed])
+    multi_tensor_adamw_([p], [g], [m], [v], None, [step], options=options, rounding_seeds=[seed])
     exact_value = 1.0 - lr  # first Adam step: m_hat / sqrt(v_hat) = 1
     low, high = 1.0 - 2**-8, 1.0
     assert set(p.float().unique().tolist()) <= {low, high}
@@ -398,7 +407,7 @@ def test_non_contiguous_params_go_through_a_copy():
     options = dict(HYPER, fraction=0.2, block_size=None)
     base.step(**options)
     strided.selections = [torch.zeros(40, 30, dtype=torch.bool, device=DEVICE)]
-    kernels.multi_tensor_adamw_(strided.params, strided.grads, strided.exp_avgs, strided.exp_avg_sqs, None,
+    multi_tensor_adamw_(strided.params, strided.grads, strided.exp_avgs, strided.exp_avg_sqs, None,
                                 strided.steps, options=AdamWOptions(**options))
     assert not strided.params[0].is_contiguous()
     torch.testing.assert_close(strided.params[0], base.params[0], rtol=0, atol=0)
@@ -409,8 +418,8 @@ def test_trusted_inputs_still_have_their_devices_checked():
     bucket = Bucket([(10,), (7,)], seed=0)
     exp_avgs = [bucket.exp_avgs[0], torch.zeros(7, device="meta")]
     with pytest.raises(ValueError, match="exp_avgs must all be on"):
-        kernels.prepare_adamw(bucket.params, bucket.grads, exp_avgs, bucket.exp_avg_sqs, None, bucket.steps,
-                              options=AdamWOptions(**HYPER))
+        kernels.prepare_adamw(SeloptBucket(bucket.params, bucket.grads, exp_avgs, bucket.exp_avg_sqs, bucket.steps),
+                              AdamWOptions(**HYPER))
 
 
 def test_bad_input_raises_before_anything_changes():
@@ -420,14 +429,14 @@ def test_bad_input_raises_before_anything_changes():
     with pytest.raises(ValueError, match="block_size"):
         bucket.step(block_size=300, **HYPER)
     with pytest.raises(ValueError, match="grads"):
-        kernels.multi_tensor_adamw_(bucket.params, [], bucket.exp_avgs, bucket.exp_avg_sqs, None, bucket.steps,
+        multi_tensor_adamw_(bucket.params, [], bucket.exp_avgs, bucket.exp_avg_sqs, None, bucket.steps,
                                     options=AdamWOptions(**HYPER))
     with pytest.raises(TypeError, match="params"):
         p = torch.zeros(3, dtype=torch.float64, device=DEVICE)
-        kernels.multi_tensor_adamw_([p], [p], [p], [p], None, [torch.zeros((), device=DEVICE)],
+        multi_tensor_adamw_([p], [p], [p], [p], None, [torch.zeros((), device=DEVICE)],
                                     options=AdamWOptions(**HYPER))
     with pytest.raises(ValueError, match="rounding_seeds"):
-        kernels.multi_tensor_adamw_([p.bfloat16()], [p.bfloat16()], [p.float()], [p.float()], None,
+        multi_tensor_adamw_([p.bfloat16()], [p.bfloat16()], [p.float()], [p.float()], None,
                                     [torch.zeros((), device=DEVICE)], options=AdamWOptions(stochastic_rounding=True))
     assert torch.equal(bucket.params[0], bucket.before[0][0])
 
@@ -464,8 +473,8 @@ def test_optimizer_replays_a_step_only_while_its_tensors_stay_put():
     reference_opt, opt = (selopt.MoFO(model.parameters(), lr=1e-2, fraction=0.2, backend=backend)
                           for model, backend in zip(models, ("torch", "triton")))
     prepared = []
-    buckets = opt._buckets
-    opt._buckets = lambda *args: prepared.append(1) or buckets(*args)
+    prepare_group = opt._prepare_group
+    opt._prepare_group = lambda *args: prepared.append(1) or prepare_group(*args)
     x = torch.randn(16, 40, device=DEVICE)
 
     def step(change=lambda model, opt: None):
@@ -507,8 +516,9 @@ def test_optimizer_replays_a_step_only_while_its_tensors_stay_put():
     def relaunch_fails(*args):
         raise kernels.KernelCompileError("_exact_update_kernel", {}, None, RuntimeError("no such instruction"))
 
-    (group_id, replay), = opt._replays.items()
-    opt._replays[group_id] = replay._replace(relaunches=[relaunch_fails] * len(replay.relaunches))
+    replays = opt._caches["triton"].replays
+    (group_id, replay), = replays.items()
+    replays[group_id] = dataclasses.replace(replay, relaunches=[relaunch_fails] * len(replay.relaunches))
     assert step(scale_lr) == 7  # new scalars whose kernels would not compile: the full path decides
     # The replacement moment is the one the steps keep updating.
     assert torch.equal(opt.state[models[1][0].weight]["exp_avg"].ne(0), reference_opt.state[
@@ -539,8 +549,8 @@ def test_block_sizes_every_power_of_two_run():
     bucket = Bucket([(3 * block.MAX_BLOCK,)], seed=1)
     for block_size, last in ((block.MAX_BLOCK, "_block_adamw_kernel"), (2 * block.MAX_BLOCK, "_exact_update_kernel")):
         prepared = kernels.prepare_adamw(
-            bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs, None, bucket.steps,
-            options=AdamWOptions(fraction=0.3, block_size=block_size, **HYPER))
+            SeloptBucket(bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.steps),
+            AdamWOptions(fraction=0.3, block_size=block_size, **HYPER))
         assert [launch.name for launch in prepared.launches][::len(prepared.launches) - 1] == [
             "_step_scalars_kernel", last]
 

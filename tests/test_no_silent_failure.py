@@ -201,7 +201,7 @@ def test_fp32_params_with_bf16_moments_step_alike_on_every_path(fraction):
         bucket = _bf16_moment_bucket(0)
         if implementation.counts_on_device:
             bucket[5][:] = [s.to(DEVICE) for s in bucket[5]]
-        functional.prepare_adamw(*bucket, options=options, implementation=implementation)()
+        functional.adamw(*bucket, options=options, implementation=implementation)
         results.append(bucket)
     # The update reads the moments as stored (bf16): the reference and its sharded form agree bit for
     # bit, and the kernels within a few fp32 ulps of the parameter (their fast sqrt and division).
@@ -239,7 +239,6 @@ def test_a_remembered_compile_failure_raises_fresh_errors_and_keeps_no_step_aliv
         raise launch.KernelCompileError(self.name, self.constexprs, target, NameError("X is not defined"))
     monkeypatch.setattr(launch.Launch, "compile", refuse)
     monkeypatch.setattr(functional, "AUTO_KERNEL_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(functional, "_fallback_warnings", set())
     plans = []
     real_plan_for = tables.plan_for
     monkeypatch.setattr(tables, "plan_for", lambda *a, **k: plans.append(1) or real_plan_for(*a, **k))

@@ -193,7 +193,7 @@ def test_kernels_get_selection_buffers_only_when_tracking_selective_groups(monke
     real = adamw.prepare_adamw
 
     def spy(*args, **kwargs):
-        seen.append(kwargs["selections"])
+        seen.append(args[0].selections)
         return real(*args, **kwargs)
 
     monkeypatch.setattr("selopt.kernels.prepare_adamw", spy)
@@ -225,7 +225,6 @@ def test_kernel_compile_failure_falls_back_and_still_counts(monkeypatch):
         real(launches, device)
 
     monkeypatch.setattr(adamw, "compile_launches", compile_launches)
-    monkeypatch.setattr(functional, "_fallback_warnings", set())
     monkeypatch.setattr(functional, "choose_implementation", lambda *args, **kwargs: functional.TRITON)
     torch.manual_seed(0)
     wide, narrow = torch.nn.Linear(12, 16, bias=False), torch.nn.Linear(16, 8, bias=False).bfloat16()
