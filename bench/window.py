@@ -37,8 +37,7 @@ import selopt
 from bench.forgetting import FactStream, Tasks, next_token_loss
 from bench.tiny_llama import TinyLlama, TinyLlamaConfig
 from selopt import functional, selection
-from selopt.kernels import device as d
-from selopt.kernels import exact, tables
+from selopt.kernels import exact
 
 RESULTS = Path(__file__).parent / "results" / "window.json"
 BASE_BYTES, REREAD_BYTES, LIST_BYTES = 36, 8, 12
@@ -62,9 +61,9 @@ def pretrained_model(args, tasks: Tasks, table: torch.Tensor, device: torch.devi
 
 def window_of(state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's window [low, low + width) as the kernels compute it (exact._window)."""
-    bits = state[:, d.STATE_WINDOW_BITS.value]
+    bits = state[:, exact.STATE_WINDOW_BITS.value]
     width = torch.where(bits > 0, 1 << bits, 0)
-    low = (state[:, d.STATE_THRESHOLD.value] - width // 2).clamp(0, 2**31 - 1 - (1 << exact.FIRST_SHIFT))
+    low = (state[:, exact.STATE_THRESHOLD.value] - width // 2).clamp(0, 2**31 - 1 - (1 << exact.FIRST_SHIFT))
     return low, width
 
 
@@ -83,7 +82,7 @@ def measure(args) -> dict:
             tokens, targets = tasks.task_b_batch(args.batch, generator)
             loss = next_token_loss(model, tokens.to(device), targets.to(device))
             loss.backward()
-            states = opt._caches[functional.TRITON.name].selection_states() if step > 1 else []
+            states = opt.caches[functional.TRITON.name].selection_states() if step > 1 else []
             windows = {addresses: window_of(state.clone()) for addresses, state in states}
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -105,16 +104,16 @@ def step_report(opt, windows: dict) -> dict:
     """Shares over the matrices' entries: refined from the list, held in the list; predicted bytes."""
     by_address = {p.data_ptr(): p for group in opt.param_groups for p in group["params"]}
     from_list = listed = total = 0
-    for addresses, state in opt._caches[functional.TRITON.name].selection_states():
+    for addresses, state in opt.caches[functional.TRITON.name].selection_states():
         for row, address in enumerate(addresses):  # one row per tensor (block_size=None)
             m = opt.state[by_address[address]]["exp_avg"]
             total += m.numel()
-            from_list += m.numel() * int(state[row, d.STATE_FROM_LIST.value])
+            from_list += m.numel() * int(state[row, exact.STATE_FROM_LIST.value])
             if addresses in windows:
                 low, width = (int(x[row]) for x in windows[addresses])
                 keys = selection.magnitude_keys(m)
                 inside = int(((keys >= low) & (keys - low < width)).sum())
-                listed += min(inside, tables.candidate_capacity(m.numel()))
+                listed += min(inside, exact.candidate_capacity(m.numel()))
     share, fill = from_list / max(total, 1), listed / max(total, 1)
     return dict(from_list=round(share, 4), list_fill=round(fill, 5),
                 bytes_per_entry=round(BASE_BYTES + LIST_BYTES * fill + REREAD_BYTES * (1 - share), 3))

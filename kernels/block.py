@@ -19,16 +19,17 @@ from selopt.options import ONE_PASS_MAX_BLOCK
 # blocks take the exact path, cut into segments of block_size.
 MAX_BLOCK = ONE_PASS_MAX_BLOCK
 # Tile of the dense kernel (fraction == 1), where the block size has no meaning, and its warps:
-# 16 entries per thread, with no reduction to share, leaves 63 registers (4 CTAs per SM on sm_90).
+# 16 entries per thread with no reduction to share keeps the registers low enough for several CTAs
+# per SM (bench.static; figures in bench/NOTES.md).
 DENSE_TILE = 4096
 DENSE_WARPS = 8
 
 
 def num_warps_for(block: int) -> int:
-    # 32 entries per thread: each of the bisection's 31 counts costs ~2.5 instructions per entry
+    # 32 entries per thread: each of the bisection's 31 counts costs a few instructions per entry
     # plus one warp and one cross-warp reduction per warp, so fewer, fuller warps spend fewer
-    # instructions per entry on reductions, and up to 1024 entries need no cross-warp step at all
-    # (bench.static); 32 entries still fit in registers without spilling.
+    # instructions per entry on reductions, and up to 1024 entries need no cross-warp step at all;
+    # 32 entries still fit in registers without spilling (bench.static, bench/NOTES.md).
     return min(8, max(1, block // 1024))
 
 

@@ -47,20 +47,6 @@ STEP_SCALARS = tl.constexpr(4)
 # Counters per row in the exact path's histogram: the widest radix round's bins.
 RADIX_BINS = tl.constexpr(selection.RADIX_BINS)
 
-# The exact path's per-row select state (int64), kept from one step to the next (selopt.kernels.exact).
-STATE_PREFIX = tl.constexpr(0)  # the key bits found so far, relative to STATE_BASE
-STATE_RANK = tl.constexpr(1)  # the rank still to find among the keys that share the prefix
-STATE_BASE = tl.constexpr(2)  # what the refinement rounds subtract from a key: 0, or the window's low end
-STATE_FROM_LIST = tl.constexpr(3)  # 1: the refinement rounds read the candidate list instead of m
-STATE_THRESHOLD = tl.constexpr(4)  # the last threshold found: this step's selection, the next step's hint
-STATE_WINDOW_BITS = tl.constexpr(5)  # log2 of the window's width in key units; 0: no window yet
-STATE_LIST_COUNT = tl.constexpr(6)  # keys appended to the candidate list this step (may pass its capacity)
-# The address of the row's int32 candidate list, written with the scratch. (Here rather than in the
-# launch table: a 16th table column costs the one-pass kernels registers, and 1 CTA/SM at block 4096.)
-STATE_CANDIDATES = tl.constexpr(7)
-STATE_COLUMNS = tl.constexpr(8)
-# A row's candidate list holds up to 1/CANDIDATE_SHARE of its entries (rounded up).
-CANDIDATE_SHARE = tl.constexpr(16)
 
 # NaN's key, above every number, and the lowest threshold, above |m| == 0 (selopt.selection).
 NAN_KEY = tl.constexpr(selection.NAN_KEY[torch.int32])
@@ -266,7 +252,7 @@ def masked_update(p, m, second_moment, selected, scale, step_size, inv_bias_corr
     """Decoupled decay and the AdamW step on the selected entries, in fp32.
 
     The hardware's fast square root and division (a few ulps; the IEEE-rounded
-    ``sqrt_rn``/``div_rn`` cost ~15 instructions each, with a branch to a slow
+    ``sqrt_rn``/``div_rn`` cost many instructions each, with a branch to a slow
     path): the update is lr-sized, so a few ulps of it are far below one
     rounding of the parameter.
     """

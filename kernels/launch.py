@@ -25,8 +25,8 @@ from triton.runtime.jit import JITFunction
 # No FMA contraction: the moments then round operation by operation as the reference's formula
 # does (torch's lerp and mul/add order is spelled out in device.adam_moments), which keeps the
 # kernels' m, and so their selection, within an ulp or two of the reference's. Contraction would
-# save ~10% of the instructions of kernels that bench.static predicts to be bound by their bytes
-# anyway. Explicit, so that every Triton makes the same choice (3.10 changes the default).
+# save instructions in kernels that bench.static predicts to be bound by their bytes anyway.
+# Explicit, so that every Triton makes the same choice (newer ones change the default).
 _COMPILE_OPTIONS = dict(enable_fp_fusion=False)
 
 

@@ -1,9 +1,9 @@
 """The step's scalars, once per tensor: the first launch of every step.
 
 The bias corrections need ``beta ** step`` in fp64 (to round as the
-reference's Python doubles do): about 200 fp64 instructions, which every warp
-of every program would otherwise repeat, and which consumer GPUs run at 1/64
-rate. One program per tensor computes them from the step count on the device,
+reference's Python doubles do): a long chain of fp64 instructions, which every
+warp of every program would otherwise repeat, and which consumer GPUs run at a
+small fraction of their fp32 rate. One program per tensor computes them from the step count on the device,
 writes them to the plan's ``step_scalars`` rows, and advances the count (by 0
 when ``found_inf`` is set), so the step still never reads back to the host.
 """

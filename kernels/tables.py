@@ -16,24 +16,17 @@ import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from selopt.bucket import Bucket
 from selopt.kernels import device as d
+from selopt.kernels import exact
+from selopt.kernels.exact import RadixScratch
 from selopt.kernels.launch import KernelCompileError
 from selopt.options import AdamWOptions
 from selopt.selection import block_k
-
-
-class RadixScratch(NamedTuple):
-    """The exact path's scratch for one param set (selopt.kernels.exact)."""
-
-    histogram: Tensor  # int64 [rows, d.RADIX_BINS], zero between launches
-    select_state: Tensor  # int64 [rows, d.STATE_COLUMNS], kept between steps
-    candidates: Tensor  # int32: the rows' candidate lists, which the select state addresses
 
 
 @dataclass(frozen=True)
@@ -169,7 +162,7 @@ class PlanCache:
             self._plans.popitem(last=False)
 
     def selection_states(self) -> list[tuple[tuple[int, ...], Tensor]]:
-        """The exact path's select state of each param set: (the params' addresses, ``[rows, d.STATE_COLUMNS]``).
+        """The exact path's select state of each param set: (the params' addresses, ``[rows, exact.STATE_COLUMNS]``).
 
         For diagnostics: ``bench.window`` reads which rows were refined from their candidate list.
         """
@@ -187,24 +180,11 @@ class PlanCache:
         key = (device, tuple([p.data_ptr() for p in params]), tuple(row_numels))
         scratch = self._scratch.get(key)
         if scratch is None:
-            capacities = [candidate_capacity(n) for n in row_numels]
-            candidates = torch.empty(sum(capacities), dtype=torch.int32, device=device)
-            # Each row's list address goes into its select state, which the kernels never overwrite there.
-            state = torch.zeros(len(row_numels), d.STATE_COLUMNS.value, dtype=torch.int64)
-            state[:, d.STATE_CANDIDATES.value] = candidates.data_ptr() + candidates.element_size() * (
-                torch.tensor([0] + capacities[:-1], dtype=torch.int64).cumsum(0))
-            scratch = self._scratch[key] = RadixScratch(
-                torch.zeros(len(row_numels), d.RADIX_BINS.value, dtype=torch.int64, device=device),
-                _to_device(state.view(-1).tolist(), device).view(state.shape), candidates)
+            scratch = self._scratch[key] = exact.new_radix_scratch(device, row_numels, _to_device)
             if len(self._scratch) > self.size:
                 self._scratch.popitem(last=False)
         self._scratch.move_to_end(key)
         return scratch
-
-
-def candidate_capacity(row_numel: int) -> int:
-    """Keys a row's candidate list holds: 1/``CANDIDATE_SHARE`` of its entries, rounded up, as the kernels count."""
-    return -(-row_numel // d.CANDIDATE_SHARE.value)
 
 
 def plan_for(cache: PlanCache, bucket: Bucket, *, program_size: int, row_size: int | None, fraction: float,

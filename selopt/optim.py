@@ -70,8 +70,7 @@ class AdamW(SoftMasks, UpdateTracking, torch.optim.Optimizer):
         # One definition of the options (selopt.options): the signature is derived from it.
         bound = type(self).__signature__.bind(params, *args, **kwargs)
         bound.apply_defaults()
-        arguments = dict(bound.arguments)
-        del arguments["params"]
+        arguments = {name: value for name, value in bound.arguments.items() if name != "params"}
         defaults = AdamWOptions(**arguments).group_defaults()  # betas as torch keeps them: 0-d tensors
         self._soft_masks: dict[Tensor, Tensor] = {}
         self._update_tracker: UpdateTracker | None = None  # see track_updates
@@ -80,10 +79,10 @@ class AdamW(SoftMasks, UpdateTracking, torch.optim.Optimizer):
 
     def _reset_caches(self) -> None:
         # Derived from the groups and the state, rebuilt when they are replaced: each group's validated
-        # options (by id of the group dict), each implementation's cache (the kernels' plans and
-        # replays), and the fallback warnings given.
+        # options (by id of the group dict), the fallback warnings given, and, public for diagnostics
+        # (bench.window), each implementation's cache by name (the kernels' plans, replays, select state).
         self._options: dict[int, AdamWOptions] = {}
-        self._caches: dict[str, object] = {}
+        self.caches: dict[str, object] = {}
         self._warned: set[str] = set()
 
     def _options_of(self, group: dict) -> AdamWOptions:
@@ -116,7 +115,7 @@ class AdamW(SoftMasks, UpdateTracking, torch.optim.Optimizer):
     def __getstate__(self) -> dict:
         # Soft masks are keyed by param: deepcopy maps them to the copied params along with the state.
         kept = {**super().__getstate__(), "_soft_masks": self._soft_masks}
-        for derived in ("_options", "_caches", "_warned", "_update_tracker"):
+        for derived in ("_options", "caches", "_warned", "_update_tracker"):
             kept.pop(derived, None)
         return kept
 
@@ -213,12 +212,12 @@ class AdamW(SoftMasks, UpdateTracking, torch.optim.Optimizer):
             state.place_counts(states, stepped[0].device if implementation.counts_on_device else torch.device("cpu"))
             bucket = self._bucket(stepped, states, options)
             buckets.append(bucket)
-            if implementation.make_cache is not None and implementation.name not in self._caches:
-                self._caches[implementation.name] = implementation.make_cache()
+            if implementation.make_cache is not None and implementation.name not in self.caches:
+                self.caches[implementation.name] = implementation.make_cache()
             prepared.append(functional.prepare_adamw(
                 bucket, options, grad_scale=grad_scale, found_inf=found_inf,
-                cache=self._caches.get(implementation.name), implementation=implementation, warn=self._warn_once))
-        cache = self._caches.get(functional.TRITON.name)
+                cache=self.caches.get(implementation.name), implementation=implementation, warn=self._warn_once))
+        cache = self.caches.get(functional.TRITON.name)
         if cache is not None:
             if tracker is None and not _capturing() and all(
                     implementation is functional.TRITON and not is_complex for implementation, is_complex, _ in chosen):
@@ -235,7 +234,7 @@ class AdamW(SoftMasks, UpdateTracking, torch.optim.Optimizer):
 
     def _replayed(self, group: dict, options: AdamWOptions, params: list[Tensor], grad_scale, found_inf):
         """The launches of ``group``'s last prepared step, for this step, if its tensors stay put (else None)."""
-        cache = self._caches.get(functional.TRITON.name)
+        cache = self.caches.get(functional.TRITON.name)
         record = None if cache is None else cache.replays.get(id(group))
         if record is None or self._update_tracker is not None or _capturing():
             return None

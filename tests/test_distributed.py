@@ -205,7 +205,7 @@ def _scenario_kernels_dtensor(tmp):
                     shapes, placements, dtype,
                     lambda ps: selopt.MoFO(ps, lr=0.05, weight_decay=0.1, backend="triton", **options),
                     _tie_heavy_grad, soft_masks=masks)
-            assert list(opt._caches) == ["sharded triton"], list(opt._caches)
+            assert list(opt.caches) == ["sharded triton"], list(opt.caches)
             per_step = functional.selection_bytes_per_step(opt)
             assert traffic.bytes == STEPS * per_step
             assert traffic.all_reduces == (STEPS * 3 if name == "exact" else 0)
@@ -215,10 +215,10 @@ def _scenario_kernels_dtensor(tmp):
     opt, _ = _dtensor_run([(40, 130)], [Shard(0)], torch.float32,
                           lambda ps: selopt.MoFO(ps, lr=0.05, betas=(0.0, 0.999), fraction=0.3, backend="triton"),
                           lambda step, i, shape, dtype: torch.randn(shape, generator=torch.Generator().manual_seed(i)))
-    from selopt.kernels import device
+    from selopt.kernels import exact
 
-    (_, state), = opt._caches["sharded triton"].selection_states()
-    assert state[:, device.STATE_FROM_LIST.value].tolist() == [1], state
+    (_, state), = opt.caches["sharded triton"].selection_states()
+    assert state[:, exact.STATE_FROM_LIST.value].tolist() == [1], state
     return report
 
 

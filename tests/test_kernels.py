@@ -162,7 +162,7 @@ def window_steps(bucket: Bucket, grads, options: dict, soft_masks=None) -> list[
         bucket.step(soft_masks=soft_masks, **options)
         bucket.check(soft_masks=soft_masks, **options)
         (_, state), = bucket.cache.selection_states()
-        from_list.append(state[:, exact.d.STATE_FROM_LIST.value].tolist())
+        from_list.append(state[:, exact.STATE_FROM_LIST.value].tolist())
     return from_list
 
 
@@ -516,7 +516,7 @@ def test_optimizer_replays_a_step_only_while_its_tensors_stay_put():
     def relaunch_fails(*args):
         raise kernels.KernelCompileError("_exact_update_kernel", {}, None, RuntimeError("no such instruction"))
 
-    replays = opt._caches["triton"].replays
+    replays = opt.caches["triton"].replays
     (group_id, replay), = replays.items()
     replays[group_id] = dataclasses.replace(replay, relaunches=[relaunch_fails] * len(replay.relaunches))
     assert step(scale_lr) == 7  # new scalars whose kernels would not compile: the full path decides
