@@ -40,7 +40,7 @@ import torch
 
 import triton
 
-from selopt.kernels import block, exact, launch
+from selopt.kernels import block, launch, select_state
 from selopt.kernels.compile_check import Compiled, Configuration, compile_only, run_configuration
 from selopt.kernels.launch import KernelCompileError
 
@@ -140,7 +140,7 @@ def streamed_bytes(compiled: Compiled, config: Configuration) -> float:
     if compiled.name == "_block_adamw_kernel":
         return 3 * param + moments + selection  # p read + written, g read
     if compiled.name == "_moments_histogram_kernel":
-        return param + moments + 4 / exact.CANDIDATE_SHARE.value
+        return param + moments + 4 / select_state.CANDIDATE_SHARE.value
     if compiled.name == "_refine_from_m_kernel":
         return moment
     if compiled.name == "_refine_from_list_kernel":
@@ -161,7 +161,7 @@ def working_share(name: str, window_missed: bool) -> float:
     if name == "_refine_from_m_kernel":
         return 1.0 if window_missed else 0.0
     if name == "_refine_from_list_kernel":
-        return 0.0 if window_missed else 1 / exact.CANDIDATE_SHARE.value
+        return 0.0 if window_missed else 1 / select_state.CANDIDATE_SHARE.value
     return 1.0
 
 

@@ -37,7 +37,7 @@ import selopt
 from bench.forgetting import FactStream, Tasks, next_token_loss
 from bench.tiny_llama import TinyLlama, TinyLlamaConfig
 from selopt import functional, selection
-from selopt.kernels import exact
+from selopt.kernels import exact, select_state
 
 RESULTS = Path(__file__).parent / "results" / "window.json"
 BASE_BYTES, REREAD_BYTES, LIST_BYTES = 36, 8, 12
@@ -61,9 +61,9 @@ def pretrained_model(args, tasks: Tasks, table: torch.Tensor, device: torch.devi
 
 def window_of(state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's window [low, low + width) as the kernels compute it (exact._window)."""
-    bits = state[:, exact.STATE_WINDOW_BITS.value]
+    bits = state[:, select_state.STATE_WINDOW_BITS.value]
     width = torch.where(bits > 0, 1 << bits, 0)
-    low = (state[:, exact.STATE_THRESHOLD.value] - width // 2).clamp(0, 2**31 - 1 - (1 << exact.FIRST_SHIFT))
+    low = (state[:, select_state.STATE_THRESHOLD.value] - width // 2).clamp(0, 2**31 - 1 - (1 << exact.FIRST_SHIFT))
     return low, width
 
 
@@ -108,12 +108,12 @@ def step_report(opt, windows: dict) -> dict:
         for row, address in enumerate(addresses):  # one row per tensor (block_size=None)
             m = opt.state[by_address[address]]["exp_avg"]
             total += m.numel()
-            from_list += m.numel() * int(state[row, exact.STATE_FROM_LIST.value])
+            from_list += m.numel() * int(state[row, select_state.STATE_FROM_LIST.value])
             if addresses in windows:
                 low, width = (int(x[row]) for x in windows[addresses])
                 keys = selection.magnitude_keys(m)
                 inside = int(((keys >= low) & (keys - low < width)).sum())
-                listed += min(inside, exact.candidate_capacity(m.numel()))
+                listed += min(inside, select_state.candidate_capacity(m.numel()))
     share, fill = from_list / max(total, 1), listed / max(total, 1)
     return dict(from_list=round(share, 4), list_fill=round(fill, 5),
                 bytes_per_entry=round(BASE_BYTES + LIST_BYTES * fill + REREAD_BYTES * (1 - share), 3))

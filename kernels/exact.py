@@ -24,13 +24,12 @@ Nine launches for the whole bucket (after the step's scalars,
 :mod:`selopt.kernels.steps`): in each refinement round a row's programs work
 in one of two kernels, over the list or over ``m``, and stop at once in the
 other. No host synchronisation; scratch per row is a histogram of
-``d.RADIX_BINS`` counters, the select state (``d.STATE_*``, kept between
+``d.RADIX_BINS`` counters, the select state (``select_state.STATE_*``, kept between
 steps) and the candidate list.
 """
 
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 import triton
@@ -39,25 +38,12 @@ from torch import Tensor
 
 from selopt import selection
 from selopt.kernels import device as d
+from selopt.kernels import select_state as s
 from selopt.kernels.launch import Launch
 from selopt.kernels.steps import step_scalars_launch
 
 CHUNK = 4096
 
-# The exact path's per-row select state (int64), kept from one step to the next (kept in RadixScratch.select_state).
-STATE_PREFIX = tl.constexpr(0)  # the key bits found so far, relative to STATE_BASE
-STATE_RANK = tl.constexpr(1)  # the rank still to find among the keys that share the prefix
-STATE_BASE = tl.constexpr(2)  # what the refinement rounds subtract from a key: 0, or the window's low end
-STATE_FROM_LIST = tl.constexpr(3)  # 1: the refinement rounds read the candidate list instead of m
-STATE_THRESHOLD = tl.constexpr(4)  # the last threshold found: this step's selection, the next step's hint
-STATE_WINDOW_BITS = tl.constexpr(5)  # log2 of the window's width in key units; 0: no window yet
-STATE_LIST_COUNT = tl.constexpr(6)  # keys appended to the candidate list this step (may pass its capacity)
-# The address of the row's int32 candidate list, written with the scratch. (Here rather than in the
-# launch table: a 16th table column costs the one-pass kernels registers, and 1 CTA/SM at block 4096.)
-STATE_CANDIDATES = tl.constexpr(7)
-STATE_COLUMNS = tl.constexpr(8)
-# A row's candidate list holds up to 1/CANDIDATE_SHARE of its entries (rounded up).
-CANDIDATE_SHARE = tl.constexpr(16)
 # The rounds of selopt.selection for int32 keys. The first round sees every key and uses a register
 # histogram (8 exponent bits + 2 mantissa bits: its cost grows with the bins, so few); the others
 # see only the boundary bin's keys, or the candidate list.
@@ -107,17 +93,17 @@ def _accumulate_histogram(histogram_row_ptr, key, prefix, BIN_SHIFT: tl.constexp
 @triton.jit
 def _window(state):
     """The row's candidate window, [low, low + width) in key units, centred on the last threshold (width 0: none)."""
-    bits = tl.load(state + STATE_WINDOW_BITS).to(tl.int32)
+    bits = tl.load(state + s.STATE_WINDOW_BITS).to(tl.int32)
     width = tl.where(bits > 0, 1 << bits, 0)
-    low = tl.load(state + STATE_THRESHOLD).to(tl.int32) - width // 2
+    low = tl.load(state + s.STATE_THRESHOLD).to(tl.int32) - width // 2
     return tl.minimum(tl.maximum(low, 0), _MAX_WINDOW_LOW), width
 
 
 @triton.jit
 def _candidates(row_ptr, state):
     """The row's candidate list and its capacity."""
-    capacity = (tl.load(row_ptr + d.COL_NUMEL) + CANDIDATE_SHARE - 1) // CANDIDATE_SHARE
-    return tl.load(state + STATE_CANDIDATES).to(tl.pointer_type(tl.int32)), capacity
+    capacity = (tl.load(row_ptr + d.COL_NUMEL) + s.CANDIDATE_SHARE - 1) // s.CANDIDATE_SHARE
+    return tl.load(state + s.STATE_CANDIDATES).to(tl.pointer_type(tl.int32)), capacity
 
 
 @triton.jit
@@ -132,7 +118,7 @@ def _collect_candidates(row_ptr, state, histogram_row_ptr, key):
         if inside_count > 0:
             tl.atomic_add(histogram_row_ptr + _IN_WINDOW, inside_count.to(tl.int64), sem="relaxed")
             # One atomic per tile reserves its slots; the scan places each key in them, in lane order.
-            first = tl.atomic_add(state + STATE_LIST_COUNT, inside_count.to(tl.int64), sem="relaxed")
+            first = tl.atomic_add(state + s.STATE_LIST_COUNT, inside_count.to(tl.int64), sem="relaxed")
             slots = first + tl.cumsum(inside.to(tl.int32), axis=0) - 1
             candidates, capacity = _candidates(row_ptr, state)
             tl.store(candidates + slots, key, mask=inside & (slots < capacity))
@@ -161,7 +147,7 @@ def _moments_histogram_kernel(
     key = tl.where(in_block, d.magnitude_key(m), d.PADDING_KEY)
     histogram_row = histogram + row.to(tl.int64) * d.RADIX_BINS
     _accumulate_histogram(histogram_row, key, 0, BIN_SHIFT, BIN_BITS, SPARSE=False)
-    _collect_candidates(row_ptr, select_state + row.to(tl.int64) * STATE_COLUMNS, histogram_row, key)
+    _collect_candidates(row_ptr, select_state + row.to(tl.int64) * s.STATE_COLUMNS, histogram_row, key)
 
 
 @triton.jit
@@ -172,11 +158,11 @@ def _refine_from_m_kernel(
 ):
     """A refinement round over ``m``, for the rows whose window missed; the others' programs stop at once."""
     row, row_ptr, start, lanes, in_block, _ = d.tile_of(table, program_rows, table, CHUNK, False, ALIGNED)
-    state = select_state + row.to(tl.int64) * STATE_COLUMNS
-    if tl.load(state + STATE_FROM_LIST) == 0:
+    state = select_state + row.to(tl.int64) * s.STATE_COLUMNS
+    if tl.load(state + s.STATE_FROM_LIST) == 0:
         m = tl.load(d.stream(row_ptr, d.COL_EXP_AVG, start, lanes, MOMENT_DTYPE, ALIGNED), mask=in_block, other=0.0)
         key = tl.where(in_block, d.magnitude_key(m.to(tl.float32)), d.PADDING_KEY)
-        _accumulate_histogram(histogram + row.to(tl.int64) * d.RADIX_BINS, key, tl.load(state + STATE_PREFIX),
+        _accumulate_histogram(histogram + row.to(tl.int64) * d.RADIX_BINS, key, tl.load(state + s.STATE_PREFIX),
                               BIN_SHIFT, BIN_BITS, SPARSE=True)
 
 
@@ -188,18 +174,18 @@ def _refine_from_list_kernel(
     """A refinement round over the candidate list, for the rows whose window holds the k-th largest key.
 
     The list's keys, relative to the window's low end, are all the round
-    needs. It spans at most 1/``CANDIDATE_SHARE`` of the row's programs;
+    needs. It spans at most 1/``s.CANDIDATE_SHARE`` of the row's programs;
     the others, and those of the rows that read ``m``, stop at once.
     """
     row, row_ptr, start, lanes, _, _ = d.tile_of(table, program_rows, table, CHUNK, False, False)
-    state = select_state + row.to(tl.int64) * STATE_COLUMNS
+    state = select_state + row.to(tl.int64) * s.STATE_COLUMNS
     candidates, capacity = _candidates(row_ptr, state)
-    listed = tl.minimum(tl.load(state + STATE_LIST_COUNT), capacity) - start
-    if (tl.load(state + STATE_FROM_LIST) != 0) & (listed > 0):
+    listed = tl.minimum(tl.load(state + s.STATE_LIST_COUNT), capacity) - start
+    if (tl.load(state + s.STATE_FROM_LIST) != 0) & (listed > 0):
         in_list = lanes < tl.minimum(listed, CHUNK).to(tl.int32)
         key = tl.load(candidates + start + lanes, mask=in_list, other=0)
-        key = tl.where(in_list, key - tl.load(state + STATE_BASE).to(tl.int32), d.PADDING_KEY)
-        _accumulate_histogram(histogram + row.to(tl.int64) * d.RADIX_BINS, key, tl.load(state + STATE_PREFIX),
+        key = tl.where(in_list, key - tl.load(state + s.STATE_BASE).to(tl.int32), d.PADDING_KEY)
+        _accumulate_histogram(histogram + row.to(tl.int64) * d.RADIX_BINS, key, tl.load(state + s.STATE_PREFIX),
                               BIN_SHIFT, BIN_BITS, SPARSE=True)
 
 
@@ -212,18 +198,18 @@ def _read_from_list_or_m(histogram_row_ptr, state, k, prefix, rank):
     overflowed = tl.load(histogram_row_ptr + _OVERFLOWED)
     in_list = (width > 0) & (overflowed == 0) & (above_window < k) & (
         k <= above_window + tl.load(histogram_row_ptr + _IN_WINDOW))
-    tl.store(state + STATE_PREFIX, tl.where(in_list, 0, prefix))
-    tl.store(state + STATE_RANK, tl.where(in_list, k - above_window, rank))
-    tl.store(state + STATE_BASE, tl.where(in_list, low, 0).to(tl.int64))
-    tl.store(state + STATE_FROM_LIST, in_list.to(tl.int64))
+    tl.store(state + s.STATE_PREFIX, tl.where(in_list, 0, prefix))
+    tl.store(state + s.STATE_RANK, tl.where(in_list, k - above_window, rank))
+    tl.store(state + s.STATE_BASE, tl.where(in_list, low, 0).to(tl.int64))
+    tl.store(state + s.STATE_FROM_LIST, in_list.to(tl.int64))
     # As wide as the list holds, which catches the most movement of the threshold: narrower after an
     # overflow, wider while every list stays at most half full (a power of two wider about doubles
     # its keys). The window is re-centred on every threshold.
-    bits = tl.load(state + STATE_WINDOW_BITS)
+    bits = tl.load(state + s.STATE_WINDOW_BITS)
     crowded = tl.load(histogram_row_ptr + _CROWDED)
     bits = tl.where(overflowed > 0, tl.maximum(bits - 1, 1),
                     tl.where(crowded == 0, tl.minimum(bits + 1, _MAX_WINDOW_BITS), bits))
-    tl.store(state + STATE_WINDOW_BITS, tl.where(width > 0, bits, _FIRST_WINDOW_BITS))
+    tl.store(state + s.STATE_WINDOW_BITS, tl.where(width > 0, bits, _FIRST_WINDOW_BITS))
 
 
 @triton.jit
@@ -232,15 +218,15 @@ def _select_bin_kernel(table, histogram, select_state, FIRST_ROUND: tl.constexpr
     """One program per row: the bin that holds the k-th largest key, then clear the histogram."""
     row = tl.program_id(0).to(tl.int64)
     histogram_row = histogram + row * d.RADIX_BINS
-    state = select_state + row * STATE_COLUMNS
+    state = select_state + row * s.STATE_COLUMNS
     bins = tl.arange(0, 1 << BIN_BITS)
     counts = tl.load(histogram_row + bins)
     if FIRST_ROUND:
         rank = tl.load(table + row * d.NUM_COLUMNS + d.COL_K_FULL)
         prefix = rank * 0
     else:
-        prefix = tl.load(state + STATE_PREFIX)
-        rank = tl.load(state + STATE_RANK)
+        prefix = tl.load(state + s.STATE_PREFIX)
+        rank = tl.load(state + s.STATE_RANK)
     at_or_above = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts
     # The highest bin with at least `rank` keys at or above it. When the row has fewer keys than
     # `rank`, no bin qualifies and bin 0 is taken every round: the threshold is then raised to the
@@ -249,15 +235,15 @@ def _select_bin_kernel(table, histogram, select_state, FIRST_ROUND: tl.constexpr
     above = tl.sum(tl.where(bins > boundary, counts, 0), axis=0)
     prefix = (prefix << BIN_BITS) | boundary
     if LAST_ROUND:
-        tl.store(state + STATE_THRESHOLD, d.selection_threshold(tl.load(state + STATE_BASE) + prefix))
-        tl.store(state + STATE_LIST_COUNT, 0)
+        tl.store(state + s.STATE_THRESHOLD, d.selection_threshold(tl.load(state + s.STATE_BASE) + prefix))
+        tl.store(state + s.STATE_LIST_COUNT, 0)
     elif FIRST_ROUND:
         _read_from_list_or_m(histogram_row, state, rank, prefix, rank - above)
         counters = _ABOVE_WINDOW + tl.arange(0, 4)
         tl.store(histogram_row + counters, tl.zeros_like(counters).to(tl.int64))
     else:
-        tl.store(state + STATE_PREFIX, prefix)
-        tl.store(state + STATE_RANK, rank - above)
+        tl.store(state + s.STATE_PREFIX, prefix)
+        tl.store(state + s.STATE_RANK, rank - above)
     tl.store(histogram_row + bins, tl.zeros_like(counts))
 
 
@@ -276,7 +262,7 @@ def _exact_update_kernel(
     second_column = d.COL_MAX_EXP_AVG_SQ if AMSGRAD else d.COL_EXP_AVG_SQ
     second_moment = tl.load(d.stream(row_ptr, second_column, start, lanes, MOMENT_DTYPE, ALIGNED),
                             mask=in_block, other=0.0).to(tl.float32)
-    threshold = tl.load(select_state + row.to(tl.int64) * STATE_COLUMNS + STATE_THRESHOLD).to(tl.int32)
+    threshold = tl.load(select_state + row.to(tl.int64) * s.STATE_COLUMNS + s.STATE_THRESHOLD).to(tl.int32)
     selected = d.magnitude_key(m) >= threshold  # padding lanes (m = 0) are below every threshold
     scale = 1.0
     if SOFT_MASK_ON_UPDATE:
@@ -324,27 +310,3 @@ def _combined(plan, counters: int, combine: Callable[[Tensor], None] | None) -> 
         return []
     return [functools.partial(combine, plan.scratch.histogram[:, :counters])]
 
-
-class RadixScratch(NamedTuple):
-    """The exact path's scratch for one param set: histograms, select state, candidate lists."""
-
-    histogram: Tensor  # int64 [rows, d.RADIX_BINS], zero between launches
-    select_state: Tensor  # int64 [rows, STATE_COLUMNS], kept between steps
-    candidates: Tensor  # int32: the rows' candidate lists, which the select state addresses
-
-
-def candidate_capacity(row_numel: int) -> int:
-    """Keys a row's candidate list holds: 1/``CANDIDATE_SHARE`` of its entries, rounded up, as the kernels count."""
-    return -(-row_numel // CANDIDATE_SHARE.value)
-
-
-def new_radix_scratch(device: torch.device, row_numels: list[int], to_device: Callable) -> RadixScratch:
-    """Zeroed scratch for rows of ``row_numels``; ``to_device`` copies a host list of int64 to ``device``."""
-    capacities = [candidate_capacity(n) for n in row_numels]
-    candidates = torch.empty(sum(capacities), dtype=torch.int32, device=device)
-    # Each row's list address goes into its select state, which the kernels never overwrite there.
-    state = torch.zeros(len(row_numels), STATE_COLUMNS.value, dtype=torch.int64)
-    state[:, STATE_CANDIDATES.value] = candidates.data_ptr() + candidates.element_size() * (
-        torch.tensor([0] + capacities[:-1], dtype=torch.int64).cumsum(0))
-    return RadixScratch(torch.zeros(len(row_numels), d.RADIX_BINS.value, dtype=torch.int64, device=device),
-                        to_device(state.view(-1).tolist(), device).view(state.shape), candidates)

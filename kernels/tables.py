@@ -22,8 +22,8 @@ from torch import Tensor
 
 from selopt.bucket import Bucket
 from selopt.kernels import device as d
-from selopt.kernels import exact
-from selopt.kernels.exact import RadixScratch
+from selopt.kernels import select_state
+from selopt.kernels.select_state import RadixScratch
 from selopt.kernels.launch import KernelCompileError
 from selopt.options import AdamWOptions
 from selopt.selection import block_k
@@ -162,7 +162,7 @@ class PlanCache:
             self._plans.popitem(last=False)
 
     def selection_states(self) -> list[tuple[tuple[int, ...], Tensor]]:
-        """The exact path's select state of each param set: (the params' addresses, ``[rows, exact.STATE_COLUMNS]``).
+        """The exact path's select state of each param set: (the params' addresses, ``[rows, select_state.STATE_COLUMNS]``).
 
         For diagnostics: ``bench.window`` reads which rows were refined from their candidate list.
         """
@@ -180,7 +180,7 @@ class PlanCache:
         key = (device, tuple([p.data_ptr() for p in params]), tuple(row_numels))
         scratch = self._scratch.get(key)
         if scratch is None:
-            scratch = self._scratch[key] = exact.new_radix_scratch(device, row_numels, _to_device)
+            scratch = self._scratch[key] = select_state.new_radix_scratch(device, row_numels, _to_device)
             if len(self._scratch) > self.size:
                 self._scratch.popitem(last=False)
         self._scratch.move_to_end(key)

@@ -238,7 +238,7 @@ class AdamW(SoftMasks, UpdateTracking, torch.optim.Optimizer):
         record = None if cache is None else cache.replays.get(id(group))
         if record is None or self._update_tracker is not None or _capturing():
             return None
-        entries = [self.state.get(p) for p in params]
+        entries = list(map(self.state.get, params))
         if None in entries or sum(map(len, record.partition)) != len(params):
             return None
         try:

@@ -35,11 +35,11 @@ def test_tiny_run_reports_each_step_and_the_mean(tmp_path):
 
 
 def test_window_matches_the_kernels_rule():
-    from selopt.kernels import exact
+    from selopt.kernels import select_state
 
-    state = torch.zeros(3, exact.STATE_COLUMNS.value, dtype=torch.int64)
-    state[:, exact.STATE_WINDOW_BITS.value] = torch.tensor([0, 20, 21])
-    state[:, exact.STATE_THRESHOLD.value] = torch.tensor([5, 10, 2**31 - 1])
+    state = torch.zeros(3, select_state.STATE_COLUMNS.value, dtype=torch.int64)
+    state[:, select_state.STATE_WINDOW_BITS.value] = torch.tensor([0, 20, 21])
+    state[:, select_state.STATE_THRESHOLD.value] = torch.tensor([5, 10, 2**31 - 1])
     low, width = window.window_of(state)
     assert width.tolist() == [0, 2**20, 2**21]
     assert low.tolist() == [5, 0, 2**31 - 1 - 2**21]  # clamped at 0 and below the largest key

@@ -215,10 +215,10 @@ def _scenario_kernels_dtensor(tmp):
     opt, _ = _dtensor_run([(40, 130)], [Shard(0)], torch.float32,
                           lambda ps: selopt.MoFO(ps, lr=0.05, betas=(0.0, 0.999), fraction=0.3, backend="triton"),
                           lambda step, i, shape, dtype: torch.randn(shape, generator=torch.Generator().manual_seed(i)))
-    from selopt.kernels import exact
+    from selopt.kernels import select_state
 
     (_, state), = opt.caches["sharded triton"].selection_states()
-    assert state[:, exact.STATE_FROM_LIST.value].tolist() == [1], state
+    assert state[:, select_state.STATE_FROM_LIST.value].tolist() == [1], state
     return report
 
 

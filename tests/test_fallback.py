@@ -8,7 +8,6 @@ one that fails for the chosen kernels, exactly where a real compile would.
 from __future__ import annotations
 
 import os
-import warnings
 
 import pytest
 import torch

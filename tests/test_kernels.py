@@ -27,7 +27,7 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA device: run with TRITON_INTERPRET=1 to check the kernels on CPU", allow_module_level=True)
 
 from selopt import kernels  # noqa: E402  (after the skip: importing needs a usable Triton)
-from selopt.kernels import block, exact, tables  # noqa: E402
+from selopt.kernels import block, exact, select_state, tables  # noqa: E402
 
 GUARD = 64
 
@@ -162,7 +162,7 @@ def window_steps(bucket: Bucket, grads, options: dict, soft_masks=None) -> list[
         bucket.step(soft_masks=soft_masks, **options)
         bucket.check(soft_masks=soft_masks, **options)
         (_, state), = bucket.cache.selection_states()
-        from_list.append(state[:, exact.STATE_FROM_LIST.value].tolist())
+        from_list.append(state[:, select_state.STATE_FROM_LIST.value].tolist())
     return from_list
 
 
