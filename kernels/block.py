@@ -34,6 +34,23 @@ def num_warps_for(block: int) -> int:
 
 
 @triton.jit
+def _block_selection(m, k):
+    """The block's selection (:mod:`selopt.selection`): the k largest |m|, NaN above every number, 0 never.
+
+    NaN takes key -1 for the bisection, which then looks for the (k - NaNs)-th
+    largest of the other keys, and is selected apart: the same selection as
+    giving NaN the top key, in fewer registers (with the top key the largest
+    blocks spill on older Tritons; bench/NOTES.md §5). Padding lanes load
+    m = 0: key 0 counts below every bisection candidate and is never selected.
+    """
+    key = tl.where(m == m, tl.abs(m).to(tl.int32, bitcast=True), -1)
+    nans = tl.sum((key < 0).to(tl.int32), axis=0)
+    threshold = d.selection_threshold(d.kth_largest_key(key, k - nans))
+    # Compared unsigned, NaN's -1 is the largest key: selected whatever the threshold.
+    return key.to(tl.uint32, bitcast=True) >= threshold.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
 def _block_adamw_kernel(
     table, program_rows, step_scalars, beta2, lerp_weight, one_minus_beta2, eps, grad_scale_ptr, found_inf_ptr,
     BLOCK: tl.constexpr, DENSE: tl.constexpr, ALIGNED: tl.constexpr,
@@ -54,9 +71,7 @@ def _block_adamw_kernel(
     else:
         is_full = tl.load(row_ptr + d.COL_NUMEL) - start >= BLOCK
         k = tl.load(row_ptr + tl.where(is_full, d.COL_K_FULL, d.COL_K_TAIL)).to(tl.int32)
-        # Padding lanes load m = 0: key 0 counts below every bisection candidate and is never selected.
-        key = d.magnitude_key(m)
-        selected = key >= d.selection_threshold(d.kth_largest_key(key, k))
+        selected = _block_selection(m, k)
     d.update_param(row_ptr, start, lanes, in_block, store_mask, step_scalars, m, second_moment, selected, scale,
                    eps, PARAM_DTYPE, DECAY_SELECTED, SOFT_MASK_ON_UPDATE, STOCHASTIC_ROUNDING,
                    WRITE_SELECTION, ALIGNED)
