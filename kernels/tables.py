@@ -99,12 +99,6 @@ class PlanCache:
         # group whose tensors stay put replays its last step's launches instead, keyed by the group.
         self.replays: dict[object, Replay] = {}
 
-    def clear(self) -> None:
-        """Forget every plan, replay and the scratch (after a load_state_dict, say); captured graphs keep theirs."""
-        self._plans.clear()
-        self._scratch.clear()
-        self.replays.clear()
-
     def remember(self, key, partition: list[list[int]], buckets: list[Bucket], steps: list, options: AdamWOptions,
                  grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         """Keep a param group's prepared step for :meth:`replay`: its ``buckets`` (``partition`` gives their
