@@ -12,7 +12,8 @@ interpreter on CPU tensors, at tiny sizes (and times nothing). Without a GPU
 and without a usable Triton the kernels will not run here (every optimizer
 runs the reference), so their checks are SKIPPED with the reason and the
 check passes on the reference alone. On a CUDA or ROCm machine whose kernels
-cannot run, it fails.
+cannot run, it fails. On ROCm (where torch calls an AMD GPU ``cuda``) it runs
+the same checks and prints the GPU's gfx architecture and the HIP version.
 
 What "pass" means, per case and tensor: the kernel's selection equals the
 reference selection computed from the kernel's own ``exp_avg`` (near-ties may
@@ -87,14 +88,19 @@ def _drivers() -> str:
 
 
 def environment(device: torch.device) -> list[tuple[str, str]]:
-    """What the results depend on: device, driver and library versions."""
+    """What the results depend on: device, driver (on ROCm, the HIP version) and library versions."""
     try:
         import triton
 
         triton_version = triton.__version__
     except Exception as error:  # noqa: BLE001 - reported, and the kernel checks say why they cannot run
         triton_version = "not installed" if isinstance(error, ModuleNotFoundError) else f"broken ({error})"
-    if device.type == "cuda":
+    if device.type == "cuda" and torch.version.hip:
+        # ROCm's torch calls an AMD GPU "cuda"; its architecture is the gfx name (gfx942:sramecc+:xnack-).
+        arch = torch.cuda.get_device_properties(device).gcnArchName.split(":")[0]
+        where = f"{torch.cuda.get_device_name(device)} ({arch})"
+        runtime = f"ROCm, HIP {torch.version.hip}"
+    elif device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         where = f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
         runtime = f"driver {_drivers()}, CUDA runtime {torch.version.cuda}"

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -129,3 +130,22 @@ def test_self_check_fails_and_names_the_case_when_kernels_and_reference_disagree
     assert "dense fp32" in out and "MoFO exact fp32" in out
     assert "tensor (3, 5): param differs by up to" in out
     assert out.rstrip().endswith("FAIL: 0 of 2 checks passed")
+
+
+def test_on_rocm_the_check_prints_the_gfx_architecture_and_the_hip_version(monkeypatch, capsys):
+    # ROCm's torch: an AMD GPU is a "cuda" device, torch.version.hip is set and torch.version.cuda is not.
+    monkeypatch.setattr(torch.version, "hip", "6.4.43482-0f2d60242")
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "AMD Instinct MI300X")
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: SimpleNamespace(gcnArchName="gfx942:sramecc+:xnack-"))
+    monkeypatch.setattr(functional, "triton_problem", lambda: NO_TRITON)
+    monkeypatch.setattr(check.subprocess, "run", _no_subprocess)
+    assert check.main([]) == 1  # the same checks as on CUDA: kernels that cannot run fail
+    out = capsys.readouterr().out
+    assert "  device: AMD Instinct MI300X (gfx942)\n" in out
+    assert "  driver: ROCm, HIP 6.4.43482-0f2d60242\n" in out
+    assert f"selopt's Triton kernels cannot run on this ROCm device: {NO_TRITON}" in out
+    for case in check.reference_cases():
+        assert re.search(rf"^{re.escape(case.name)} +PASS$", out, re.MULTILINE), out
