@@ -8,6 +8,7 @@ can prepare every bucket before writing anything. Every implementation is
 called as ``prepare(bucket, options, grad_scale=..., found_inf=..., cache=...)``:
 
 - ``selopt.reference.prepare_adamw``: the torch reference, tensor by tensor;
+- ``selopt.fused.prepare_adamw``: torch's fused AdamW and a linear-time select, for CPU tensors;
 - ``selopt.kernels.prepare_adamw``: the fused Triton kernels, a few launches per bucket;
 - ``selopt.distributed.prepare_adamw_on_kernels`` and ``prepare_adamw``:
   DTensor params (FSDP2, tensor parallel), the kernels or the reference on
@@ -31,7 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from selopt import distributed, reference, selection
+from selopt import distributed, fused, reference, selection
 from selopt.bucket import Bucket
 from selopt.options import AdamWOptions
 from selopt.state import moment_dtype
@@ -39,6 +40,8 @@ from selopt.state import moment_dtype
 MIN_TRITON = (3, 6)  # the oldest Triton whose compile selopt's CI checks (torch 2.11's on CUDA)
 # Devices whose tensors backend="auto" sends to the kernels (tests add "cpu", where the interpreter runs them).
 AUTO_KERNEL_DEVICES = ("cuda",)
+# Devices whose tensors backend="auto" sends to the fused torch implementation (its select runs in numpy).
+AUTO_FUSED_DEVICES = ("cpu",)
 
 
 class Implementation(NamedTuple):
@@ -66,6 +69,7 @@ def _plan_cache():
 
 
 REFERENCE = Implementation("torch", reference.prepare_adamw, counts_on_device=False)
+FUSED = Implementation("torch fused", fused.prepare_adamw, counts_on_device=False)
 TRITON = Implementation("triton", _kernels_prepare, counts_on_device=True, make_cache=_plan_cache)
 SHARDED = Implementation("sharded", distributed.prepare_adamw, counts_on_device=False)
 SHARDED_TRITON = Implementation("sharded triton", distributed.prepare_adamw_on_kernels, counts_on_device=True,
@@ -105,14 +109,16 @@ def choose_implementation(device: torch.device, param_dtype: torch.dtype, moment
 
     >>> choose_implementation(torch.device("cpu"), torch.float32, torch.float32, sharded=False,
     ...                       options=AdamWOptions()).name
-    'torch'
+    'torch fused'
     """
     backend = options.backend
-    if backend == "torch" or (backend == "auto" and device.type not in AUTO_KERNEL_DEVICES):
+    if backend == "auto" and device.type in AUTO_FUSED_DEVICES and device.type not in AUTO_KERNEL_DEVICES:
+        chosen = FUSED
+    elif backend == "torch" or (backend == "auto" and device.type not in AUTO_KERNEL_DEVICES):
         chosen = REFERENCE
     else:
         chosen = _triton_or_fallback(device, param_dtype, moment_dtype, backend, warn)
-    if sharded:  # DTensor params step their local shards, with the same choice of math
+    if sharded:  # DTensor params step their local shards, on the kernels or the reference
         chosen = SHARDED_TRITON if chosen is TRITON else SHARDED
     if options.capturable and not chosen.counts_on_device and device.type != "cpu":
         raise ValueError(

@@ -19,7 +19,7 @@ SOURCES = {"selopt": ROOT / "selopt", "selopt.kernels": ROOT / "kernels"}
 LAYERS = [
     {"selopt.optim"},
     {"selopt.functional"},
-    {"selopt.reference", "selopt.distributed", "selopt.kernels.adamw"},
+    {"selopt.reference", "selopt.fused", "selopt.distributed", "selopt.kernels.adamw"},
     {"selopt.bucket", "selopt.selection", "selopt.options"},
 ]
 

@@ -98,10 +98,14 @@ def test_stochastic_rounding_resumes_bit_for_bit(backend):
 
 
 @pytest.mark.parametrize("direction", ["torch->selopt", "selopt->torch"])
-def test_state_dict_moves_between_torch_adamw_and_selopt(direction):
+# On CPU, backend="auto" is torch's fused kernel and backend="torch" its for-loop, each bit for bit.
+@pytest.mark.parametrize(("torch_implementation", "backend"), [("foreach", "torch"), ("fused", "auto")])
+def test_state_dict_moves_between_torch_adamw_and_selopt(direction, torch_implementation, backend):
     options = dict(lr=1e-2, weight_decay=0.1, amsgrad=True)
-    make_torch = lambda ps: torch.optim.AdamW(ps, foreach=False, **options)
-    make_selopt = lambda ps: selopt.AdamW(ps, **options)
+    implementation = dict(fused=True) if torch_implementation == "fused" else dict(foreach=False)
+    make_torch = lambda ps: torch.optim.AdamW(ps, **implementation, **options)
+    # The flag rides in the saved groups, where torch's load reads it: it must name the same implementation.
+    make_selopt = lambda ps: selopt.AdamW(ps, backend=backend, **implementation, **options)
     first, second = (make_torch, make_selopt) if direction == "torch->selopt" else (make_selopt, make_torch)
 
     assert_resume_continues_the_run(first, second, steps=5)

@@ -248,7 +248,7 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
         opt.step()
 
 
-def test_auto_backend_uses_torch_on_cpu():
+def test_auto_backend_uses_the_fused_torch_implementation_on_cpu():
     chosen = functional.choose_implementation(torch.device("cpu"), torch.float32, torch.float32, sharded=False,
                                               options=AdamWOptions())
-    assert chosen is functional.REFERENCE
+    assert chosen is functional.FUSED
