@@ -6,6 +6,10 @@ import torch
 import selopt
 from bench.tiny_llama import TinyLlama, TinyLlamaConfig
 
+# Under Triton's interpreter: every hint a kernel makes is checked, and tests can run a launch's
+# programs out of order (tests/interpreter_checks.py).
+pytest_plugins = ["tests.interpreter_checks"]
+
 
 def tiny_llama(layers: int = 4) -> TinyLlama:
     """A seeded, randomly initialised decoder with Hugging Face Llama parameter names."""
