@@ -11,8 +11,9 @@ stays the ground truth and runs with ``backend="torch"``). One step of a bucket:
    numpy's introselect: linear time, and 15x faster than ``torch.kthvalue``
    on CPU (bench/NOTES.md §6);
 3. the unselected entries get back their old value, decayed under
-   ``decay="all"``, by one masked numpy multiply (bit for bit the reference's
-   ``p * (1 - lr * wd)``; a torch ``where`` on a bool mask is 5x slower on CPU).
+   ``decay="all"`` (bit for bit the reference's ``p * (1 - lr * wd)``), by a
+   blend of bit patterns under an integer mask (bench/NOTES.md §6: masked
+   copies, torch's ``where`` or numpy's ``where=``, are 10-15x slower on CPU).
 
 The moments of the selected entries and the whole of ``m`` and ``v`` are the
 fused kernel's, so they round as ``torch.optim.AdamW(fused=True)`` does, not
@@ -24,6 +25,9 @@ in ``"update"`` mode applies the reference's update to the stored moments.
 """
 
 from __future__ import annotations
+
+import functools
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -74,7 +78,7 @@ def _step(bucket: Bucket, options: AdamWOptions, grad_scale: Tensor | None) -> N
     else:
         grads = [_in_compute_dtype(g, dtype) for g in bucket.grads]
     selective = options.fraction < 1 or (options.soft_mask_mode == "update" and any(s is not None for s in masks))
-    olds = [p.clone() for p in working["params"]] if selective else None
+    olds = [_unselected_value(p, s, options) for p, s in zip(working["params"], masks)] if selective else None
     torch._foreach_add_(list(bucket.steps), 1.0)
     torch._fused_adamw_(
         working["params"], grads, working["exp_avgs"], working["exp_avg_sqs"],
@@ -86,14 +90,38 @@ def _step(bucket: Bucket, options: AdamWOptions, grad_scale: Tensor | None) -> N
         for stored, new in zip(bucket.column(name), working[name]):
             if stored is not None and new is not stored:
                 stored.copy_(new)  # rounded once to the state's dtype, which the selection then reads
-    for i, p in enumerate(params):
+    def finish(i: int) -> None:
         new_param = working["params"][i]
         if selective:
             _select_and_restore(bucket, i, new_param, olds[i], options)
         elif bucket.selections is not None and bucket.selections[i] is not None:
             bucket.selections[i].fill_(True)
-        if new_param is not p:
-            _store_param(p, new_param, bucket, i, options)
+        if new_param is not params[i]:
+            _store_param(params[i], new_param, bucket, i, options)
+
+    threads = torch.get_num_threads()
+    if threads > 1 and len(params) > 1:
+        # numpy's select and blend run on one core, tensor by tensor (they release the GIL): spread the
+        # tensors over torch's thread count, as torch spreads its own ops.
+        list(_worker_pool(threads).map(finish, range(len(params))))
+    else:
+        for i in range(len(params)):
+            finish(i)
+
+
+@functools.cache
+def _worker_pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="selopt-fused")
+
+
+def _unselected_value(param: Tensor, soft_mask: Tensor | None, options: AdamWOptions) -> Tensor:
+    """What an unselected entry of ``param`` becomes: ``param * (1 - lr * wd)`` under ``decay="all"`` (the
+    reference's very operation), else ``param``; a copy, taken before the fused kernel writes ``param``.
+    With a soft mask on the update, ``param`` itself, from which the reference's update is stepped."""
+    update_masked = soft_mask is not None and options.soft_mask_mode == "update"
+    if options.decay == "all" and options.weight_decay != 0 and not update_masked:
+        return torch.mul(param, 1 - float(options.lr) * options.weight_decay)
+    return param.clone()
 
 
 def _in_compute_dtype(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -102,44 +130,44 @@ def _in_compute_dtype(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 
 def _select_and_restore(bucket: Bucket, i: int, new_param: Tensor, old: Tensor, options: AdamWOptions) -> None:
-    """Give the unselected entries of ``new_param`` their old value, as the reference does; record the selection."""
+    """Give the unselected entries of ``new_param`` the value ``old`` holds for them; record the selection."""
     tensors = bucket.tensors(i)
-    unselected = unselected_entries(tensors["exp_avgs"], options.fraction, options.block_size)
+    keep = keep_mask(tensors["exp_avgs"], options.fraction, options.block_size)
     if tensors["selections"] is not None:
-        np.logical_not(unselected, out=tensors["selections"].numpy())
+        np.equal(keep, 0, out=tensors["selections"].numpy())
     soft_mask = tensors["soft_masks"]
     if soft_mask is not None and options.soft_mask_mode == "update":
         # The mask scales the update inside the fused formula: the reference's update, from the stored moments.
         vmax = tensors["max_exp_avg_sqs"] if options.amsgrad else None
         moments = reference.Moments(tensors["exp_avgs"].to(old.dtype), tensors["exp_avg_sqs"].to(old.dtype),
                                     None if vmax is None else vmax.to(old.dtype))
-        new_param.copy_(reference.apply_update(old, moments, torch.from_numpy(~unselected),
-                                               step=float(tensors["steps"]), options=options, soft_mask=soft_mask))
+        new_param.copy_(reference.apply_update(old, moments, torch.from_numpy(keep == 0), step=float(tensors["steps"]),
+                                               options=options, soft_mask=soft_mask))
     elif options.fraction < 1:
-        target = new_param.numpy()
-        if options.decay == "all" and options.weight_decay != 0:
-            decay = target.dtype.type(1 - float(options.lr) * options.weight_decay)
-            np.multiply(old.numpy(), decay, out=target, where=unselected)
-        else:
-            np.copyto(target, old.numpy(), where=unselected)
+        # new ^= (new ^ old) & keep: a bit blend, 15x faster than numpy's or torch's masked copies on CPU.
+        new_bits, old_bits = (t.numpy().view(keep.dtype) for t in (new_param, old))
+        difference = np.bitwise_xor(new_bits, old_bits)
+        np.bitwise_and(difference, keep, out=difference)
+        np.bitwise_xor(new_bits, difference, out=new_bits)
 
 
-def unselected_entries(exp_avg: Tensor, fraction: float, block_size: int | None) -> np.ndarray:
-    """The entries MoFO leaves alone, shaped like ``exp_avg``: the complement of
-    :func:`selopt.selection.selection_mask`, computed by a linear-time select.
+def keep_mask(exp_avg: Tensor, fraction: float, block_size: int | None) -> np.ndarray:
+    """Which entries MoFO leaves alone, shaped like ``exp_avg``: all bits set (-1) where an entry keeps its
+    value, 0 where it is selected, the selection of :func:`selopt.selection.selection_mask` by a linear-time select.
 
-    >>> unselected_entries(torch.tensor([0.1, -3.0, 2.0, 0.5]), 0.5, None).tolist()
-    [True, False, False, True]
+    An integer mask as wide as the compute dtype, so that applying it is a bit blend.
+
+    >>> keep_mask(torch.tensor([0.1, -3.0, 2.0, 0.5]), 0.5, None).tolist()
+    [-1, 0, 0, -1]
     """
-    if fraction >= 1:
-        return np.zeros(tuple(exp_avg.shape), dtype=bool)  # dense AdamW: every entry, zeros included
     m = exp_avg.detach()
     m = m.float() if m.dtype not in (torch.float32, torch.float64) else m
     values = m.numpy()
     key_dtype = np.dtype(np.int64 if values.dtype == np.float64 else np.int32)
+    if fraction >= 1:
+        return np.zeros(values.shape, dtype=key_dtype)  # dense AdamW: every entry, zeros included
     # |m|'s bit pattern (sign bit cleared) orders like |m|; a fresh contiguous array in m's logical order.
     keys = np.bitwise_and(values.view(key_dtype), np.iinfo(key_dtype).max).reshape(-1)
-    unselected = np.empty(keys.shape, dtype=bool)
     n = keys.size
     block = n if block_size is None else block_size
     whole = n // block * block if n else 0
@@ -148,9 +176,11 @@ def unselected_entries(exp_avg: Tensor, fraction: float, block_size: int | None)
             rows = keys[start:stop].reshape(-1, width)
             rank = width - block_k(fraction, width)  # the k-th largest is at this index in ascending order
             kth = np.partition(rows, rank, axis=1)[:, rank:rank + 1]
-            threshold = np.clip(kth, MIN_THRESHOLD, INF_KEY[key_dtype] + 1)
-            np.less(rows, threshold, out=unselected[start:stop].reshape(-1, width))
-    return unselected.reshape(exp_avg.shape)
+            # key - threshold is negative exactly where key < threshold (no overflow: both are below 2^31 or
+            # 2^63), and the arithmetic shift spreads its sign bit over the word.
+            np.subtract(rows, np.clip(kth, MIN_THRESHOLD, INF_KEY[key_dtype] + 1), out=rows)
+    np.right_shift(keys, keys.itemsize * 8 - 1, out=keys)
+    return keys.reshape(values.shape)
 
 
 def _store_param(param: Tensor, new_param: Tensor, bucket: Bucket, i: int, options: AdamWOptions) -> None:

@@ -132,7 +132,7 @@ def test_threshold_select_equals_the_reference_selection(dtype, block_size):
     m.view(-1)[-40:] = -m.view(-1)[-40:]
     for fraction in (0.01, 0.1, 0.3, 0.9, 1.0):
         want = selection.selection_mask(m if dtype == torch.float64 else m.float(), fraction, block_size)
-        assert torch.equal(~torch.from_numpy(fused.unselected_entries(m, fraction, block_size)), want), fraction
+        assert torch.equal(torch.from_numpy(fused.keep_mask(m, fraction, block_size) == 0), want), fraction
 
 
 def test_nan_payloads_tie_with_each_other():
@@ -140,7 +140,7 @@ def test_nan_payloads_tie_with_each_other():
     m = torch.tensor([1.0, 2.0, 3.0, 4.0])
     m.view(torch.int32)[:3] = torch.tensor([0x7FC00000, 0x7F800001, -0x00400000], dtype=torch.int32)  # NaNs
     assert m[:3].isnan().all()
-    assert torch.equal(~torch.from_numpy(fused.unselected_entries(m, 0.25, None)),
+    assert torch.equal(torch.from_numpy(fused.keep_mask(m, 0.25, None) == 0),
                        selection.selection_mask(m, 0.25))
 
 
@@ -267,3 +267,19 @@ def test_optimizer_checkpoints_move_between_fused_and_reference(block_size):
             theirs.load_state_dict(state)
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_one_thread_and_a_pool_of_threads_step_alike():
+    results = []
+    for threads in (1, 3):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            columns = make_tensors(SHAPES, seed=3)
+            fused.prepare_adamw(bucket_of(columns), AdamWOptions(**HYPER, fraction=0.2, block_size=256))()
+        finally:
+            torch.set_num_threads(previous)
+        results.append(columns)
+    for name in ("param", "exp_avg", "exp_avg_sq", "selection"):
+        for a, b in zip(results[0][name], results[1][name]):
+            assert torch.equal(a, b), name

@@ -1,0 +1,150 @@
+"""The CPU step side by side: selopt's fused CPU path, its torch reference and torch's three AdamWs.
+
+Run from the repository root (about 4 minutes on 2 cores)::
+
+    python -m bench.cpu                  # writes bench/results/cpu-step.json
+    python -m bench.cpu --quick          # seconds, tiny sizes (what CI runs)
+
+Two sizes: 60 fp32 tensors of 256x256 (the tensors of a small model) and one
+of 2^24 entries; 1 and 2 torch threads. The variants run in rounds, one step
+of each per round, so that every ratio compares steps taken under the same
+load; a figure is the median over the rounds. Ratios are to
+``torch.optim.AdamW(fused=True)`` in the same run. The targets of issue 24:
+dense ``selopt.AdamW`` <= 1.2x, ``selopt.MoFO`` exact and with
+``block_size=1024`` <= 3x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import selopt
+from bench import common
+
+RESULTS = Path(__file__).resolve().parent / "results" / "cpu-step.json"
+LR, WEIGHT_DECAY, FRACTION = common.LR, common.WEIGHT_DECAY, common.FRACTION
+# (name, builder, target ratio to torch fused or None)
+VARIANTS: list[tuple[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer], float | None]] = [
+    ("torch AdamW fused", lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=WEIGHT_DECAY, fused=True), None),
+    ("torch AdamW for-loop", lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=WEIGHT_DECAY, foreach=False), None),
+    ("torch AdamW foreach", lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=WEIGHT_DECAY, foreach=True), None),
+    ("selopt.AdamW", lambda ps: selopt.AdamW(ps, lr=LR, weight_decay=WEIGHT_DECAY), 1.2),
+    ("selopt.AdamW reference", lambda ps: selopt.AdamW(ps, lr=LR, weight_decay=WEIGHT_DECAY, backend="torch"), None),
+    ("selopt.MoFO block 1024", lambda ps: selopt.MoFO(ps, lr=LR, weight_decay=WEIGHT_DECAY, fraction=FRACTION,
+                                                      block_size=1024), 3.0),
+    ("selopt.MoFO block 1024 reference", lambda ps: selopt.MoFO(ps, lr=LR, weight_decay=WEIGHT_DECAY,
+                                                                fraction=FRACTION, block_size=1024,
+                                                                backend="torch"), None),
+    ("selopt.MoFO exact", lambda ps: selopt.MoFO(ps, lr=LR, weight_decay=WEIGHT_DECAY, fraction=FRACTION), 3.0),
+    ("selopt.MoFO exact reference", lambda ps: selopt.MoFO(ps, lr=LR, weight_decay=WEIGHT_DECAY, fraction=FRACTION,
+                                                           backend="torch"), None),
+]
+
+
+def cases(quick: bool) -> list[tuple[str, list[tuple[int, ...]], int]]:
+    """(name, shapes, rounds) of each size."""
+    if quick:
+        return [("6 x 64x64", [(64, 64)] * 6, 3), ("one tensor of 2^14", [(128, 128)], 3)]
+    return [("60 x 256x256", [(256, 256)] * 60, 15), ("one tensor of 2^24", [(4096, 4096)], 7)]
+
+
+def optimizers(shapes: list[tuple[int, ...]], seed: int = 0) -> list[tuple[str, torch.optim.Optimizer]]:
+    """Every variant's optimizer over its own copy of the same params and grads."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(shape, generator=gen) for shape in shapes]
+    grads = [torch.randn(shape, generator=gen) for shape in shapes]
+    built = []
+    for name, build, _ in VARIANTS:
+        copies = [p.clone().requires_grad_() for p in params]
+        for p, g in zip(copies, grads):
+            p.grad = g.clone()
+        built.append((name, build(copies)))
+    return built
+
+
+def time_in_rounds(built: list[tuple[str, torch.optim.Optimizer]], rounds: int) -> dict[str, list[float]]:
+    """Milliseconds of each variant's steps, taken one step of each per round after two warm-up rounds."""
+    times: dict[str, list[float]] = {name: [] for name, _ in built}
+    for round_index in range(rounds + 2):
+        for name, opt in built:
+            start = time.perf_counter()
+            opt.step()
+            if round_index >= 2:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def measure(quick: bool, threads: list[int]) -> list[dict]:
+    records = []
+    for case, shapes, rounds in cases(quick):
+        built = optimizers(shapes)
+        for count in threads:
+            torch.set_num_threads(count)
+            times = time_in_rounds(built, rounds)
+            fused = statistics.median(times["torch AdamW fused"])
+            for name, _, target in VARIANTS:
+                median = statistics.median(times[name])
+                records.append(dict(case=case, threads=count, variant=name, ms=median, ratio=median / fused,
+                                    target=target, met=None if target is None else median / fused <= target,
+                                    rounds=rounds))
+                print(f"{case:<20} {count} thread(s)  {name:<34} {median:9.2f} ms  {median / fused:6.2f}x"
+                      + ("" if target is None else f"  (target <= {target}x: "
+                         f"{'met' if median / fused <= target else 'MISSED'})"), flush=True)
+        del built
+    return records
+
+
+def markdown(records: list[dict]) -> str:
+    """The README's table: ms per step and the ratio to torch fused, per size and thread count."""
+    columns = sorted({(r["case"], r["threads"]) for r in records}, key=lambda c: ([r["case"] for r in records].index(
+        c[0]), c[1]))
+    header = "| variant | " + " | ".join(f"{case}, {t} thr." for case, t in columns) + " |"
+    lines = [header, "|---" * (len(columns) + 1) + "|"]
+    for name, _, target in VARIANTS:
+        cells = []
+        for case, count in columns:
+            r = next(r for r in records if r["variant"] == name and r["case"] == case and r["threads"] == count)
+            cells.append(f"{r['ms']:.1f} ms ({r['ratio']:.2f}x)")
+        lines.append(f"| {name}" + ("" if target is None else f" (target <= {target}x)") + " | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.cpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 3 rounds: seconds")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--out", type=Path, default=None, help=f"JSON to write (default {RESULTS}; none with --quick)")
+    args = parser.parse_args(argv)
+    records = measure(args.quick, args.threads)
+    print(markdown(records))
+    out = args.out if args.out is not None else (None if args.quick else RESULTS)
+    if out is not None:
+        result = dict(device=common.device_full_name(torch.device("cpu")), torch=torch.__version__,
+                      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                      command="python -m bench." + Path(__file__).stem + " " + " ".join(argv or sys.argv[1:]),
+                      fraction=FRACTION, lr=LR, weight_decay=WEIGHT_DECAY, load_average=list(_load_average()),
+                      records=records, table=markdown(records))
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {out}")
+    return 0 if all(r["met"] is not False for r in records) else 1
+
+
+def _load_average() -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return ()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
