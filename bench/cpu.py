@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import selopt
@@ -103,6 +104,51 @@ def measure(quick: bool, threads: list[int]) -> list[dict]:
     return records
 
 
+def primitives(numel: int = 1 << 16, repeats: int = 200) -> dict[str, float]:
+    """Microseconds per call of the ways to select and to restore on one fp32 tensor of ``numel``
+    (one thread): why :mod:`selopt.fused` uses numpy's partition and a bit blend."""
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    m, new, old = (torch.randn(numel, generator=gen) for _ in range(3))
+    keys = m.abs().view(torch.int32)
+    rank = numel - numel * 15 // 100
+    unselected = keys < int(keys.kthvalue(rank).values)
+    keep = -unselected.to(torch.int32)
+    arrays = dict(keys=keys.numpy(), new=new.numpy(), old=old.numpy(), unselected=unselected.numpy(),
+                  keep=keep.numpy(), scratch=np.empty(numel, dtype=np.int32))
+    candidates = {
+        "select: torch.kthvalue": lambda: keys.kthvalue(rank),
+        "select: torch.topk": lambda: keys.topk(numel - rank, sorted=False),
+        "select: numpy.partition (copy)": lambda: np.partition(arrays["keys"], rank),
+        "restore: torch.where": lambda: torch.where(unselected, old, new, out=new),
+        "restore: numpy.copyto(where=)": lambda: np.copyto(arrays["new"], arrays["old"], where=arrays["unselected"]),
+        "restore: bit blend (xor, and, xor)": lambda: _blend(arrays),
+        "reference: torch.optim fused AdamW step of the same tensor": _fused_step(numel),
+    }
+    timings = {}
+    for name, call in candidates.items():
+        call()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            call()
+        timings[name] = (time.perf_counter() - start) / repeats * 1e6
+        print(f"{name:<58} {timings[name]:8.1f} us", flush=True)
+    return timings
+
+
+def _blend(arrays: dict) -> None:
+    new_bits, old_bits, scratch = arrays["new"].view(np.int32), arrays["old"].view(np.int32), arrays["scratch"]
+    np.bitwise_xor(new_bits, old_bits, out=scratch)
+    np.bitwise_and(scratch, arrays["keep"], out=scratch)
+    np.bitwise_xor(new_bits, scratch, out=new_bits)
+
+
+def _fused_step(numel: int) -> Callable[[], None]:
+    p = torch.zeros(numel, requires_grad=True)
+    p.grad = torch.ones(numel)
+    return torch.optim.AdamW([p], fused=True).step
+
+
 def markdown(records: list[dict]) -> str:
     """The README's table: ms per step and the ratio to torch fused, per size and thread count."""
     columns = sorted({(r["case"], r["threads"]) for r in records}, key=lambda c: ([r["case"] for r in records].index(
@@ -125,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--out", type=Path, default=None, help=f"JSON to write (default {RESULTS}; none with --quick)")
     args = parser.parse_args(argv)
+    timings = primitives(repeats=5 if args.quick else 200)
     records = measure(args.quick, args.threads)
     print(markdown(records))
     out = args.out if args.out is not None else (None if args.quick else RESULTS)
@@ -133,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                       date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                       command="python -m bench." + Path(__file__).stem + " " + " ".join(argv or sys.argv[1:]),
                       fraction=FRACTION, lr=LR, weight_decay=WEIGHT_DECAY, load_average=list(_load_average()),
+                      primitives_us_per_2e16_fp32=timings,
                       records=records, table=markdown(records))
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {out}")
