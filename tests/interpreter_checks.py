@@ -36,7 +36,8 @@ import numpy as np
 import pytest
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-NO_INTERPRETER = "program order is the interpreter's: without TRITON_INTERPRET=1 the GPU picks it"
+NO_INTERPRETER = ("these checks patch Triton's interpreter: they need TRITON_INTERPRET=1 (on a GPU the compiler "
+                  "takes the hints and the hardware picks the program order)")
 HINTS = ("multiple_of", "max_contiguous", "max_constancy")
 checked = collections.Counter()  # hints found true this run, by name (the run's summary prints them)
 

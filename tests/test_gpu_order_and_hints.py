@@ -16,13 +16,14 @@ import dataclasses
 import pytest
 import torch
 
+import selopt
 from selopt.bucket import Bucket
 from selopt.options import AdamWOptions
-from tests.interpreter_checks import INTERPRETING, NO_INTERPRETER, FalseHint, checked
+from tests.interpreter_checks import INTERPRETING, NO_INTERPRETER, FalseHint, checked, install
 
 triton = pytest.importorskip("triton", reason="the kernel checks need Triton (pip install 'selopt[triton]')")
 if not INTERPRETING:
-    pytest.skip(NO_INTERPRETER.replace("program order", "what the interpreter hides"), allow_module_level=True)
+    pytest.skip(NO_INTERPRETER, allow_module_level=True)
 
 import triton.language as tl  # noqa: E402  (after the skip: the kernels below need the interpreter)
 
@@ -61,8 +62,9 @@ CASES = {
     "exact": Case(None, 0.15, flags=frozenset({"amsgrad", "selections", "beta1_below_half"}), soft_mask="rows grad",
                   grads=("steady", "steady", "jump"), from_list=((0, 0, 0), (0, 0, 1), (0, 0, 0))),
     "exact segments": Case(2 * block.MAX_BLOCK, 0.1, moment_dtype=torch.bfloat16,
-                           flags=frozenset({"decay_selected", "beta1_below_half", "found_inf"}), soft_mask="full update",
-                           shapes=((9000,),), grads=("steady", "steady"), from_list=((0, 0), (1, 1))),
+                           flags=frozenset({"decay_selected", "beta1_below_half", "found_inf"}),
+                           soft_mask="full update", shapes=((9000,),), grads=("steady", "steady"),
+                           from_list=((0, 0), (1, 1))),
     "exact sharded": Case(None, 0.2, flags=frozenset({"beta1_below_half", "grad_scale"}),
                           grads=("steady", "steady", "jump"), sharded=True, from_list=READ_THEN_MISSED),
 }
@@ -164,7 +166,31 @@ def test_every_path_steps_bitwise_the_same_whatever_order_the_programs_run(case,
     for order in ORDERS:
         with program_order(order):
             actual, _, _ = run(CASES[case], stochastic_rounding)
-        assert not bitwise_differences(expected, actual), f"programs run {order}: {bitwise_differences(expected, actual)}"
+        differences = bitwise_differences(expected, actual)
+        assert not differences, f"programs run {order}: {differences}"
+
+
+def train(block_size: int | None, steps: int = 3) -> dict[str, list[torch.Tensor]]:
+    """A small model's params and optimizer state after ``steps`` MoFO steps on the kernels (the first
+    builds the launches, the others replay them)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 32), torch.nn.Linear(32, 3))
+    opt = selopt.MoFO(model.parameters(), lr=1e-2, fraction=0.2, block_size=block_size, backend="triton")
+    x = torch.randn(16, 40)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    state = [t for p in model.parameters() for t in opt.state[p].values() if isinstance(t, torch.Tensor)]
+    return {"params": list(model.parameters()), "state": state}
+
+
+@pytest.mark.parametrize("block_size", [512, None], ids=["block 512", "exact"])
+def test_optimizer_steps_bitwise_the_same_whatever_order_the_programs_run(block_size, program_order):
+    expected = train(block_size)
+    for order in ORDERS:
+        with program_order(order):
+            assert not bitwise_differences(expected, train(block_size)), f"programs run {order}"
 
 
 # ---------------------------------------------------------------- the reordering itself, and a planted race
@@ -179,7 +205,8 @@ def _record_order(visits, counter):
 
 
 def visit_order(grid: tuple[int, ...]) -> list[int]:
-    visits, counter = torch.full((int(torch.tensor(grid).prod()),), -1, dtype=torch.int32), torch.zeros((), dtype=torch.int32)
+    visits = torch.full((int(torch.tensor(grid).prod()),), -1, dtype=torch.int32)
+    counter = torch.zeros((), dtype=torch.int32)
     _record_order[grid](visits, counter)
     return visits.tolist()
 
@@ -281,3 +308,23 @@ def test_hint_check_catches_a_wrong_host_alignment_check(monkeypatch, numel, off
     with pytest.raises(Exception) as raised:
         kernels.multi_tensor_adamw_(bucket, AdamWOptions(fraction=0.5, block_size=block_size))
     assert false_hint in false_hint_message(raised.value)
+
+
+# ---------------------------------------------------------------- a Triton whose interpreter changed
+
+
+@pytest.mark.parametrize("missing", ["_patch_lang_core", "interpreter_builder"])
+def test_install_fails_loudly_on_an_interpreter_without_what_it_patches(monkeypatch, missing):
+    from triton.runtime import interpreter
+
+    monkeypatch.delattr(interpreter, missing)
+    with pytest.raises(RuntimeError, match="update tests/interpreter_checks.py"):
+        install()
+
+
+def test_reordering_fails_loudly_on_a_grid_loop_that_is_not_row_major(program_order):
+    from triton.runtime.interpreter import interpreter_builder
+
+    interpreter_builder.set_grid_dim(2, 1, 1)
+    with program_order("reversed"), pytest.raises(RuntimeError, match="out of row-major order"):
+        interpreter_builder.set_grid_idx(1, 0, 0)  # a loop that starts anywhere but program 0
