@@ -1,17 +1,21 @@
-"""Compile every kernel specialization selopt can launch for real NVIDIA GPUs, with no GPU.
+"""Compile every kernel specialization selopt can launch for real NVIDIA and AMD GPUs, with no GPU.
 
 Triton's interpreter (``TRITON_INTERPRET=1``) runs the kernels on CPU but
 enforces none of the compiler's rules, so a kernel green under it can still
 fail to compile for a GPU. This module closes that gap: :func:`compile_only`
-makes Triton's active driver a stand-in that reports a CUDA target and turns
+makes Triton's active driver a stand-in that reports a GPU target and turns
 every launch into a compile, and :func:`main` drives the library's own
 :func:`~selopt.kernels.multi_tensor_adamw_` on CPU tensors through a matrix of
-configurations. Each kernel is therefore compiled (to SASS, by ptxas) with
-exactly the constexprs and argument specialization a real launch has.
+configurations. Each kernel is therefore compiled with exactly the constexprs
+and argument specialization a real launch has: to SASS by ptxas for an NVIDIA
+target (``80``, ``sm_90``), to an AMDGCN code object by the ``ld.lld`` in the
+Triton wheel for an AMD Instinct one (``gfx942``: MI300X/MI325X, ``gfx90a``:
+MI250X). On ROCm torch calls an AMD GPU ``cuda``, so ``backend="auto"`` sends
+an MI300X user to these same kernels.
 
 Run it with ``TRITON_INTERPRET`` unset::
 
-    python -m selopt.kernels.compile_check --arch 80 90 --quick-arch 100 120
+    python -m selopt.kernels.compile_check --arch 80 90 gfx942 --quick-arch 100 120 gfx90a
 
 It exits non-zero if any kernel fails, naming the kernel, the configuration
 and the innermost compiler error.
@@ -44,12 +48,47 @@ from selopt.kernels.launch import KernelCompileError
 from selopt.options import AdamWOptions
 
 
-class CompileOnlyDriver(DriverBase):
-    """Triton driver that reports ``sm_<arch>`` and owns no device: kernels compile, nothing launches."""
+# The AMD targets checked, with their wavefront size: CDNA runs 64 lanes per wavefront, where
+# Triton's warp is the wavefront (RDNA's 32-lane wavefronts are not a selopt target).
+AMD_WAVEFRONTS = {"gfx90a": 64, "gfx942": 64}
 
-    def __init__(self, arch: int):
+
+def gpu_target(arch: int | str) -> GPUTarget:
+    """The Triton target of ``arch``: an NVIDIA compute capability (``90``, ``"90"``, ``"sm_90"``) or an
+    AMD architecture of :data:`AMD_WAVEFRONTS` (``"gfx942"``).
+
+    Example:
+        >>> gpu_target("sm_90")
+        GPUTarget(backend='cuda', arch=90, warp_size=32)
+        >>> gpu_target("gfx942")
+        GPUTarget(backend='hip', arch='gfx942', warp_size=64)
+    """
+    text = str(arch).lower()
+    if text in AMD_WAVEFRONTS:
+        return GPUTarget("hip", text, AMD_WAVEFRONTS[text])
+    capability = text.removeprefix("sm_")
+    if not capability.isdigit():
+        raise ValueError(f"arch {arch!r} is neither a compute capability (80, sm_90) nor an AMD target "
+                         f"({', '.join(AMD_WAVEFRONTS)})")
+    return GPUTarget("cuda", int(capability), 32)
+
+
+def target_name(target: GPUTarget) -> str:
+    """How reports name ``target``: ``sm_90``, ``gfx942``.
+
+    Example:
+        >>> target_name(gpu_target(90)), target_name(gpu_target("gfx90a"))
+        ('sm_90', 'gfx90a')
+    """
+    return f"sm_{target.arch}" if target.backend == "cuda" else target.arch
+
+
+class CompileOnlyDriver(DriverBase):
+    """Triton driver that reports ``target`` and owns no device: kernels compile, nothing launches."""
+
+    def __init__(self, target: GPUTarget):
         super().__init__()
-        self.target = GPUTarget("cuda", arch, 32)
+        self.target = target
 
     @classmethod
     def is_active(cls) -> bool:
@@ -69,7 +108,7 @@ class CompileOnlyDriver(DriverBase):
 
     def get_current_device(self) -> str:
         # Triton keeps its compiled kernels per device: one key per target keeps them apart.
-        return f"compile-only-sm_{self.target.arch}"
+        return f"compile-only-{target_name(self.target)}"
 
     def get_current_stream(self, device) -> int:
         return 0
@@ -78,7 +117,8 @@ class CompileOnlyDriver(DriverBase):
 @dataclass(frozen=True)
 class Compiled:
     """One compiled specialization: the kernel's name, its launch options and Triton's ``CompiledKernel``
-    (``binary.asm["cubin"]``, ``binary.asm["ptx"]``, ``binary.metadata``)."""
+    (``binary.metadata``; ``binary.asm["cubin"]`` and ``["ptx"]`` for NVIDIA, ``["amdgcn"]`` and ``["hsaco"]``
+    for AMD)."""
 
     name: str
     options: dict
@@ -86,8 +126,8 @@ class Compiled:
 
 
 @contextlib.contextmanager
-def compile_only(arch: int) -> Iterator[list]:
-    """Within the block, launches compile for ``sm_<arch>`` instead of running.
+def compile_only(arch: int | str) -> Iterator[list]:
+    """Within the block, launches compile for ``arch`` (as :func:`gpu_target` reads it) instead of running.
 
     Yields the list of :class:`Compiled` kernels, one per distinct specialization.
 
@@ -96,8 +136,8 @@ def compile_only(arch: int) -> Iterator[list]:
         >>> with compile_only(90) as compiled:
         ...     multi_tensor_adamw_(Bucket([p], [p.clone()], [p.clone()], [p.clone()], [torch.zeros(())]),
         ...                         AdamWOptions())
-        >>> [(c.name, c.options["BLOCK"]) for c in compiled]
-        [('_block_adamw_kernel', 4096)]
+        >>> [(c.name, c.options.get("BLOCK")) for c in compiled]
+        [('_step_scalars_kernel', None), ('_block_adamw_kernel', 4096)]
     """
     compiled: list[Compiled] = []
     jit_run = JITFunction.run
@@ -112,7 +152,7 @@ def compile_only(arch: int) -> Iterator[list]:
     # Read the private slot, not driver.active: on a machine without a GPU the public property
     # tries to create a CUDA driver and raises.
     previous = driver._active
-    driver.set_active(CompileOnlyDriver(arch))
+    driver.set_active(CompileOnlyDriver(gpu_target(arch)))
     JITFunction.run = run_as_compile
     try:
         yield compiled
@@ -215,16 +255,17 @@ def run_configuration(config: Configuration) -> None:
         multi_tensor_adamw_(bucket, options, **step)
 
 
-def check_arch(arch: int, only: str = "", quick: bool = False) -> tuple[list[str], str]:
+def check_arch(arch: int | str, only: str = "", quick: bool = False) -> tuple[list[str], str]:
     """Compile every configuration (``quick``: :func:`configurations`' short list) whose name
-    contains ``only`` for ``sm_<arch>``.
+    contains ``only`` for ``arch`` (``90``, ``"gfx942"``).
 
     Returns (one message per failure, the report). Uses a fresh Triton cache:
     Triton's cache key ignores ``TRITON_ALLOW_NON_CONSTEXPR_GLOBALS``, so a cached
     binary could hide a kernel that no longer compiles under the strict default
     enforced here.
     """
-    triton.knobs.cache.dir = tempfile.mkdtemp(prefix=f"selopt-compile-check-sm_{arch}-")
+    name = target_name(gpu_target(arch))
+    triton.knobs.cache.dir = tempfile.mkdtemp(prefix=f"selopt-compile-check-{name}-")
     triton.knobs.compilation.allow_non_constexpr_globals = False
     configs = [c for c in configurations(quick) if only in c.name]
     failures, start, kernels = [], time.perf_counter(), 0
@@ -234,28 +275,34 @@ def check_arch(arch: int, only: str = "", quick: bool = False) -> tuple[list[str
                 run_configuration(config)
             kernels += len(compiled)
         except KernelCompileError as error:
-            failures.append(f"FAIL sm_{arch} [{config.name}] {error}")
-    report = "\n".join([*failures, f"sm_{arch}: {len(configs)} configurations, {kernels} kernels compiled, "
+            failures.append(f"FAIL {name} [{config.name}] {error}")
+    report = "\n".join([*failures, f"{name}: {len(configs)} configurations, {kernels} kernels compiled, "
                                     f"{len(failures)} failures, {time.perf_counter() - start:.0f} s"])
     return failures, report
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, nargs="*", default=[80, 90],
-                        help="compute capabilities to compile every configuration for, e.g. 80 90")
-    parser.add_argument("--quick-arch", type=int, nargs="*", default=[],
-                        help="compute capabilities to compile the short list for (every path, all options)")
+    parser.add_argument("--arch", nargs="*", default=["80", "90"],
+                        help="targets to compile every configuration for: NVIDIA compute capabilities "
+                             f"(80, sm_90) or AMD architectures ({', '.join(AMD_WAVEFRONTS)})")
+    parser.add_argument("--quick-arch", nargs="*", default=[],
+                        help="targets to compile the short list for (every path, all options)")
     parser.add_argument("--only", default="", help="only the configurations whose name contains this text")
     parser.add_argument("--jobs", type=int, default=1, help="targets compiled in parallel, one process each")
     args = parser.parse_args(argv)
     if launch.INTERPRETED:
         parser.error("the kernels were loaded by Triton's interpreter: run with TRITON_INTERPRET unset")
-    targets = [(arch, False) for arch in args.arch] + [(arch, True) for arch in args.quick_arch]
+    targets = []
+    for option, archs, quick in (("--arch", args.arch, False), ("--quick-arch", args.quick_arch, True)):
+        try:
+            targets += [(gpu_target(arch), quick) for arch in archs]
+        except ValueError as error:
+            parser.error(f"{option}: {error}")
     print(f"Triton {triton.__version__}, torch {torch.__version__}: compiling " + "; ".join(
-        f"{sum(args.only in c.name for c in configurations(quick))} configurations for sm_{arch}"
-        for arch, quick in targets), flush=True)
-    archs, quicks = [arch for arch, _ in targets], [quick for _, quick in targets]
+        f"{sum(args.only in c.name for c in configurations(quick))} configurations for {target_name(target)}"
+        for target, quick in targets), flush=True)
+    archs, quicks = [target_name(target) for target, _ in targets], [quick for _, quick in targets]
     onlys = [args.only] * len(targets)
     if args.jobs > 1:
         # spawn, not fork: each worker starts with its own Triton state and driver.

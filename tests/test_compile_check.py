@@ -1,4 +1,4 @@
-"""Every kernel specialization compiles for real NVIDIA targets, checked without a GPU.
+"""Every kernel specialization compiles for real NVIDIA and AMD targets, checked without a GPU.
 
 The check runs in a subprocess: ``make test`` sets ``TRITON_INTERPRET=1``,
 under which ``@triton.jit`` gives interpreter functions that never compile.
@@ -16,9 +16,10 @@ import pytest
 
 pytest.importorskip("triton", reason="the compile check compiles Triton kernels (pip install 'selopt[triton]')")
 
-# Every configuration for sm_80 (A100) and sm_90 (H100); every path with all options together for
-# sm_100 (B200) and sm_120 (RTX 50xx), the other targets CI's Triton supports.
-ARCHS, QUICK_ARCHS = ["80", "90"], ["100", "120"]
+# Every configuration for sm_80 (A100), sm_90 (H100), gfx942 (MI300X, MI325X) and gfx90a (MI250X);
+# every path with all options together for sm_100 (B200) and sm_120 (RTX 50xx), the other NVIDIA
+# targets CI's Triton supports. The AMD targets cost about 70 s each (bench/NOTES.md, AMD Instinct).
+ARCHS, QUICK_ARCHS = ["sm_80", "sm_90", "gfx942", "gfx90a"], ["sm_100", "sm_120"]
 
 
 def run_python(*args: str, timeout: int) -> subprocess.CompletedProcess:
@@ -32,7 +33,7 @@ def test_every_kernel_specialization_compiles_for_real_gpus():
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     assert "all kernels compiled" in result.stdout
     for arch in ARCHS + QUICK_ARCHS:
-        assert f"sm_{arch}: " in result.stdout and f"sm_{arch} [" not in result.stdout
+        assert f"\n{arch}: " in result.stdout and f"{arch} [" not in result.stdout
 
 
 def test_a_kernel_that_cannot_compile_fails_the_check_with_kernel_configuration_and_cause(tmp_path):
@@ -61,6 +62,13 @@ def test_a_kernel_that_cannot_compile_fails_the_check_with_kernel_configuration_
     assert 'NameError("Cannot access global variable RADIX_BINS' in result.stdout
     assert "FIRST_ROUND=True, BIN_BITS=10" in result.stdout
     assert result.stdout.rstrip().endswith("FAILED")
+
+
+def test_an_unknown_target_is_refused_naming_the_argument():
+    result = run_python("-m", "selopt.kernels.compile_check", "--arch", "90", "--quick-arch", "gfx1100", timeout=120)
+    assert result.returncode == 2
+    assert "--quick-arch: arch 'gfx1100' is neither a compute capability (80, sm_90) nor an AMD target (gfx90a, gfx942)" in (
+        result.stderr)
 
 
 def test_the_check_refuses_to_run_under_the_interpreter():
