@@ -69,7 +69,7 @@ def _plan_cache():
 
 
 REFERENCE = Implementation("torch", reference.prepare_adamw, counts_on_device=False)
-FUSED = Implementation("torch fused", fused.prepare_adamw, counts_on_device=False)
+FUSED = Implementation("torch fused", fused.prepare_adamw, counts_on_device=False, make_cache=fused.Scratch)
 TRITON = Implementation("triton", _kernels_prepare, counts_on_device=True, make_cache=_plan_cache)
 SHARDED = Implementation("sharded", distributed.prepare_adamw, counts_on_device=False)
 SHARDED_TRITON = Implementation("sharded triton", distributed.prepare_adamw_on_kernels, counts_on_device=True,

@@ -27,6 +27,8 @@ in ``"update"`` mode applies the reference's update to the stored moments.
 from __future__ import annotations
 
 import functools
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -38,14 +40,42 @@ from selopt.bucket import Bucket
 from selopt.options import AdamWOptions
 from selopt.selection import MIN_THRESHOLD, block_k
 
+# The integer view of each compute dtype's bits (the keys of selopt.selection), and its sign-clearing mask.
+KEY_DTYPES = {torch.float32: np.dtype(np.int32), torch.float64: np.dtype(np.int64)}
+KEY_MAX = {np.dtype(np.int32): np.int32(2**31 - 1), np.dtype(np.int64): np.int64(2**63 - 1)}
 # The largest key below NaN's: inf's. A threshold is never above it plus one, so every NaN (whatever
 # its payload bits, which numpy's select sees) ranks at the top and ties with every other NaN.
 INF_KEY = {np.dtype(np.int32): 0x7F800000, np.dtype(np.int64): 0x7FF0000000000000}
+# Entries per piece of the select and the blend: a piece's keys, m, old and new param (1 MiB in fp32)
+# stay in a core's L2 between the passes, which otherwise each stream a large tensor from DRAM.
+PIECE = 1 << 16
+MOMENT_FIELDS = ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
+
+
+class Scratch:
+    """The implementation's cache: work buffers per thread and dtype, grown to the largest tensor stepped.
+
+    Reused from step to step because a fresh large buffer is page-faulted in on
+    every step (about 20 ms for 64 MB on the 2-core VM of bench/NOTES.md §6,
+    as long as torch's whole fused step of a 2^24-entry tensor). Two buffers of
+    the largest tensor per thread that steps.
+    """
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def buffers(self, numel: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        held = self._local.__dict__.setdefault("held", {})
+        pair = held.get(dtype)
+        if pair is None or pair[0].numel() < numel:
+            pair = held[dtype] = (torch.empty(numel, dtype=dtype), torch.empty(numel, dtype=dtype))
+        return pair[0][:numel], pair[1][:numel]
 
 
 def prepare_adamw(bucket: Bucket, options: AdamWOptions, *, grad_scale: Tensor | None = None,
-                  found_inf: Tensor | None = None, cache=None):
-    """The fused CPU implementation of :func:`selopt.functional.prepare_adamw`; ``cache`` is unused.
+                  found_inf: Tensor | None = None, cache: Scratch | None = None):
+    """The fused CPU implementation of :func:`selopt.functional.prepare_adamw`; ``cache`` a :class:`Scratch`
+    (a new one per call when None).
 
     ``found_inf`` is read on the host (a CPU tensor: no synchronisation to
     speak of); when set, nothing changes, counts included.
@@ -56,57 +86,39 @@ def prepare_adamw(bucket: Bucket, options: AdamWOptions, *, grad_scale: Tensor |
     >>> [round(x, 6) for x in p.tolist()]  # the fused kernel rounds a little differently from the reference
     [0.0, 0.1, -0.1, 0.0]
     """
+    scratch = Scratch() if cache is None else cache
+
     def step() -> None:
         if found_inf is not None and bool(found_inf):
             return
         with torch.no_grad():
-            _step(bucket, options, grad_scale)
+            torch._foreach_add_(list(bucket.steps), 1.0)  # the fused kernel reads the count after this step
+            _step(bucket, options, grad_scale, scratch)
     return step
 
 
-def _step(bucket: Bucket, options: AdamWOptions, grad_scale: Tensor | None) -> None:
-    params = [p.detach() for p in bucket.params]
+def _step(bucket: Bucket, options: AdamWOptions, grad_scale: Tensor | None, scratch: Scratch) -> None:
     masks = bucket.column("soft_masks")
-    masked_grads = options.soft_mask_mode == "grad" and any(s is not None for s in masks)
-    dtype = reference.compute_dtype(params[0].dtype)
-    working = {name: [_in_compute_dtype(t, dtype) for t in bucket.column(name)]
-               for name in ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")}
-    working["params"] = [_in_compute_dtype(p, dtype) for p in params]
-    if masked_grads:  # the mask scales the gradient: the fused kernel gets the reference's effective gradient
-        grads = [reference.effective_grad(p, g, maximize=options.maximize, soft_mask=s, soft_mask_mode="grad",
-                                          grad_scale=grad_scale) for p, g, s in zip(params, bucket.grads, masks)]
-    else:
-        grads = [_in_compute_dtype(g, dtype) for g in bucket.grads]
-    selective = options.fraction < 1 or (options.soft_mask_mode == "update" and any(s is not None for s in masks))
-    olds = [_unselected_value(p, s, options) for p, s in zip(working["params"], masks)] if selective else None
-    torch._foreach_add_(list(bucket.steps), 1.0)
-    torch._fused_adamw_(
-        working["params"], grads, working["exp_avgs"], working["exp_avg_sqs"],
-        working["max_exp_avg_sqs"] if options.amsgrad else [], list(bucket.steps), lr=float(options.lr),
-        beta1=options.beta1, beta2=options.beta2, weight_decay=options.weight_decay, eps=options.eps,
-        amsgrad=options.amsgrad, maximize=options.maximize and not masked_grads,
-        grad_scale=None if masked_grads else grad_scale)
-    for name in ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):
-        for stored, new in zip(bucket.column(name), working[name]):
-            if stored is not None and new is not stored:
-                stored.copy_(new)  # rounded once to the state's dtype, which the selection then reads
-    def finish(i: int) -> None:
-        new_param = working["params"][i]
-        if selective:
-            _select_and_restore(bucket, i, new_param, olds[i], options)
-        elif bucket.selections is not None and bucket.selections[i] is not None:
-            bucket.selections[i].fill_(True)
-        if new_param is not params[i]:
-            _store_param(params[i], new_param, bucket, i, options)
-
+    masked_grad = options.soft_mask_mode == "grad" and any(s is not None for s in masks)
+    indices = [i for i, p in enumerate(bucket.params) if p.numel()]
+    if options.fraction >= 1 and (options.soft_mask_mode == "grad" or all(s is None for s in masks)):
+        # Dense: one fused call for the bucket, as torch.optim.AdamW(fused=True) makes.
+        works = [_working(bucket, i, options, grad_scale, masked_grad) for i in indices]
+        _fused_adamw(works, options, grad_scale, masked_grad)
+        for work in works:
+            if work["selections"] is not None:
+                work["selections"].fill_(True)
+            _finish(bucket, work, options)
+        return
     threads = torch.get_num_threads()
-    if threads > 1 and len(params) > 1:
-        # numpy's select and blend run on one core, tensor by tensor (they release the GIL): spread the
-        # tensors over torch's thread count, as torch spreads its own ops.
-        list(_worker_pool(threads).map(finish, range(len(params))))
+    if threads > 1 and len(indices) > 1:
+        # numpy's select and blend run on one core (releasing the GIL): spread the tensors over torch's
+        # thread count, as torch spreads its own ops.
+        list(_worker_pool(threads).map(lambda i: _select_step(bucket, i, options, grad_scale, masked_grad, scratch),
+                                       indices))
     else:
-        for i in range(len(params)):
-            finish(i)
+        for i in indices:
+            _select_step(bucket, i, options, grad_scale, masked_grad, scratch)
 
 
 @functools.cache
@@ -114,14 +126,122 @@ def _worker_pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="selopt-fused")
 
 
-def _unselected_value(param: Tensor, soft_mask: Tensor | None, options: AdamWOptions) -> Tensor:
-    """What an unselected entry of ``param`` becomes: ``param * (1 - lr * wd)`` under ``decay="all"`` (the
-    reference's very operation), else ``param``; a copy, taken before the fused kernel writes ``param``.
-    With a soft mask on the update, ``param`` itself, from which the reference's update is stepped."""
-    update_masked = soft_mask is not None and options.soft_mask_mode == "update"
-    if options.decay == "all" and options.weight_decay != 0 and not update_masked:
-        return torch.mul(param, 1 - float(options.lr) * options.weight_decay)
-    return param.clone()
+def _working(bucket: Bucket, i: int, options: AdamWOptions, grad_scale: Tensor | None, masked_grad: bool) -> dict:
+    """Tensor ``i``'s bucket entries plus what the fused kernel steps: ``new_param``, ``grad`` and the
+    moments in the compute dtype (the entries themselves, or copies rounded back by :func:`_fused_adamw`)."""
+    tensors = bucket.tensors(i)
+    param = tensors["params"].detach()
+    dtype = reference.compute_dtype(param.dtype)
+    work = dict(tensors, index=i, param=param, new_param=_in_compute_dtype(param, dtype),
+                **{f"new_{name}": _in_compute_dtype(tensors[name], dtype) for name in MOMENT_FIELDS})
+    if masked_grad:  # the mask scales the gradient: the fused kernel gets the reference's effective gradient
+        work["grad"] = reference.effective_grad(param, tensors["grads"], maximize=options.maximize,
+                                                soft_mask=tensors["soft_masks"], soft_mask_mode="grad",
+                                                grad_scale=grad_scale)
+    else:
+        work["grad"] = _in_compute_dtype(tensors["grads"], dtype)
+    return work
+
+
+def _fused_adamw(works: list[dict], options: AdamWOptions, grad_scale: Tensor | None, masked_grad: bool) -> None:
+    """torch's fused AdamW kernel over the working tensors; with masked gradients, they are already unscaled
+    and negated."""
+    def column(name: str) -> list[Tensor]:
+        return [work[name] for work in works]
+
+    torch._fused_adamw_(
+        column("new_param"), column("grad"), column("new_exp_avgs"), column("new_exp_avg_sqs"),
+        column("new_max_exp_avg_sqs") if options.amsgrad else [], column("steps"), lr=float(options.lr),
+        beta1=options.beta1, beta2=options.beta2, weight_decay=options.weight_decay, eps=options.eps,
+        amsgrad=options.amsgrad, maximize=options.maximize and not masked_grad,
+        grad_scale=None if masked_grad else grad_scale)
+    for work in works:
+        for name in MOMENT_FIELDS:
+            if work[f"new_{name}"] is not work[name]:
+                work[name].copy_(work[f"new_{name}"])  # rounded once to the state's dtype: the selection reads it
+
+
+def _select_step(bucket: Bucket, i: int, options: AdamWOptions, grad_scale: Tensor | None, masked_grad: bool,
+                 scratch: Scratch) -> None:
+    """One tensor's selective step, piece by piece while each piece is in cache: keep the old value, run the
+    fused kernel, select, give the unselected entries their old value back (:func:`keep_mask`)."""
+    work = _working(bucket, i, options, grad_scale, masked_grad)
+    new_param = work["new_param"]
+    masked_update = work["soft_masks"] is not None and options.soft_mask_mode == "update"
+    old, keys = (t.view(new_param.shape) for t in scratch.buffers(new_param.numel(), new_param.dtype))
+    decays = options.decay == "all" and options.weight_decay != 0 and not masked_update
+    stepped = [t for name, t in work.items() if name.endswith(MOMENT_FIELDS) or name in ("new_param", "grad")]
+    in_pieces = not masked_update and all(t is None or t.is_contiguous() for t in stepped)
+
+    def step_span(span: slice | None) -> None:
+        # The old value (decayed as the reference decays), then torch's fused kernel, on one run of entries
+        # (None: the whole tensor, whatever its strides).
+        piece, old_part = (work, old) if span is None else (_entries(work, span), old.view(-1)[span])
+        if decays:
+            torch.mul(piece["new_param"], 1 - float(options.lr) * options.weight_decay, out=old_part)
+        else:
+            old_part.copy_(piece["new_param"])
+        _fused_adamw([piece], options, grad_scale, masked_grad)
+
+    if not in_pieces:
+        step_span(None)
+    if masked_update:
+        _masked_update(work, new_param, old, keys, options)
+    else:
+        _restore_unselected(work, new_param, old, keys, options, step_span if in_pieces else None)
+    _finish(bucket, work, options)
+
+
+def _entries(work: dict, span: slice) -> dict:
+    """``work`` with its stepped tensors (contiguous) narrowed to entries ``span`` of their flattened views."""
+    piece = dict(work, new_param=work["new_param"].view(-1)[span], grad=work["grad"].view(-1)[span])
+    for name in MOMENT_FIELDS:
+        if work[name] is not None:
+            piece[name] = work[name].view(-1)[span]
+            new = work[f"new_{name}"]
+            piece[f"new_{name}"] = piece[name] if new is work[name] else new.view(-1)[span]
+    return piece
+
+
+def _finish(bucket: Bucket, work: dict, options: AdamWOptions) -> None:
+    """Round the working param into the param."""
+    if work["new_param"] is not work["param"]:
+        _store_param(work["param"], work["new_param"], bucket, work["index"], options)
+
+
+def _masked_update(tensors: dict, new_param: Tensor, old: Tensor, keys: Tensor, options: AdamWOptions) -> None:
+    """A soft mask scales the update inside the fused formula: the reference's update, from the stored moments."""
+    keep = keep_mask(tensors["exp_avgs"], options.fraction, options.block_size, out=keys.numpy())
+    if tensors["selections"] is not None:
+        np.equal(keep, 0, out=tensors["selections"].numpy())
+    vmax = tensors["max_exp_avg_sqs"] if options.amsgrad else None
+    moments = reference.Moments(tensors["exp_avgs"].to(old.dtype), tensors["exp_avg_sqs"].to(old.dtype),
+                                None if vmax is None else vmax.to(old.dtype))
+    new_param.copy_(reference.apply_update(old, moments, torch.from_numpy(keep == 0), step=float(tensors["steps"]),
+                                           options=options, soft_mask=tensors["soft_masks"]))
+
+
+def _restore_unselected(tensors: dict, new_param: Tensor, old: Tensor, keys: Tensor, options: AdamWOptions,
+                        step_span: Callable[[slice], None] | None) -> None:
+    """Give the unselected entries of ``new_param`` the value ``old`` holds for them; record the selection.
+    ``step_span``: what makes a span of ``exp_avg`` final (see :func:`keep_mask`), or None when it is."""
+    target = new_param if new_param.is_contiguous() else new_param.contiguous()
+    key_dtype = KEY_DTYPES[old.dtype]
+    new_bits, old_bits = (t.numpy().view(key_dtype).reshape(-1) for t in (target, old))
+    selection = None if tensors["selections"] is None else tensors["selections"].numpy().reshape(-1)
+
+    def blend(piece: slice, keep: np.ndarray) -> None:
+        # new ^= (new ^ old) & keep: a bit blend, 4-20x faster than torch's where or numpy's masked copy.
+        np.bitwise_xor(old_bits[piece], new_bits[piece], out=old_bits[piece])
+        np.bitwise_and(old_bits[piece], keep, out=old_bits[piece])
+        np.bitwise_xor(new_bits[piece], old_bits[piece], out=new_bits[piece])
+        if selection is not None:
+            np.equal(keep, 0, out=selection[piece])
+
+    keep_mask(tensors["exp_avgs"], options.fraction, options.block_size, out=keys.numpy(), before_span=step_span,
+              each_piece=blend)
+    if target is not new_param:
+        new_param.copy_(target)
 
 
 def _in_compute_dtype(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -129,58 +249,77 @@ def _in_compute_dtype(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-def _select_and_restore(bucket: Bucket, i: int, new_param: Tensor, old: Tensor, options: AdamWOptions) -> None:
-    """Give the unselected entries of ``new_param`` the value ``old`` holds for them; record the selection."""
-    tensors = bucket.tensors(i)
-    keep = keep_mask(tensors["exp_avgs"], options.fraction, options.block_size)
-    if tensors["selections"] is not None:
-        np.equal(keep, 0, out=tensors["selections"].numpy())
-    soft_mask = tensors["soft_masks"]
-    if soft_mask is not None and options.soft_mask_mode == "update":
-        # The mask scales the update inside the fused formula: the reference's update, from the stored moments.
-        vmax = tensors["max_exp_avg_sqs"] if options.amsgrad else None
-        moments = reference.Moments(tensors["exp_avgs"].to(old.dtype), tensors["exp_avg_sqs"].to(old.dtype),
-                                    None if vmax is None else vmax.to(old.dtype))
-        new_param.copy_(reference.apply_update(old, moments, torch.from_numpy(keep == 0), step=float(tensors["steps"]),
-                                               options=options, soft_mask=soft_mask))
-    elif options.fraction < 1:
-        # new ^= (new ^ old) & keep: a bit blend, 15x faster than numpy's or torch's masked copies on CPU.
-        new_bits, old_bits = (t.numpy().view(keep.dtype) for t in (new_param, old))
-        difference = np.bitwise_xor(new_bits, old_bits)
-        np.bitwise_and(difference, keep, out=difference)
-        np.bitwise_xor(new_bits, difference, out=new_bits)
-
-
-def keep_mask(exp_avg: Tensor, fraction: float, block_size: int | None) -> np.ndarray:
+def keep_mask(exp_avg: Tensor, fraction: float, block_size: int | None, out: np.ndarray | None = None,
+              before_span: Callable[[slice], None] | None = None,
+              each_piece: Callable[[slice, np.ndarray], None] | None = None) -> np.ndarray:
     """Which entries MoFO leaves alone, shaped like ``exp_avg``: all bits set (-1) where an entry keeps its
-    value, 0 where it is selected, the selection of :func:`selopt.selection.selection_mask` by a linear-time select.
+    value, 0 where it is selected: the selection of :func:`selopt.selection.selection_mask`, found by a
+    linear-time select. An integer as wide as the compute dtype, so that applying it is a bit blend.
 
-    An integer mask as wide as the compute dtype, so that applying it is a bit blend.
+    ``out``: where to write it (contiguous, that integer dtype, at least as long). The flattened tensor
+    goes span by span (as many whole blocks as fit :data:`PIECE` entries, or one larger block) and piece
+    by piece (a span, or :data:`PIECE` entries of a larger block): ``before_span(span)`` is called for
+    each piece of a span before the span's thresholds are found (the caller computes that much of
+    ``exp_avg``, contiguous, there), and ``each_piece(piece, mask)`` once a piece's mask is final, while
+    it is still in cache.
 
     >>> keep_mask(torch.tensor([0.1, -3.0, 2.0, 0.5]), 0.5, None).tolist()
     [-1, 0, 0, -1]
     """
     m = exp_avg.detach()
-    m = m.float() if m.dtype not in (torch.float32, torch.float64) else m
-    values = m.numpy()
-    key_dtype = np.dtype(np.int64 if values.dtype == np.float64 else np.int32)
-    if fraction >= 1:
-        return np.zeros(values.shape, dtype=key_dtype)  # dense AdamW: every entry, zeros included
-    # |m|'s bit pattern (sign bit cleared) orders like |m|; a fresh contiguous array in m's logical order.
-    keys = np.bitwise_and(values.view(key_dtype), np.iinfo(key_dtype).max).reshape(-1)
-    n = keys.size
-    block = n if block_size is None else block_size
-    whole = n // block * block if n else 0
-    for start, stop, width in ((0, whole, block), (whole, n, n - whole)):
-        if stop > start:
-            rows = keys[start:stop].reshape(-1, width)
-            rank = width - block_k(fraction, width)  # the k-th largest is at this index in ascending order
-            kth = np.partition(rows, rank, axis=1)[:, rank:rank + 1]
+    n = m.numel()
+    key_dtype = KEY_DTYPES[reference.compute_dtype(m.dtype)]
+    keys = np.empty(n, dtype=key_dtype) if out is None else out.view(key_dtype).reshape(-1)[:n]
+    stored = m.reshape(-1)  # a view when m is contiguous, as it is wherever before_span writes it
+
+    def magnitudes(piece: slice) -> np.ndarray:  # m as stored, widened to the compute dtype, as integers
+        values = stored[piece]
+        return (values if values.dtype in KEY_DTYPES else values.float()).numpy().view(key_dtype)
+
+    if fraction >= 1:  # dense AdamW: every entry, zeros included
+        for piece in [slice(0, n)] if before_span is not None and n else []:
+            before_span(piece)
+        keys.fill(0)
+        if each_piece is not None:
+            each_piece(slice(0, n), keys)
+        return keys.reshape(m.shape)
+    for start, stop, width in _spans(n, block_size):
+        # A span of small blocks is one piece, with a threshold per row; a larger block has one threshold.
+        pieces = [slice(a, min(a + PIECE, stop)) for a in range(start, stop, PIECE)] if width > PIECE else [
+            slice(start, stop)]
+        for piece in pieces if before_span is not None else ():
+            before_span(piece)
+        thresholds = _thresholds(magnitudes(slice(start, stop)), keys[start:stop], width, fraction)
+        for piece in pieces:
+            piece_keys = keys[piece]
+            np.bitwise_and(magnitudes(piece), KEY_MAX[key_dtype], out=piece_keys)
             # key - threshold is negative exactly where key < threshold (no overflow: both are below 2^31 or
             # 2^63), and the arithmetic shift spreads its sign bit over the word.
-            np.subtract(rows, np.clip(kth, MIN_THRESHOLD, INF_KEY[key_dtype] + 1), out=rows)
-    np.right_shift(keys, keys.itemsize * 8 - 1, out=keys)
-    return keys.reshape(values.shape)
+            rows = piece_keys.reshape(-1, width) if width <= PIECE else piece_keys
+            np.subtract(rows, thresholds if width <= PIECE else thresholds.item(), out=rows)
+            np.right_shift(piece_keys, piece_keys.itemsize * 8 - 1, out=piece_keys)
+            if each_piece is not None:
+                each_piece(piece, piece_keys)
+    return keys.reshape(m.shape)
+
+
+def _spans(n: int, block_size: int | None) -> list[tuple[int, int, int]]:
+    """(start, stop, block width) of the runs of whole blocks that fit a piece, then of the shorter last block."""
+    block = n if block_size is None else block_size
+    whole = n // block * block
+    step = max(block, PIECE // block * block)
+    spans = [(start, min(start + step, whole), block) for start in range(0, whole, step)]
+    return spans + ([(whole, n, n - whole)] if whole < n else [])
+
+
+def _thresholds(magnitudes: np.ndarray, scratch: np.ndarray, width: int, fraction: float) -> np.ndarray:
+    """The threshold key of each block of ``width`` entries of ``magnitudes`` (a column), by numpy's
+    introselect on the keys written into ``scratch`` (left partitioned)."""
+    rows = scratch.reshape(-1, width)
+    np.bitwise_and(magnitudes.reshape(-1, width), KEY_MAX[scratch.dtype], out=rows)
+    rank = width - block_k(fraction, width)  # the k-th largest is at this index in ascending order
+    rows.partition(rank, axis=1)
+    return np.clip(rows[:, rank:rank + 1], MIN_THRESHOLD, INF_KEY[scratch.dtype] + 1)
 
 
 def _store_param(param: Tensor, new_param: Tensor, bucket: Bucket, i: int, options: AdamWOptions) -> None:

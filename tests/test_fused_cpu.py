@@ -67,6 +67,14 @@ def test_matches_reference_fp32(block_size, fraction):
     step_and_check(SHAPES, fraction=fraction, block_size=block_size, seed=int(fraction * 100))
 
 
+@pytest.mark.parametrize(("dtype", "moment_dtype"), DTYPE_PAIRS[:3] + DTYPE_PAIRS[-1:])
+@pytest.mark.parametrize("block_size", [None, 64, 512])
+def test_tensors_longer_than_a_piece_match_reference(block_size, dtype, moment_dtype, monkeypatch):
+    monkeypatch.setattr(fused, "PIECE", 256)  # the fused kernel, select and blend go piece by piece
+    step_and_check([(3, 333), (1500,), (7,)], dtype=dtype, moment_dtype=moment_dtype, fraction=0.2,
+                   block_size=block_size, seed=13, amsgrad=True, maximize=True)
+
+
 @pytest.mark.parametrize(("dtype", "moment_dtype"), DTYPE_PAIRS)
 @pytest.mark.parametrize("block_size", [None, 512])
 def test_low_precision_matches_reference(dtype, moment_dtype, block_size):
@@ -93,9 +101,10 @@ def test_soft_masks(block_size, mode, per_row, dtype):
                    soft_mask_mode=mode, seed=5, grad_scale=torch.tensor(2.0), maximize=True)
 
 
-def test_soft_masks_with_every_entry_selected():
-    masks = [torch.rand(40, 3)]
-    step_and_check([(40, 3)], soft_masks=masks, fraction=1.0)
+@pytest.mark.parametrize("mode", ["update", "grad"])
+def test_soft_masks_with_every_entry_selected(mode):
+    masks = [torch.rand(40, 3), None]
+    step_and_check([(40, 3), (9,)], soft_masks=masks, fraction=1.0, soft_mask_mode=mode)
 
 
 def ties(shape, gen):
@@ -120,9 +129,11 @@ def test_ties_nans_and_zeros_select_as_the_reference(grad_fill, block_size):
     assert all(s[~m.isfinite()].all() for s, m in zip(after["selection"], after["exp_avg"]))
 
 
+@pytest.mark.parametrize("piece", [fused.PIECE, 64, 50])  # small pieces: a tensor spans several
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("block_size", [None, 7, 64])
-def test_threshold_select_equals_the_reference_selection(dtype, block_size):
+@pytest.mark.parametrize("block_size", [None, 7, 64, 128])
+def test_threshold_select_equals_the_reference_selection(dtype, block_size, piece, monkeypatch):
+    monkeypatch.setattr(fused, "PIECE", piece)
     gen = torch.Generator().manual_seed(0)
     m = torch.randn(20, 33, generator=gen, dtype=torch.float64).to(dtype)
     m[0, :10] = float("nan")
