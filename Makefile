@@ -49,7 +49,7 @@ test: $(STAMP)
 # Every kernel compiled for real GPUs (no GPU needed) on the oldest supported Triton: every
 # configuration for sm_80/sm_90, the short list for AMD's gfx942/gfx90a (about 20 s each); and the
 # static report's spill and 128-bit check for sm_90. Not for gfx942: Triton 3.6's AMD backend streams
-# the tensors in 32-bit accesses (bench/NOTES.md, AMD Instinct). `make test` does all on the newest.
+# the tensors in 32-bit accesses (bench/NOTES.md §6, AMD Instinct). `make test` does all on the newest.
 $(OLDEST_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/python -m pip install -q --upgrade pip

@@ -18,7 +18,7 @@ pytest.importorskip("triton", reason="the compile check compiles Triton kernels 
 
 # Every configuration for sm_80 (A100), sm_90 (H100), gfx942 (MI300X, MI325X) and gfx90a (MI250X);
 # every path with all options together for sm_100 (B200) and sm_120 (RTX 50xx), the other NVIDIA
-# targets CI's Triton supports. The AMD targets cost about 70 s each (bench/NOTES.md, AMD Instinct).
+# targets CI's Triton supports. The AMD targets cost about 70 s each (bench/NOTES.md §6, AMD Instinct).
 ARCHS, QUICK_ARCHS = ["sm_80", "sm_90", "gfx942", "gfx90a"], ["sm_100", "sm_120"]
 
 
@@ -65,7 +65,8 @@ def test_a_kernel_that_cannot_compile_fails_the_check_with_kernel_configuration_
 
 
 def test_an_unknown_target_is_refused_naming_the_argument():
-    result = run_python("-m", "selopt.kernels.compile_check", "--arch", "90", "--quick-arch", "gfx1100", timeout=120)
+    result = run_python("-m", "selopt.kernels.compile_check", "--arch", "90", "--quick-arch", "gfx1100",
+                        timeout=120)
     assert result.returncode == 2
     assert "--quick-arch: arch 'gfx1100' is neither a compute capability (80, sm_90) nor an AMD target (gfx90a, gfx942)" in (
         result.stderr)
