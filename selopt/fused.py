@@ -26,10 +26,8 @@ in ``"update"`` mode applies the reference's update to the stored moments.
 
 from __future__ import annotations
 
-import functools
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -110,20 +108,10 @@ def _step(bucket: Bucket, options: AdamWOptions, grad_scale: Tensor | None, scra
                 work["selections"].fill_(True)
             _finish(bucket, work, options)
         return
-    threads = torch.get_num_threads()
-    if threads > 1 and len(indices) > 1:
-        # numpy's select and blend run on one core (releasing the GIL): spread the tensors over torch's
-        # thread count, as torch spreads its own ops.
-        list(_worker_pool(threads).map(lambda i: _select_step(bucket, i, options, grad_scale, masked_grad, scratch),
-                                       indices))
-    else:
-        for i in indices:
-            _select_step(bucket, i, options, grad_scale, masked_grad, scratch)
-
-
-@functools.cache
-def _worker_pool(threads: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(threads, thread_name_prefix="selopt-fused")
+    # Tensor after tensor: spreading them over a pool of threads was slower at 2 threads (numpy's calls and
+    # torch's own threads contend; bench/NOTES.md §7).
+    for i in indices:
+        _select_step(bucket, i, options, grad_scale, masked_grad, scratch)
 
 
 def _working(bucket: Bucket, i: int, options: AdamWOptions, grad_scale: Tensor | None, masked_grad: bool) -> dict:
@@ -170,15 +158,22 @@ def _select_step(bucket: Bucket, i: int, options: AdamWOptions, grad_scale: Tens
     masked_update = work["soft_masks"] is not None and options.soft_mask_mode == "update"
     old, keys = (t.view(new_param.shape) for t in scratch.buffers(new_param.numel(), new_param.dtype))
     decays = options.decay == "all" and options.weight_decay != 0 and not masked_update
+    decay = 1 - float(options.lr) * options.weight_decay
     stepped = [t for name, t in work.items() if name.endswith(MOMENT_FIELDS) or name in ("new_param", "grad")]
-    in_pieces = not masked_update and all(t is None or t.is_contiguous() for t in stepped)
+    # A tensor of one piece steps whole: no views to make.
+    in_pieces = not masked_update and new_param.numel() > PIECE and all(t is None or t.is_contiguous() for t in stepped)
 
     def step_span(span: slice | None) -> None:
         # The old value (decayed as the reference decays), then torch's fused kernel, on one run of entries
         # (None: the whole tensor, whatever its strides).
         piece, old_part = (work, old) if span is None else (_entries(work, span), old.view(-1)[span])
-        if decays:
-            torch.mul(piece["new_param"], 1 - float(options.lr) * options.weight_decay, out=old_part)
+        if decays and span is not None:
+            # numpy's multiply, 4x faster than torch's on a piece, rounds the same: both take the factor in
+            # the param's dtype (the reference's p * (1 - lr * wd)).
+            values = piece["new_param"].numpy()
+            np.multiply(values, values.dtype.type(decay), out=old_part.numpy())
+        elif decays:
+            torch.mul(piece["new_param"], decay, out=old_part)
         else:
             old_part.copy_(piece["new_param"])
         _fused_adamw([piece], options, grad_scale, masked_grad)
@@ -271,10 +266,12 @@ def keep_mask(exp_avg: Tensor, fraction: float, block_size: int | None, out: np.
     key_dtype = KEY_DTYPES[reference.compute_dtype(m.dtype)]
     keys = np.empty(n, dtype=key_dtype) if out is None else out.view(key_dtype).reshape(-1)[:n]
     stored = m.reshape(-1)  # a view when m is contiguous, as it is wherever before_span writes it
+    # m as stored, widened to the compute dtype, as integers. A numpy view sees what before_span writes;
+    # a low-precision m is widened piece by piece, once that piece is written.
+    bits = stored.numpy().view(key_dtype) if m.dtype in KEY_DTYPES else None
 
-    def magnitudes(piece: slice) -> np.ndarray:  # m as stored, widened to the compute dtype, as integers
-        values = stored[piece]
-        return (values if values.dtype in KEY_DTYPES else values.float()).numpy().view(key_dtype)
+    def magnitudes(piece: slice) -> np.ndarray:
+        return bits[piece] if bits is not None else stored[piece].float().numpy().view(key_dtype)
 
     if fraction >= 1:  # dense AdamW: every entry, zeros included
         for piece in [slice(0, n)] if before_span is not None and n else []:
@@ -319,7 +316,8 @@ def _thresholds(magnitudes: np.ndarray, scratch: np.ndarray, width: int, fractio
     np.bitwise_and(magnitudes.reshape(-1, width), KEY_MAX[scratch.dtype], out=rows)
     rank = width - block_k(fraction, width)  # the k-th largest is at this index in ascending order
     rows.partition(rank, axis=1)
-    return np.clip(rows[:, rank:rank + 1], MIN_THRESHOLD, INF_KEY[scratch.dtype] + 1)
+    # (np.minimum and np.maximum: np.clip's Python wrapper costs as much as the select of a small block.)
+    return np.minimum(np.maximum(rows[:, rank:rank + 1], MIN_THRESHOLD), INF_KEY[scratch.dtype] + 1)
 
 
 def _store_param(param: Tensor, new_param: Tensor, bucket: Bucket, i: int, options: AdamWOptions) -> None:

@@ -280,7 +280,7 @@ def test_optimizer_checkpoints_move_between_fused_and_reference(block_size):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_one_thread_and_a_pool_of_threads_step_alike():
+def test_the_thread_count_changes_nothing():
     results = []
     for threads in (1, 3):
         previous = torch.get_num_threads()
