@@ -8,12 +8,12 @@ stays the ground truth and runs with ``backend="torch"``). One step of a bucket:
    one pass over memory in place of the reference's dozen;
 2. per block, the threshold is the k-th largest key of ``|m|`` as stored
    (:mod:`selopt.selection`'s keys, NaN above every number, zero never) by
-   numpy's introselect: linear time, and 15x faster than ``torch.kthvalue``
-   on CPU (bench/NOTES.md §6);
+   numpy's introselect: linear time, and 14x faster than ``torch.kthvalue``
+   on CPU (bench/NOTES.md §7);
 3. the unselected entries get back their old value, decayed under
    ``decay="all"`` (bit for bit the reference's ``p * (1 - lr * wd)``), by a
-   blend of bit patterns under an integer mask (bench/NOTES.md §6: masked
-   copies, torch's ``where`` or numpy's ``where=``, are 10-15x slower on CPU).
+   blend of bit patterns under an integer mask (bench/NOTES.md §7: masked
+   copies, torch's ``where`` or numpy's ``where=``, are 4-6x slower on CPU).
 
 The moments of the selected entries and the whole of ``m`` and ``v`` are the
 fused kernel's, so they round as ``torch.optim.AdamW(fused=True)`` does, not
@@ -54,7 +54,7 @@ class Scratch:
     """The implementation's cache: work buffers per thread and dtype, grown to the largest tensor stepped.
 
     Reused from step to step because a fresh large buffer is page-faulted in on
-    every step (about 20 ms for 64 MB on the 2-core VM of bench/NOTES.md §6,
+    every step (about 20 ms for 64 MB on the 2-core VM of bench/NOTES.md §7,
     as long as torch's whole fused step of a 2^24-entry tensor). Two buffers of
     the largest tensor per thread that steps.
     """
@@ -226,7 +226,7 @@ def _restore_unselected(tensors: dict, new_param: Tensor, old: Tensor, keys: Ten
     selection = None if tensors["selections"] is None else tensors["selections"].numpy().reshape(-1)
 
     def blend(piece: slice, keep: np.ndarray) -> None:
-        # new ^= (new ^ old) & keep: a bit blend, 4-20x faster than torch's where or numpy's masked copy.
+        # new ^= (new ^ old) & keep: a bit blend, 4-6x faster than torch's where or numpy's masked copy.
         np.bitwise_xor(old_bits[piece], new_bits[piece], out=old_bits[piece])
         np.bitwise_and(old_bits[piece], keep, out=old_bits[piece])
         np.bitwise_xor(new_bits[piece], old_bits[piece], out=new_bits[piece])
