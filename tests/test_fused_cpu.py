@@ -17,6 +17,7 @@ from selopt import fused, functional, reference, selection
 from selopt.bucket import Bucket
 from selopt.check import HYPER, step_problems
 from selopt.options import AdamWOptions
+from tests.grad_fills import mostly_zero, ties, with_nans
 
 SHAPES = [(1,), (0,), (255,), (257,), (3, 333), (2, 2, 129), (1500,)]
 DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
@@ -105,20 +106,6 @@ def test_soft_masks(block_size, mode, per_row, dtype):
 def test_soft_masks_with_every_entry_selected(mode):
     masks = [torch.rand(40, 3), None]
     step_and_check([(40, 3), (9,)], soft_masks=masks, fraction=1.0, soft_mask_mode=mode)
-
-
-def ties(shape, gen):
-    return torch.randint(-2, 3, shape, generator=gen).float()
-
-
-def with_nans(shape, gen):
-    g = torch.randn(shape, generator=gen)
-    return g.masked_fill(torch.rand(shape, generator=gen) < 0.2, float("nan"))
-
-
-def mostly_zero(shape, gen):
-    g = torch.randn(shape, generator=gen)
-    return g.masked_fill(torch.rand(shape, generator=gen) < 0.9, 0.0)
 
 
 @pytest.mark.parametrize("grad_fill", [ties, with_nans, mostly_zero])

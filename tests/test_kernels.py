@@ -19,6 +19,7 @@ from selopt import reference
 from selopt.bucket import Bucket as SeloptBucket
 from selopt.check import HYPER, step_problems
 from selopt.options import AdamWOptions
+from tests.grad_fills import mostly_zero, ties, with_nans
 
 triton = pytest.importorskip("triton", reason="the kernel tests need Triton (pip install 'selopt[triton]')")
 
@@ -241,22 +242,6 @@ def test_soft_masks(block_size, mode, per_row):
     options = dict(HYPER, fraction=0.3, block_size=block_size, soft_mask_mode=mode)
     bucket.step(soft_masks=masks, **options)
     bucket.check(soft_masks=masks, **options)
-
-
-def ties(shape, gen):
-    # Few distinct magnitudes: many entries tie at every block's threshold.
-    return torch.randint(-2, 3, shape, generator=gen).float()
-
-
-def with_nans(shape, gen):
-    g = torch.randn(shape, generator=gen)
-    return g.masked_fill(torch.rand(shape, generator=gen) < 0.2, float("nan"))
-
-
-def mostly_zero(shape, gen):
-    # Fewer non-zero gradients than k: the zero-momentum rest must not be selected.
-    g = torch.randn(shape, generator=gen)
-    return g.masked_fill(torch.rand(shape, generator=gen) < 0.9, 0.0)
 
 
 @pytest.mark.parametrize("grad_fill", [ties, with_nans, mostly_zero])
