@@ -3,9 +3,11 @@
 What ``backend="auto"`` runs for CPU tensors (the reference, :mod:`selopt.reference`,
 stays the ground truth and runs with ``backend="torch"``). One step of a bucket:
 
-1. every tensor's moments and a *candidate* parameter come from one call of
-   torch's fused AdamW (``torch._fused_adamw_``, as ``torch.optim.AdamW(fused=True)``):
-   one pass over memory in place of the reference's dozen;
+1. every tensor's moments and a *candidate* parameter come from torch's
+   fused AdamW kernel (``torch._fused_adamw_``, as ``torch.optim.AdamW(fused=True)``):
+   one pass over memory in place of the reference's dozen. A dense bucket is
+   one call; under MoFO each tensor, piece by piece (:data:`PIECE`), keeps
+   its old value first and goes through steps 2-3 while the piece is in cache;
 2. per block, the threshold is the k-th largest key of ``|m|`` as stored
    (:mod:`selopt.selection`'s keys, NaN above every number, zero never) by
    numpy's introselect: linear time, and 14x faster than ``torch.kthvalue``
@@ -97,12 +99,14 @@ def prepare_adamw(bucket: Bucket, options: AdamWOptions, *, grad_scale: Tensor |
 
 def _step(bucket: Bucket, options: AdamWOptions, grad_scale: Tensor | None, scratch: Scratch) -> None:
     masks = bucket.column("soft_masks")
-    masked_grad = options.soft_mask_mode == "grad" and any(s is not None for s in masks)
+    # torch's fused kernel writes the unscaled gradient back into the grad: a scaled or masked gradient
+    # goes to it as the reference's effective gradient, computed apart, so the grads stay as they were.
+    effective = grad_scale is not None or options.soft_mask_mode == "grad" and any(s is not None for s in masks)
     indices = [i for i, p in enumerate(bucket.params) if p.numel()]
     if options.fraction >= 1 and (options.soft_mask_mode == "grad" or all(s is None for s in masks)):
         # Dense: one fused call for the bucket, as torch.optim.AdamW(fused=True) makes.
-        works = [_working(bucket, i, options, grad_scale, masked_grad) for i in indices]
-        _fused_adamw(works, options, grad_scale, masked_grad)
+        works = [_working(bucket, i, options, grad_scale, effective) for i in indices]
+        _fused_adamw(works, options, effective)
         for work in works:
             if work["selections"] is not None:
                 work["selections"].fill_(True)
@@ -111,10 +115,10 @@ def _step(bucket: Bucket, options: AdamWOptions, grad_scale: Tensor | None, scra
     # Tensor after tensor: spreading them over a pool of threads was slower at 2 threads (numpy's calls and
     # torch's own threads contend; bench/NOTES.md §7).
     for i in indices:
-        _select_step(bucket, i, options, grad_scale, masked_grad, scratch)
+        _select_step(bucket, i, options, grad_scale, effective, scratch)
 
 
-def _working(bucket: Bucket, i: int, options: AdamWOptions, grad_scale: Tensor | None, masked_grad: bool) -> dict:
+def _working(bucket: Bucket, i: int, options: AdamWOptions, grad_scale: Tensor | None, effective: bool) -> dict:
     """Tensor ``i``'s bucket entries plus what the fused kernel steps: ``new_param``, ``grad`` and the
     moments in the compute dtype (the entries themselves, or copies rounded back by :func:`_fused_adamw`)."""
     tensors = bucket.tensors(i)
@@ -122,18 +126,18 @@ def _working(bucket: Bucket, i: int, options: AdamWOptions, grad_scale: Tensor |
     dtype = reference.compute_dtype(param.dtype)
     work = dict(tensors, index=i, param=param, new_param=_in_compute_dtype(param, dtype),
                 **{f"new_{name}": _in_compute_dtype(tensors[name], dtype) for name in MOMENT_FIELDS})
-    if masked_grad:  # the mask scales the gradient: the fused kernel gets the reference's effective gradient
+    if effective:
         work["grad"] = reference.effective_grad(param, tensors["grads"], maximize=options.maximize,
-                                                soft_mask=tensors["soft_masks"], soft_mask_mode="grad",
+                                                soft_mask=tensors["soft_masks"], soft_mask_mode=options.soft_mask_mode,
                                                 grad_scale=grad_scale)
     else:
         work["grad"] = _in_compute_dtype(tensors["grads"], dtype)
     return work
 
 
-def _fused_adamw(works: list[dict], options: AdamWOptions, grad_scale: Tensor | None, masked_grad: bool) -> None:
-    """torch's fused AdamW kernel over the working tensors; with masked gradients, they are already unscaled
-    and negated."""
+def _fused_adamw(works: list[dict], options: AdamWOptions, effective: bool) -> None:
+    """torch's fused AdamW kernel over the working tensors; ``effective``: their grads are the reference's
+    effective gradients (unscaled, negated to maximize, masked)."""
     def column(name: str) -> list[Tensor]:
         return [work[name] for work in works]
 
@@ -141,19 +145,18 @@ def _fused_adamw(works: list[dict], options: AdamWOptions, grad_scale: Tensor | 
         column("new_param"), column("grad"), column("new_exp_avgs"), column("new_exp_avg_sqs"),
         column("new_max_exp_avg_sqs") if options.amsgrad else [], column("steps"), lr=float(options.lr),
         beta1=options.beta1, beta2=options.beta2, weight_decay=options.weight_decay, eps=options.eps,
-        amsgrad=options.amsgrad, maximize=options.maximize and not masked_grad,
-        grad_scale=None if masked_grad else grad_scale)
+        amsgrad=options.amsgrad, maximize=options.maximize and not effective)
     for work in works:
         for name in MOMENT_FIELDS:
             if work[f"new_{name}"] is not work[name]:
                 work[name].copy_(work[f"new_{name}"])  # rounded once to the state's dtype: the selection reads it
 
 
-def _select_step(bucket: Bucket, i: int, options: AdamWOptions, grad_scale: Tensor | None, masked_grad: bool,
+def _select_step(bucket: Bucket, i: int, options: AdamWOptions, grad_scale: Tensor | None, effective: bool,
                  scratch: Scratch) -> None:
     """One tensor's selective step, piece by piece while each piece is in cache: keep the old value, run the
     fused kernel, select, give the unselected entries their old value back (:func:`keep_mask`)."""
-    work = _working(bucket, i, options, grad_scale, masked_grad)
+    work = _working(bucket, i, options, grad_scale, effective)
     new_param = work["new_param"]
     masked_update = work["soft_masks"] is not None and options.soft_mask_mode == "update"
     old, keys = (t.view(new_param.shape) for t in scratch.buffers(new_param.numel(), new_param.dtype))
@@ -176,7 +179,7 @@ def _select_step(bucket: Bucket, i: int, options: AdamWOptions, grad_scale: Tens
             torch.mul(piece["new_param"], decay, out=old_part)
         else:
             old_part.copy_(piece["new_param"])
-        _fused_adamw([piece], options, grad_scale, masked_grad)
+        _fused_adamw([piece], options, effective)
 
     if not in_pieces:
         step_span(None)

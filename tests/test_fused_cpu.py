@@ -192,6 +192,16 @@ def test_found_inf_changes_nothing_and_grad_scale_unscales():
                    found_inf=torch.zeros(()), lr=torch.tensor(HYPER["lr"]))
 
 
+@pytest.mark.parametrize("fraction", [0.3, 1.0])
+def test_grads_are_left_as_they_were(fraction):
+    # torch's fused kernel writes the unscaled gradient back into the grad; the reference never touches it.
+    columns = make_tensors([(300,), (2, 40)], seed=1)
+    grads = [g.clone() for g in columns["grad"]]
+    options = AdamWOptions(**HYPER, fraction=fraction, maximize=True)
+    fused.prepare_adamw(bucket_of(columns), options, grad_scale=torch.tensor(8.0))()
+    assert all(torch.equal(a, b) for a, b in zip(columns["grad"], grads))
+
+
 def test_stochastic_rounding_matches_the_reference_draws():
     # The same seeds and step give the reference's noise: the params agree bit for bit where selected moments do.
     shapes = [(500,), (3, 70)]
