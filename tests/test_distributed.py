@@ -148,7 +148,10 @@ def _scenario_dtensor_exact(tmp):
             with distributed.Traffic() as traffic:
                 opt, params = _dtensor_run(
                     shapes, placements, dtype,
-                    lambda ps: selopt.MoFO(ps, lr=0.05, weight_decay=0.1, fraction=0.3, decay="selected", amsgrad=amsgrad),
+                    # On CPU, DTensor shards step on the reference and plain tensors, by default, on the
+                    # fused CPU path: backend="torch" compares like with like, bit for bit.
+                    lambda ps: selopt.MoFO(ps, lr=0.05, weight_decay=0.1, fraction=0.3, decay="selected",
+                                           amsgrad=amsgrad, backend="torch"),
                     _tie_heavy_grad,
                 )
             per_step = functional.selection_bytes_per_step(opt)
@@ -173,7 +176,8 @@ def _scenario_dtensor_dense(tmp):
     shapes = [(7, 3), (1, 5), (3, 7)]
     with distributed.Traffic() as traffic:
         _, params = _dtensor_run(shapes, [Shard(0), Shard(0), Shard(1)], torch.float32,
-                                 lambda ps: selopt.AdamW(ps, lr=0.05, weight_decay=0.1), _tie_heavy_grad)
+                                 lambda ps: selopt.AdamW(ps, lr=0.05, weight_decay=0.1, backend="torch"),
+                                 _tie_heavy_grad)
     assert traffic.bytes == 0
 
 
@@ -264,7 +268,8 @@ def _scenario_dtensor_block(tmp):
     # Aligned: ceil(rows / 2) * row_numel is a multiple of block_size, so local blocks are the global ones.
     for shape, block in (((8, 4), 8), ((6, 8), 8), ((16,), 4), ((4, 3, 4), 8)):
         _dtensor_run([shape], [Shard(0)], torch.float64,
-                     lambda ps: selopt.MoFO(ps, lr=0.05, weight_decay=0.0, fraction=0.3, block_size=block),
+                     lambda ps: selopt.MoFO(ps, lr=0.05, weight_decay=0.0, fraction=0.3, block_size=block,
+                                            backend="torch"),
                      _tie_heavy_grad)
     # Not aligned: blocks are cut from each rank's local shard; check against exactly that.
     from torch.distributed.device_mesh import init_device_mesh
