@@ -104,7 +104,19 @@ def _step(bucket: Bucket, options: AdamWOptions, grad_scale: Tensor | None, scra
     effective = grad_scale is not None or options.soft_mask_mode == "grad" and any(s is not None for s in masks)
     indices = [i for i, p in enumerate(bucket.params) if p.numel()]
     if options.fraction >= 1 and (options.soft_mask_mode == "grad" or all(s is None for s in masks)):
-        # Dense: one fused call for the bucket, as torch.optim.AdamW(fused=True) makes.
+        # Dense: one fused call for the bucket, as torch.optim.AdamW(fused=True) makes; straight on the
+        # bucket's tensors when they are all in the compute dtype (no working dict per tensor).
+        if not effective and {bucket.params[0].dtype, bucket.exp_avgs[0].dtype} in ({torch.float32}, {torch.float64}):
+            def column(name: str) -> list[Tensor]:
+                return [getattr(bucket, name)[i] for i in indices]
+
+            _fused_call([bucket.params[i].detach() for i in indices], column("grads"), column("exp_avgs"),
+                        column("exp_avg_sqs"), column("max_exp_avg_sqs") if options.amsgrad else [],
+                        column("steps"), options, effective)
+            for selection in bucket.column("selections"):
+                if selection is not None:
+                    selection.fill_(True)
+            return
         works = [_working(bucket, i, options, grad_scale, effective) for i in indices]
         _fused_adamw(works, options, effective)
         for work in works:
@@ -136,20 +148,27 @@ def _working(bucket: Bucket, i: int, options: AdamWOptions, grad_scale: Tensor |
 
 
 def _fused_adamw(works: list[dict], options: AdamWOptions, effective: bool) -> None:
-    """torch's fused AdamW kernel over the working tensors; ``effective``: their grads are the reference's
-    effective gradients (unscaled, negated to maximize, masked)."""
+    """torch's fused AdamW kernel over the working tensors, whose moments are then stored (rounded once to
+    the state's dtype: what the selection reads)."""
     def column(name: str) -> list[Tensor]:
         return [work[name] for work in works]
 
-    torch._fused_adamw_(
-        column("new_param"), column("grad"), column("new_exp_avgs"), column("new_exp_avg_sqs"),
-        column("new_max_exp_avg_sqs") if options.amsgrad else [], column("steps"), lr=float(options.lr),
-        beta1=options.beta1, beta2=options.beta2, weight_decay=options.weight_decay, eps=options.eps,
-        amsgrad=options.amsgrad, maximize=options.maximize and not effective)
+    _fused_call(column("new_param"), column("grad"), column("new_exp_avgs"), column("new_exp_avg_sqs"),
+                column("new_max_exp_avg_sqs") if options.amsgrad else [], column("steps"), options, effective)
     for work in works:
         for name in MOMENT_FIELDS:
             if work[f"new_{name}"] is not work[name]:
-                work[name].copy_(work[f"new_{name}"])  # rounded once to the state's dtype: the selection reads it
+                work[name].copy_(work[f"new_{name}"])
+
+
+def _fused_call(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                max_exp_avg_sqs: list[Tensor], steps: list[Tensor], options: AdamWOptions, effective: bool) -> None:
+    """``torch._fused_adamw_`` with the group's options; ``effective``: the grads are the reference's
+    effective gradients (unscaled, negated to maximize, masked)."""
+    torch._fused_adamw_(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=float(options.lr), beta1=options.beta1,
+        beta2=options.beta2, weight_decay=options.weight_decay, eps=options.eps, amsgrad=options.amsgrad,
+        maximize=options.maximize and not effective)
 
 
 def _select_step(bucket: Bucket, i: int, options: AdamWOptions, grad_scale: Tensor | None, effective: bool,
@@ -170,13 +189,11 @@ def _select_step(bucket: Bucket, i: int, options: AdamWOptions, grad_scale: Tens
         # The old value (decayed as the reference decays), then torch's fused kernel, on one run of entries
         # (None: the whole tensor, whatever its strides).
         piece, old_part = (work, old) if span is None else (_entries(work, span), old.view(-1)[span])
-        if decays and span is not None:
-            # numpy's multiply, 4x faster than torch's on a piece, rounds the same: both take the factor in
-            # the param's dtype (the reference's p * (1 - lr * wd)).
+        if decays:
+            # numpy's multiply, 4x faster than torch's on a tensor of 2^16, rounds the same: both take the
+            # factor in the param's dtype (the reference's p * (1 - lr * wd)).
             values = piece["new_param"].numpy()
             np.multiply(values, values.dtype.type(decay), out=old_part.numpy())
-        elif decays:
-            torch.mul(piece["new_param"], decay, out=old_part)
         else:
             old_part.copy_(piece["new_param"])
         _fused_adamw([piece], options, effective)
@@ -289,10 +306,14 @@ def keep_mask(exp_avg: Tensor, fraction: float, block_size: int | None, out: np.
             slice(start, stop)]
         for piece in pieces if before_span is not None else ():
             before_span(piece)
-        thresholds = _thresholds(magnitudes(slice(start, stop)), keys[start:stop], width, fraction)
+        # A span of one piece keeps its keys (the select partitions a copy: a heap block, no page faults);
+        # a larger block is partitioned in place, its keys made again piece by piece.
+        whole_span = len(pieces) == 1
+        thresholds = _thresholds(magnitudes(slice(start, stop)), keys[start:stop], width, fraction, whole_span)
         for piece in pieces:
             piece_keys = keys[piece]
-            np.bitwise_and(magnitudes(piece), KEY_MAX[key_dtype], out=piece_keys)
+            if not whole_span:
+                np.bitwise_and(magnitudes(piece), KEY_MAX[key_dtype], out=piece_keys)
             # key - threshold is negative exactly where key < threshold (no overflow: both are below 2^31 or
             # 2^63), and the arithmetic shift spreads its sign bit over the word.
             rows = piece_keys.reshape(-1, width) if width <= PIECE else piece_keys
@@ -312,13 +333,17 @@ def _spans(n: int, block_size: int | None) -> list[tuple[int, int, int]]:
     return spans + ([(whole, n, n - whole)] if whole < n else [])
 
 
-def _thresholds(magnitudes: np.ndarray, scratch: np.ndarray, width: int, fraction: float) -> np.ndarray:
+def _thresholds(magnitudes: np.ndarray, scratch: np.ndarray, width: int, fraction: float,
+                keep_keys: bool) -> np.ndarray:
     """The threshold key of each block of ``width`` entries of ``magnitudes`` (a column), by numpy's
-    introselect on the keys written into ``scratch`` (left partitioned)."""
+    introselect on the keys written into ``scratch``: a copy of them when ``keep_keys``, else in place."""
     rows = scratch.reshape(-1, width)
     np.bitwise_and(magnitudes.reshape(-1, width), KEY_MAX[scratch.dtype], out=rows)
     rank = width - block_k(fraction, width)  # the k-th largest is at this index in ascending order
-    rows.partition(rank, axis=1)
+    if keep_keys:
+        rows = np.partition(rows, rank, axis=1)
+    else:
+        rows.partition(rank, axis=1)
     # (np.minimum and np.maximum: np.clip's Python wrapper costs as much as the select of a small block.)
     return np.minimum(np.maximum(rows[:, rank:rank + 1], MIN_THRESHOLD), INF_KEY[scratch.dtype] + 1)
 

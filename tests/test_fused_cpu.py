@@ -77,9 +77,9 @@ def test_tensors_longer_than_a_piece_match_reference(block_size, dtype, moment_d
 
 
 @pytest.mark.parametrize(("dtype", "moment_dtype"), DTYPE_PAIRS)
-@pytest.mark.parametrize("block_size", [None, 512])
-def test_low_precision_matches_reference(dtype, moment_dtype, block_size):
-    step_and_check([(1,), (300,), (5, 1001)], dtype=dtype, moment_dtype=moment_dtype, fraction=0.2,
+@pytest.mark.parametrize(("fraction", "block_size"), [(0.2, None), (0.2, 512), (1.0, None)])
+def test_low_precision_matches_reference(dtype, moment_dtype, fraction, block_size):
+    step_and_check([(1,), (300,), (5, 1001)], dtype=dtype, moment_dtype=moment_dtype, fraction=fraction,
                    block_size=block_size, seed=7)
 
 
