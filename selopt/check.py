@@ -1,17 +1,18 @@
 """``python -m selopt.check``: the first thing to run on a new GPU machine.
 
 Checks what will run on this machine. First the pure-torch reference
-(:mod:`selopt.reference`, what ``backend="torch"`` and every CPU tensor run)
-against ``torch.optim.AdamW``; then selopt's Triton kernels against the
-reference over shapes, dtypes and options; times one step against
+(:mod:`selopt.reference`, what ``backend="torch"`` runs) against
+``torch.optim.AdamW``; then the fused CPU path (:mod:`selopt.fused`, what CPU
+tensors run) and selopt's Triton kernels against the reference over shapes,
+dtypes and options; times one step against
 ``torch.optim.AdamW(fused=True)``; prints a PASS/FAIL table with the device,
 driver, torch and Triton versions; exits non-zero on any failure.
 
 Without a CUDA device it says so and runs the kernel checks under Triton's
 interpreter on CPU tensors, at tiny sizes (and times nothing). Without a GPU
-and without a usable Triton the kernels will not run here (every optimizer
-runs the reference), so their checks are SKIPPED with the reason and the
-check passes on the reference alone. On a CUDA or ROCm machine whose kernels
+and without a usable Triton the kernels will not run here (CPU tensors run
+the fused CPU path), so their checks are SKIPPED with the reason and the
+check passes on the reference and the fused CPU path. On a CUDA or ROCm machine whose kernels
 cannot run, it fails. On ROCm (where torch calls an AMD GPU ``cuda``) it runs
 the same checks and prints the GPU's gfx architecture and the HIP version.
 
@@ -30,13 +31,14 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 import selopt
-from selopt import reference
+from selopt import fused, reference
 from selopt.bucket import Bucket
 from selopt.options import AdamWOptions
 
@@ -245,10 +247,15 @@ def _max_difference(a: Tensor, b: Tensor) -> float:
     return float(difference.nan_to_num(float("inf")).max()) if difference.numel() else 0.0
 
 
-def run_case(case: Case, device: torch.device, seed: int = 0) -> list[str]:
-    """Step the kernels once on ``case`` and compare every tensor with the reference."""
-    from selopt import kernels
+def fused_step(bucket: Bucket, options: AdamWOptions) -> None:
+    """One step of the fused CPU path (:mod:`selopt.fused`), for :func:`run_case`."""
+    fused.prepare_adamw(bucket, options)()
 
+
+def run_case(case: Case, device: torch.device, seed: int = 0,
+             step: Callable[[Bucket, AdamWOptions], None] | None = None) -> list[str]:
+    """Step an implementation once on ``case`` (``step(bucket, options)``; the kernels by default) and
+    compare every tensor with the reference."""
     gen = torch.Generator().manual_seed(seed)
     options = AdamWOptions(**{**HYPER, **case.options})
     amsgrad = options.amsgrad
@@ -268,13 +275,18 @@ def run_case(case: Case, device: torch.device, seed: int = 0) -> list[str]:
         masks = [torch.rand(s[:1] if case.soft_mask == "rows" else s, generator=gen).to(device) for s in case.shapes]
     before = [{k: v.clone() if isinstance(v, Tensor) else v for k, v in t.items()} for t in tensors]
     columns = {key: [t[key] for t in tensors] for key in tensors[0]}
-    try:
-        bucket = Bucket(columns["param"], columns["grad"], columns["exp_avg"], columns["exp_avg_sq"],
-                        columns["step"], max_exp_avg_sqs=columns["max_exp_avg_sq"] if amsgrad else None,
-                        soft_masks=masks, selections=columns["selection"])
-        kernels.multi_tensor_adamw_(bucket, options)
-    except kernels.KernelCompileError as error:
-        return [str(error)]
+    bucket = Bucket(columns["param"], columns["grad"], columns["exp_avg"], columns["exp_avg_sq"],
+                    columns["step"], max_exp_avg_sqs=columns["max_exp_avg_sq"] if amsgrad else None,
+                    soft_masks=masks, selections=columns["selection"])
+    if step is None:
+        from selopt import kernels
+
+        try:
+            kernels.multi_tensor_adamw_(bucket, options)
+        except kernels.KernelCompileError as error:
+            return [str(error)]
+    else:
+        step(bucket, options)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     problems = []
@@ -327,10 +339,10 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, "TRITON_INTERPRET": "1"}
         return subprocess.run([sys.executable, "-m", "selopt.check", *(argv or [])], env=env).returncode
     if not on_gpu and problem is not None:
-        print("No CUDA device and no usable Triton: every optimizer here runs the torch reference, which is "
-              "checked; the kernel checks are skipped.", flush=True)
+        print("No CUDA device and no usable Triton: CPU tensors run the fused CPU path, checked with the torch "
+              "reference; the kernel checks are skipped.", flush=True)
     device = torch.device("cuda" if on_gpu else "cpu")
-    width = 52
+    width = 60
     for key, value in environment(device):
         print(f"{key:>8}: {value}")
     print(f"\n{'check':<{width}} result")
@@ -345,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for reference_case in reference_cases():
         report(reference_case.name, reference_problems(reference_case))
+    for case in cases(tiny=True):  # what CPU tensors run, on every machine
+        report(f"fused CPU: {case.name}", run_case(case, torch.device("cpu"), step=fused_step))
     if problem is None:
         for case in cases(tiny=not on_gpu):
             report(case.name, run_case(case, device))

@@ -35,7 +35,8 @@ def test_self_check_from_a_neutral_directory_passes_and_says_there_is_no_gpu(tmp
     for key in ("device:", "driver:", "torch:", "triton:", "selopt:"):
         assert key in out
     assert "FAIL" not in out
-    checked = len(check.reference_cases()) + (len(check.cases(tiny=True)) if kernels else 0)
+    # The reference, the fused CPU path, and the kernels when they can run.
+    checked = len(check.reference_cases()) + len(check.cases(tiny=True)) * (2 if kernels else 1)
     assert f"PASS: {checked} of {checked} checks passed" in out
 
 
@@ -48,22 +49,51 @@ def _no_subprocess(command, *args, **kwargs):
     return _run(command, *args, **kwargs)
 
 
-def test_without_gpu_or_triton_the_reference_is_checked_and_the_kernels_skipped(monkeypatch, capsys):
+def _no_kernel_case(monkeypatch):
+    run_case = check.run_case
+
+    def fused_only(case, device, seed=0, step=None):
+        if step is None:
+            pytest.fail("a kernel check ran without Triton")
+        return run_case(case, device, seed, step)
+
+    monkeypatch.setattr(check, "run_case", fused_only)
+
+
+def test_without_gpu_or_triton_the_reference_and_the_fused_path_are_checked_and_the_kernels_skipped(
+        monkeypatch, capsys):
     monkeypatch.setattr(functional, "triton_problem", lambda: NO_TRITON)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(check.subprocess, "run", _no_subprocess)
-    monkeypatch.setattr(check, "run_case", lambda *args: pytest.fail("a kernel check ran without Triton"))
+    _no_kernel_case(monkeypatch)
     assert check.main([]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("No CUDA device and no usable Triton")
+    assert out.startswith("No CUDA device and no usable Triton: CPU tensors run the fused CPU path")
     for case in check.reference_cases():
         assert re.search(rf"^{re.escape(case.name)} +PASS$", out, re.MULTILINE), out
     for case in check.cases(tiny=True):
+        assert re.search(rf"^fused CPU: {re.escape(case.name)} +PASS$", out, re.MULTILINE), out
         assert re.search(rf"^{re.escape(case.name)} +SKIPPED$", out, re.MULTILINE), out
     assert f"the kernels cannot run here: {NO_TRITON}" in out
-    n_reference, n_kernels = len(check.reference_cases()), len(check.cases(tiny=True))
-    assert out.rstrip().endswith(f"PASS: {n_reference} of {n_reference} checks passed, {n_kernels} kernel checks "
+    n_passed, n_kernels = len(check.reference_cases()) + len(check.cases(tiny=True)), len(check.cases(tiny=True))
+    assert out.rstrip().endswith(f"PASS: {n_passed} of {n_passed} checks passed, {n_kernels} kernel checks "
                                  "skipped (no GPU and no usable Triton)")
+
+
+def test_a_wrong_fused_cpu_path_fails_its_rows(monkeypatch, capsys):
+    def off_by_a_little(bucket, options):
+        check.fused.prepare_adamw(bucket, options)()
+        for p in bucket.params:
+            p.mul_(1.001)
+
+    monkeypatch.setattr(functional, "triton_problem", lambda: NO_TRITON)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(check, "fused_step", off_by_a_little)
+    _no_kernel_case(monkeypatch)
+    assert check.main([]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"^fused CPU: MoFO exact fp32 +FAIL$", out, re.MULTILINE), out
+    assert "tensor (37,): param differs by up to" in out
 
 
 def test_without_gpu_or_triton_a_wrong_reference_still_fails(monkeypatch, capsys):
@@ -78,7 +108,9 @@ def test_without_gpu_or_triton_a_wrong_reference_still_fails(monkeypatch, capsys
     out = capsys.readouterr().out
     assert re.search(r"^reference = torch.optim.AdamW, fp32 +FAIL$", out, re.MULTILINE), out
     assert "step 1, tensor (7, 13): param differs by up to" in out
-    assert re.search(r"^FAIL: 0 of \d+ checks passed, \d+ kernel checks skipped", out, re.MULTILINE), out
+    n_fused = len(check.cases(tiny=True))  # compared with the reference's math, not with selopt.AdamW
+    assert out.rstrip().endswith(f"FAIL: {n_fused} of {n_fused + len(check.reference_cases())} checks passed, "
+                                 f"{n_fused} kernel checks skipped (no GPU and no usable Triton)")
 
 
 @pytest.mark.parametrize("hip, kind", [(None, "CUDA"), ("6.2.0", "ROCm")])
@@ -93,7 +125,7 @@ def test_on_a_gpu_machine_kernels_that_cannot_run_fail(monkeypatch, capsys, hip,
     assert re.search(r"^Triton kernels +FAIL$", out, re.MULTILINE), out
     assert f"selopt's Triton kernels cannot run on this {kind} device: {NO_TRITON}" in out
     assert "SKIPPED" not in out
-    n = len(check.reference_cases())
+    n = len(check.reference_cases()) + len(check.cases(tiny=True))  # the reference and the fused CPU path
     assert out.rstrip().endswith(f"FAIL: {n} of {n + 1} checks passed")
 
 
@@ -129,7 +161,7 @@ def test_self_check_fails_and_names_the_case_when_kernels_and_reference_disagree
     out = capsys.readouterr().out
     assert "dense fp32" in out and "MoFO exact fp32" in out
     assert "tensor (3, 5): param differs by up to" in out
-    assert out.rstrip().endswith("FAIL: 0 of 2 checks passed")
+    assert out.rstrip().endswith("FAIL: 0 of 4 checks passed")  # both cases, on the fused CPU path and the kernels
 
 
 def test_on_rocm_the_check_prints_the_gfx_architecture_and_the_hip_version(monkeypatch, capsys):
