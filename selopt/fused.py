@@ -240,10 +240,13 @@ def _restore_unselected(tensors: dict, new_param: Tensor, old: Tensor, keys: Ten
                         step_span: Callable[[slice], None] | None) -> None:
     """Give the unselected entries of ``new_param`` the value ``old`` holds for them; record the selection.
     ``step_span``: what makes a span of ``exp_avg`` final (see :func:`keep_mask`), or None when it is."""
+    # Flat numpy views, written in place: a non-contiguous param or selection goes through a copy.
     target = new_param if new_param.is_contiguous() else new_param.contiguous()
+    selections = tensors["selections"]
+    selected = None if selections is None else selections if selections.is_contiguous() else selections.contiguous()
     key_dtype = KEY_DTYPES[old.dtype]
     new_bits, old_bits = (t.numpy().view(key_dtype).reshape(-1) for t in (target, old))
-    selection = None if tensors["selections"] is None else tensors["selections"].numpy().reshape(-1)
+    selection = None if selected is None else selected.numpy().reshape(-1)
 
     def blend(piece: slice, keep: np.ndarray) -> None:
         # new ^= (new ^ old) & keep: a bit blend, 4-6x faster than torch's where or numpy's masked copy.
@@ -257,6 +260,8 @@ def _restore_unselected(tensors: dict, new_param: Tensor, old: Tensor, keys: Ten
               each_piece=blend)
     if target is not new_param:
         new_param.copy_(target)
+    if selected is not selections:
+        selections.copy_(selected)
 
 
 def _in_compute_dtype(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:

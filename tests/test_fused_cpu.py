@@ -235,7 +235,7 @@ def test_non_contiguous_params_and_state():
     p = base.t()  # a transposed view: neither row- nor column-contiguous in flat order
     columns = dict(param=[p], grad=[torch.randn(40, 30).t().contiguous().t()], exp_avg=[0.1 * torch.randn(30, 40).t()],
                    exp_avg_sq=[torch.rand(30, 40).t()], max_exp_avg_sq=[None], step=[torch.tensor(2.0)],
-                   selection=[torch.zeros(40, 30, dtype=torch.bool)])
+                   selection=[torch.zeros(30, 40, dtype=torch.bool).t()])  # written through a copy
     before = {name: [None if t is None else t.clone() for t in column] for name, column in columns.items()}
     options = AdamWOptions(**HYPER, fraction=0.25, block_size=64)
     fused.prepare_adamw(bucket_of(columns), options)()
