@@ -28,7 +28,6 @@ in ``"update"`` mode applies the reference's update to the stored moments.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -53,22 +52,20 @@ MOMENT_FIELDS = ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
 
 
 class Scratch:
-    """The implementation's cache: work buffers per thread and dtype, grown to the largest tensor stepped.
+    """The implementation's cache: two work buffers per dtype, grown to the largest tensor stepped.
 
     Reused from step to step because a fresh large buffer is page-faulted in on
     every step (about 20 ms for 64 MB on the 2-core VM of bench/NOTES.md §7,
-    as long as torch's whole fused step of a 2^24-entry tensor). Two buffers of
-    the largest tensor per thread that steps.
+    as long as torch's whole fused step of a 2^24-entry tensor).
     """
 
     def __init__(self):
-        self._local = threading.local()
+        self.held: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
 
     def buffers(self, numel: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        held = self._local.__dict__.setdefault("held", {})
-        pair = held.get(dtype)
+        pair = self.held.get(dtype)
         if pair is None or pair[0].numel() < numel:
-            pair = held[dtype] = (torch.empty(numel, dtype=dtype), torch.empty(numel, dtype=dtype))
+            pair = self.held[dtype] = (torch.empty(numel, dtype=dtype), torch.empty(numel, dtype=dtype))
         return pair[0][:numel], pair[1][:numel]
 
 
@@ -122,7 +119,7 @@ def _step(bucket: Bucket, options: AdamWOptions, grad_scale: Tensor | None, scra
         for work in works:
             if work["selections"] is not None:
                 work["selections"].fill_(True)
-            _finish(bucket, work, options)
+            _finish(work, options)
         return
     # Tensor after tensor: spreading them over a pool of threads was slower at 2 threads (numpy's calls and
     # torch's own threads contend; bench/NOTES.md §7).
@@ -136,7 +133,7 @@ def _working(bucket: Bucket, i: int, options: AdamWOptions, grad_scale: Tensor |
     tensors = bucket.tensors(i)
     param = tensors["params"].detach()
     dtype = reference.compute_dtype(param.dtype)
-    work = dict(tensors, index=i, param=param, new_param=_in_compute_dtype(param, dtype),
+    work = dict(tensors, param=param, new_param=_in_compute_dtype(param, dtype),
                 **{f"new_{name}": _in_compute_dtype(tensors[name], dtype) for name in MOMENT_FIELDS})
     if effective:
         work["grad"] = reference.effective_grad(param, tensors["grads"], maximize=options.maximize,
@@ -204,7 +201,7 @@ def _select_step(bucket: Bucket, i: int, options: AdamWOptions, grad_scale: Tens
         _masked_update(work, new_param, old, keys, options)
     else:
         _restore_unselected(work, new_param, old, keys, options, step_span if in_pieces else None)
-    _finish(bucket, work, options)
+    _finish(work, options)
 
 
 def _entries(work: dict, span: slice) -> dict:
@@ -218,10 +215,11 @@ def _entries(work: dict, span: slice) -> dict:
     return piece
 
 
-def _finish(bucket: Bucket, work: dict, options: AdamWOptions) -> None:
-    """Round the working param into the param."""
+def _finish(work: dict, options: AdamWOptions) -> None:
+    """Round the working param into the param, once, as the reference stores it."""
     if work["new_param"] is not work["param"]:
-        _store_param(work["param"], work["new_param"], bucket, work["index"], options)
+        work["param"].copy_(reference.as_stored_param(work["new_param"], work["param"], seed=work["rounding_seeds"],
+                                                      step=float(work["steps"]), options=options))
 
 
 def _masked_update(tensors: dict, new_param: Tensor, old: Tensor, keys: Tensor, options: AdamWOptions) -> None:
@@ -351,13 +349,3 @@ def _thresholds(magnitudes: np.ndarray, scratch: np.ndarray, width: int, fractio
         rows.partition(rank, axis=1)
     # (np.minimum and np.maximum: np.clip's Python wrapper costs as much as the select of a small block.)
     return np.minimum(np.maximum(rows[:, rank:rank + 1], MIN_THRESHOLD), INF_KEY[scratch.dtype] + 1)
-
-
-def _store_param(param: Tensor, new_param: Tensor, bucket: Bucket, i: int, options: AdamWOptions) -> None:
-    """Round the compute-dtype ``new_param`` once into ``param``, stochastically for bf16 when asked."""
-    if options.stochastic_rounding and param.dtype == torch.bfloat16:
-        seed = bucket.column("rounding_seeds")[i]
-        step = float(bucket.steps[i])
-        generator = None if seed is None else reference.rounding_generator(seed, step, param.device)
-        new_param = reference.stochastic_round_to_bf16(new_param, generator)
-    param.copy_(new_param)

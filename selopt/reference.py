@@ -35,8 +35,9 @@ from selopt.options import AdamWOptions
 from selopt.selection import block_k, selection_mask
 
 __all__ = ["AdamWOptions", "Moments", "StepResult", "adam_moments", "adamw_math", "adamw_step_", "apply_update",
-           "block_k", "compute_dtype", "effective_grad", "expand_soft_mask", "prepare_adamw", "rounding_generator",
-           "selection_mask", "stochastic_round_to_bf16", "store_moments_", "tensor_state", "update_param_"]
+           "as_stored_param", "block_k", "compute_dtype", "effective_grad", "expand_soft_mask", "prepare_adamw",
+           "rounding_generator", "selection_mask", "stochastic_round_to_bf16", "store_moments_", "tensor_state",
+           "update_param_"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -181,6 +182,21 @@ def stochastic_round_to_bf16(x: Tensor, generator: torch.Generator | None = None
     return torch.where(x.isfinite(), rounded, x).to(torch.bfloat16)
 
 
+def as_stored_param(new_param: Tensor, param: Tensor, *, seed: Tensor | None, step: float,
+                    options: AdamWOptions) -> Tensor:
+    """``new_param`` (compute dtype) as it goes into ``param``: stochastically rounded to bf16 when the
+    options ask for it (drawn from ``seed`` and ``step``, else from torch's generator), else as is (the
+    store rounds it to nearest).
+
+    >>> as_stored_param(torch.tensor([1.0]), torch.ones(1), seed=None, step=1, options=AdamWOptions()).tolist()
+    [1.0]
+    """
+    if not (options.stochastic_rounding and param.dtype == torch.bfloat16):
+        return new_param
+    generator = None if seed is None else rounding_generator(seed, step, param.device)
+    return stochastic_round_to_bf16(new_param, generator)
+
+
 def rounding_generator(seed: Tensor, step: float, device: torch.device) -> torch.Generator:
     """The generator of one parameter's stochastic rounding at one step: its seed and the step count.
 
@@ -222,11 +238,8 @@ def update_param_(param: Tensor, state: dict, selected: Tensor, *, options: Adam
         moments = Moments(state["exp_avg"].to(dtype), state["exp_avg_sq"].to(dtype),
                           None if vmax is None else vmax.to(dtype))
     new_param = apply_update(param, moments, selected, step=step, options=options, soft_mask=soft_mask)
-    if options.stochastic_rounding and param.dtype == torch.bfloat16:
-        seed = state.get("rounding_seed")
-        generator = None if seed is None else rounding_generator(seed, step, param.device)
-        new_param = stochastic_round_to_bf16(new_param, generator)
-    _commit_(param, new_param, found_inf)
+    _commit_(param, as_stored_param(new_param, param, seed=state.get("rounding_seed"), step=step, options=options),
+             found_inf)
     step_tensor.add_(1 if found_inf is None else 1 - found_inf.to(step_tensor))
 
 
