@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -151,8 +152,7 @@ def _fused_step(numel: int) -> Callable[[], None]:
 
 def markdown(records: list[dict]) -> str:
     """The README's table: ms per step and the ratio to torch fused, per size and thread count."""
-    columns = sorted({(r["case"], r["threads"]) for r in records}, key=lambda c: ([r["case"] for r in records].index(
-        c[0]), c[1]))
+    columns = list(dict.fromkeys((r["case"], r["threads"]) for r in records))  # in the order measured
     header = "| variant | " + " | ".join(f"{case}, {t} thr." for case, t in columns) + " |"
     lines = [header, "|---" * (len(columns) + 1) + "|"]
     for name, _, target in VARIANTS:
@@ -178,20 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     if out is not None:
         result = dict(device=common.device_full_name(torch.device("cpu")), torch=torch.__version__,
                       date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                      command="python -m bench." + Path(__file__).stem + " " + " ".join(argv or sys.argv[1:]),
-                      fraction=FRACTION, lr=LR, weight_decay=WEIGHT_DECAY, load_average=list(_load_average()),
+                      command=shlex.join(["python", "-m", "bench.cpu", *(sys.argv[1:] if argv is None else argv)]),
+                      fraction=FRACTION, lr=LR, weight_decay=WEIGHT_DECAY, load_average_at_end=common.load_average(),
                       primitives_us_per_2e16_fp32=timings,
                       records=records, table=markdown(records))
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {out}")
     return 0 if all(r["met"] is not False for r in records) else 1
-
-
-def _load_average() -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return ()
 
 
 if __name__ == "__main__":

@@ -310,14 +310,6 @@ def markdown_tables(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _load_average() -> list[float] | None:
-    # Host load over 1/5/15 min: CPU timings on a shared machine are only as good as this is low.
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.markdown:
@@ -339,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
             allocator = "glibc with M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB (freed blocks stay mapped)"
         else:
             allocator = "system allocator (not glibc: left as is)"
-    load_start = _load_average()
+    load_start = common.load_average()
     budget = common.memory_budget_bytes(device)
     variants = common.variants_for(device)
     if args.variants:
@@ -400,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command=shlex.join(["python", "-m", "bench.speed", *(sys.argv[1:] if argv is None else argv)]),
         copy_bandwidth_gbps=copy_gbps,
-        load_average=dict(start=load_start, end=_load_average()),
+        load_average=dict(start=load_start, end=common.load_average()),
         torch_threads=torch.get_num_threads(),
         cpu_allocator=allocator,
         copy_bandwidth_gbps_start_end=[copy_start, copy_end],
