@@ -305,6 +305,9 @@ def _sharded_worker(rank: int, out: str) -> None:
     finally:
         with open(os.path.join(out, f"{rank}.json"), "w") as f:
             json.dump(result, f)
+        # Leave together, as tests/test_distributed.py's workers do, so that no rank tears the group down
+        # while the other still uses it.
+        dist.barrier()
         dist.destroy_process_group()
 
 
