@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 import selopt
 from selopt import distributed, functional, reference, selection
+from tests import gloo_workers
 
 WORLD = 2
 STEPS = 4
@@ -428,8 +429,10 @@ def _worker(rank: int, tmp: str) -> None:
                 json.dump(result, f)
             # A rank that failed early may have skipped collectives: realign before the next scenario.
             dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    gloo_workers.leave()
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 import selopt
 from selopt import functional, stats
+from tests import gloo_workers
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BACKENDS = ["torch"] + (["triton"] if INTERPRET and functional.triton_problem() is None else [])
@@ -302,13 +303,9 @@ def _sharded_worker(rank: int, out: str) -> None:
                 result["groups"].append([[g.entries, g.moved, g.decayed] for g in opts[1].update_stats().groups])
     except Exception:
         result = {"ok": False, "error": traceback.format_exc()}
-    finally:
-        with open(os.path.join(out, f"{rank}.json"), "w") as f:
-            json.dump(result, f)
-        # Leave together, as tests/test_distributed.py's workers do, so that no rank tears the group down
-        # while the other still uses it.
-        dist.barrier()
-        dist.destroy_process_group()
+    with open(os.path.join(out, f"{rank}.json"), "w") as f:
+        json.dump(result, f)
+    gloo_workers.leave()
 
 
 def test_sharded_counts_equal_one_process(tmp_path):
