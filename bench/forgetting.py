@@ -12,6 +12,7 @@ a sequence instead), once per method, learning rate and seed:
 - ``mofo``: ``selopt.MoFO`` per tensor (the paper's partition);
 - ``mofo_block``: ``selopt.MoFO`` with fixed-size blocks;
 - ``hft``: :func:`selopt.hft.freeze_half` (a new draw per seed), then AdamW on the trainable half;
+- ``hft_mofo``: the same half, stepped by MoFO (the two combined);
 - ``cofi_coarse``: :func:`selopt.cofi.freeze_coarse` (``bottom2``, up/down);
 - ``cofi_softmask``: the same plus soft masks from :func:`selopt.cofi.importance`
   computed on task A data (CoFiTune's coarse + fine);
@@ -78,12 +79,14 @@ METHODS = {
     "mofo": Method("MoFO (15% per tensor)", (2.5e-4, 5e-4, 1e-3, 2e-3)),
     "mofo_block": Method("MoFO (15% per block)", (2.5e-4, 5e-4, 1e-3, 2e-3)),
     "hft": Method("HFT", (1e-3, 2e-3, 4e-3)),
+    "hft_mofo": Method("HFT + MoFO (15% per tensor)", (5e-4, 1e-3, 2e-3, 4e-3)),
     "cofi_coarse": Method("CoFiTune coarse", (1e-3, 3e-3, 1e-2)),
     "cofi_softmask": Method("CoFiTune coarse + soft masks", (1e-3, 3e-3, 1e-2)),
     "lora": Method("LoRA (r 8, all projections)", (5e-4, 1e-3, 2e-3)),
 }
 # The study leaves out selopt_adamw (a copy of the reference: the tests check
-# that it matches) and the variants mofo_block and cofi_coarse; --methods adds them.
+# that it matches), the variants mofo_block and cofi_coarse, and hft_mofo, whose
+# sweep was run apart for the continual study (bench/NOTES.md §8); --methods adds them.
 STUDY_METHODS = ("adamw_torch", "mofo", "hft", "cofi_softmask", "lora")
 REFERENCE = "adamw_torch"
 MATCH_FRACTION = 0.9
@@ -107,6 +110,9 @@ class Tasks:
     task_b: str
     reverse_length: int
     modulus: int
+    # Relation tokens after the value tokens that task A never uses: the continual study
+    # (bench/continual.py) teaches new facts with them in a later stage.
+    new_relations: int = 0
 
     @property
     def entity0(self) -> int:
@@ -121,8 +127,12 @@ class Tasks:
         return self.relation0 + self.n_relations
 
     @property
-    def vocab_size(self) -> int:
+    def new_relation0(self) -> int:
         return self.value0 + self.n_values
+
+    @property
+    def vocab_size(self) -> int:
+        return self.new_relation0 + self.new_relations
 
     @property
     def n_facts(self) -> int:
@@ -138,9 +148,14 @@ class Tasks:
 
     def task_a_batch(self, table: torch.Tensor, fact_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequences ``BOS (e r v)*``; targets are -100 except at the value positions."""
+        return self.facts_batch(table, fact_ids, self.relation0)
+
+    def facts_batch(self, table: torch.Tensor, fact_ids: torch.Tensor, relation0: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Task A's format for any fact table: fact ``i`` is entity ``i // n``, relation token ``relation0 + i % n``
+        (``n = table.shape[1]``), value ``table[entity, i % n]``."""
         fact_ids = fact_ids.view(-1, self.facts_per_sequence)
-        entity, relation = fact_ids // self.n_relations, fact_ids % self.n_relations
-        triples = torch.stack([self.entity0 + entity, self.relation0 + relation, table[entity, relation]], dim=-1)
+        entity, relation = fact_ids // table.shape[1], fact_ids % table.shape[1]
+        triples = torch.stack([self.entity0 + entity, relation0 + relation, table[entity, relation]], dim=-1)
         tokens = torch.cat([torch.full((fact_ids.shape[0], 1), BOS), triples.flatten(1)], dim=1)
         targets = torch.full_like(tokens, -100)
         targets[:, 2::3] = tokens[:, 3::3]  # the token after "e r" is its value
@@ -257,6 +272,12 @@ def prepare(method: str, model: TinyLlama, lr: float, seed: int, args, device, t
         report = hft.freeze_half(model, seed=seed)
         opt = selopt.AdamW(selopt.param_groups(model, weight_decay=wd, fraction=1.0), lr=lr)
         return model, opt, f"HFT draw {seed}: {report.fraction_by_count:.1%} of entries train"
+    if method == "hft_mofo":
+        report = hft.freeze_half(model, seed=seed)
+        groups = selopt.param_groups(model, weight_decay=wd, fraction=args.mofo_fraction)
+        return model, selopt.MoFO(groups, lr=lr), (
+            f"HFT draw {seed}: {report.fraction_by_count:.1%} of entries train, stepped by MoFO fraction {args.mofo_fraction} per tensor"
+        )
     if method in ("cofi_coarse", "cofi_softmask"):
         report = cofi.freeze_coarse(model, layers=args.cofi_layers, modules=tuple(args.cofi_modules))
         opt = selopt.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=wd)
@@ -428,7 +449,7 @@ def analyse(curves: dict, fraction: float = MATCH_FRACTION) -> dict:
 
 COLORS = {
     "adamw_torch": "tab:red", "selopt_adamw": "tab:pink", "mofo": "tab:blue", "mofo_block": "tab:cyan",
-    "hft": "tab:green", "cofi_coarse": "tab:olive", "cofi_softmask": "tab:brown", "lora": "tab:purple",
+    "hft": "tab:green", "hft_mofo": "tab:olive", "cofi_coarse": "tab:gray", "cofi_softmask": "tab:brown", "lora": "tab:purple",
 }
 
 
@@ -547,8 +568,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default in (None, []) else super()._get_help_string(action)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+def add_model_arguments(parser: argparse.ArgumentParser) -> tuple[argparse._ArgumentGroup, argparse._ArgumentGroup]:
+    """The model, task and pre-training options, shared with bench.continual; returns the two groups."""
     size = parser.add_argument_group("model and tasks")
     size.add_argument("--layers", type=int, default=4)
     size.add_argument("--dim", type=int, default=128)
@@ -558,14 +579,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     size.add_argument("--relations", type=int, default=4)
     size.add_argument("--values", type=int, default=48)
     size.add_argument("--facts-per-sequence", type=int, default=8)
-    size.add_argument("--task-b", choices=TASK_B_KINDS, default="add", help="the new skill of phase 2")
-    size.add_argument("--modulus", type=int, default=16, help="task B 'add': a + b mod this, over the first value tokens")
-    size.add_argument("--reverse-length", type=int, default=6, help="task B 'reverse': tokens to reverse")
-    size.add_argument("--eval-b", type=int, default=256, help="task-B evaluation sequences")
+    size.add_argument("--modulus", type=int, default=16, help="'add': a + b mod this, over the first value tokens")
+    size.add_argument("--reverse-length", type=int, default=6, help="'reverse': tokens to reverse")
+    size.add_argument("--eval-b", type=int, default=256, help="evaluation sequences of each generated task ('add', 'reverse')")
     train = parser.add_argument_group("training")
-    train.add_argument("--batch", type=int, default=32, help="sequences per step, both phases")
+    train.add_argument("--batch", type=int, default=32, help="sequences per step, every phase")
     train.add_argument("--pretrain-steps", type=int, default=400)
     train.add_argument("--pretrain-lr", type=float, default=3e-3)
+    return size, train
+
+
+# Shared options that must be >= 1, and the sizes --tiny sets (a model and tasks small enough for CI).
+MODEL_COUNTS = ("layers", "dim", "heads", "ffn_dim", "entities", "relations", "values", "facts_per_sequence",
+                "reverse_length", "modulus", "eval_b", "batch", "pretrain_steps")
+TINY_MODEL = {"layers": 2, "dim": 32, "heads": 2, "ffn_dim": 64, "entities": 16, "values": 16, "modulus": 8,
+              "pretrain_steps": 60, "eval_b": 64}
+
+
+def check_model_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, counts: tuple[str, ...]) -> None:
+    for name in MODEL_COUNTS + counts:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.modulus > args.values:
+        parser.error(f"--modulus must be <= --values ({args.values}), got {args.modulus}")
+    if (args.entities * args.relations) % args.facts_per_sequence:
+        parser.error("--entities * --relations must be a multiple of --facts-per-sequence")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    size, train = add_model_arguments(parser)
+    size.add_argument("--task-b", choices=TASK_B_KINDS, default="add", help="the new skill of phase 2")
     train.add_argument("--finetune-steps", type=int, help="default: 300 (demo), 600 (--full)")
     train.add_argument("--eval-every", type=int, default=25, help="score task A and B every this many fine-tuning steps")
     train.add_argument("--lr", type=parse_lr, action="append", default=[], metavar="METHOD=LR[,LR...]",
@@ -591,10 +635,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.preset = "full" if args.full else "tiny" if args.tiny else "demo"
     preset = PRESETS[args.preset]
     if args.tiny:
-        args.layers, args.dim, args.heads, args.ffn_dim = 2, 32, 2, 64
-        args.entities, args.values, args.modulus = 16, 16, 8
-        args.pretrain_steps, args.eval_every, args.log_every = 60, 5, 20
-        args.importance_batches, args.mofo_block, args.lora_rank, args.eval_b = 2, 64, 2, 64
+        vars(args).update(TINY_MODEL)
+        args.eval_every, args.log_every = 5, 20
+        args.importance_batches, args.mofo_block, args.lora_rank = 2, 64, 2
     args.seeds = args.seeds or list(preset.seeds)
     args.methods = args.methods or list(preset.methods)
     args.finetune_steps = args.finetune_steps or preset.finetune_steps
@@ -607,15 +650,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--methods must include {REFERENCE}: full fine-tuning sets the task-B threshold of the matched-skill comparison")
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds must be distinct, got {args.seeds}")
-    for name in ("layers", "dim", "heads", "ffn_dim", "entities", "relations", "values", "facts_per_sequence", "reverse_length",
-                 "modulus", "eval_b", "batch", "pretrain_steps", "finetune_steps", "eval_every", "importance_batches", "lora_rank",
-                 "threads", "log_every"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.modulus > args.values:
-        parser.error(f"--modulus must be <= --values ({args.values}), got {args.modulus}")
-    if (args.entities * args.relations) % args.facts_per_sequence:
-        parser.error("--entities * --relations must be a multiple of --facts-per-sequence")
+    check_model_arguments(parser, args, ("finetune_steps", "eval_every", "importance_batches", "lora_rank", "threads", "log_every"))
     if args.out is None:
         args.out = RESULTS if args.full else RESULTS / "runs" / time.strftime(f"%Y%m%d-%H%M%S-{args.preset}")
     return args
@@ -672,25 +707,46 @@ def main(argv=None) -> dict:
             f"add two value tokens mod {args.modulus}: accuracy of the sum token" if args.task_b == "add"
             else f"reverse {args.reverse_length} value tokens: token accuracy"
         ) + f" over {args.eval_b} fixed sequences",
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "selopt": selopt.__version__},
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        **run_environment(args.methods, device),
         "command": "python -m bench.forgetting " + " ".join(sys.argv[1:] if argv is None else argv),
     }
-    if "lora" in args.methods:
+    report = {"config": config, "pretrained": pretrained_scores, **analyse(curves), "curves": curves}
+    print_tables(report)
+    save_report(report, args.out / "forgetting", plot, started, load_before)
+    return report
+
+
+def run_environment(methods, device: torch.device) -> dict:
+    """Versions and the device, CPU model and instruction set included: float results differ between CPUs."""
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "selopt": selopt.__version__}
+    if "lora" in methods:
         import peft
 
-        config["versions"]["peft"] = peft.__version__
-    report = {"config": config, "pretrained": pretrained_scores, **analyse(curves), "curves": curves}
-    # Wall time and load average, so a reader can tell a slow run from a busy machine.
+        versions["peft"] = peft.__version__
+    if device.type == "cuda":
+        return {"versions": versions, "device_name": torch.cuda.get_device_name(device)}
+    return {"versions": versions, "device_name": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def save_report(report: dict, stem: Path, plot, started: float, load_before) -> None:
+    """Write ``stem``.json and ``stem``.png, with the wall time and load average in the config
+    (so a reader can tell a slow run from a busy machine)."""
+    config = report["config"]
     config["wall_seconds"] = time.perf_counter() - started
     config["load_average"] = {"start": load_before, "end": os.getloadavg()}
-
-    print_tables(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "forgetting.json").write_text(json.dumps(report, indent=1) + "\n")
-    plot(report, args.out / "forgetting.png")
-    print(f"wrote {args.out / 'forgetting.json'} and {args.out / 'forgetting.png'} ({config['wall_seconds']:.0f}s)")
-    return report
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = stem.with_suffix(".json"), stem.with_suffix(".png")
+    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    plot(report, png_path)
+    print(f"wrote {json_path} and {png_path} ({config['wall_seconds']:.0f}s)")
 
 
 if __name__ == "__main__":

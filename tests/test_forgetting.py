@@ -3,19 +3,13 @@
 import json
 
 import pytest
-import torch
 
 from bench import forgetting
+from tests.bench_runs import run_main
 
 
 def run(argv):
-    """forgetting.main, leaving torch's global settings as they were."""
-    threads = torch.get_num_threads()
-    try:
-        return forgetting.main(argv)
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(False)
+    return run_main(forgetting.main, argv)
 
 
 @pytest.fixture(scope="module")
