@@ -262,8 +262,11 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     config, methods = report["config"], list(report["summary"])
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.3 * len(methods), 3.6), dpi=110, sharey=True, squeeze=False)
-    for ax, method in zip(axes[0], methods):
+    columns = min(3, len(methods))
+    rows = -(-len(methods) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.4 * columns, 3.5 * rows), dpi=110, sharey=True, squeeze=False)
+    axes = axes.flatten()
+    for ax, method in zip(axes, methods):
         curves = [run["curve"] for run in report["runs"][method].values()]
         steps = curves[0]["steps"]
         for task, color in TASK_COLORS.items():
@@ -281,8 +284,15 @@ def plot(report: dict, path: Path) -> None:
         ax.set_xlabel("fine-tuning step (stages B | C | D)", fontsize=8)
         ax.set_ylim(-0.02, 1.04)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"accuracy (mean of {len(config['seeds'])} seeds, band: std)")
-    axes[0][0].legend(loc="center left", fontsize=7)
+    for ax in axes[::columns]:
+        ax.set_ylabel(f"accuracy (mean of {len(config['seeds'])} seeds; band: std)", fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if len(methods) < len(axes):  # the spare panel holds the legend
+        for spare in axes[len(methods):]:
+            spare.axis("off")
+        axes[len(methods)].legend(handles, labels, loc="center", fontsize=9, title="task")
+    else:
+        axes[0].legend(handles, labels, loc="center left", fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
