@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import multiprocessing
-import os
 import statistics
 import sys
 import time
@@ -60,9 +59,9 @@ from pathlib import Path
 import torch
 
 import selopt
-from bench import forgetting
+from bench import common, forgetting
 from bench.forgetting import FactStream, Tasks, accuracy, log, next_token_loss
-from bench.tiny_llama import TinyLlama, TinyLlamaConfig
+from bench.tiny_llama import TinyLlama
 from selopt import hft
 
 
@@ -84,7 +83,7 @@ METHODS = {
 }
 TASKS = {"A": "fact recall (pre-training)", "B": "modular addition", "C": "new facts", "D": "reversal"}
 STAGES = ("B", "C", "D")
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = forgetting.RESULTS
 
 
 class Curriculum:
@@ -170,7 +169,7 @@ def pretrain(args, seed: int) -> dict[str, torch.Tensor]:
     """Task A pre-training of one seed (as the single-task study's), as a state dict a worker can send back."""
     set_up_process(args)
     tasks = make_tasks(args)
-    curriculum = Curriculum(tasks, seed, args.new_facts, args.eval_sequences)
+    curriculum = Curriculum(tasks, seed, args.new_facts, args.eval_b)
     model = forgetting.pretrain(args, seed, tasks, curriculum.table_a, torch.device("cpu"))
     log(f"[seed {seed} pretrain] {curriculum.scores(model)}")
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
@@ -180,8 +179,8 @@ def run_sequence(method: str, seed: int, pretrained: dict[str, torch.Tensor], ar
     """One method through every stage from one seed's pre-trained weights: R, the curves and the step time."""
     set_up_process(args)
     tasks = make_tasks(args)
-    curriculum = Curriculum(tasks, seed, args.new_facts, args.eval_sequences)
-    model = TinyLlama(model_config(args, tasks))
+    curriculum = Curriculum(tasks, seed, args.new_facts, args.eval_b)
+    model = TinyLlama(forgetting.model_config(args, tasks))
     model.load_state_dict(pretrained)
     torch.manual_seed(seed + 2)
     tag = f"[seed {seed} {method} lr {METHODS[method].lr:g}]"
@@ -208,11 +207,6 @@ def run_sequence(method: str, seed: int, pretrained: dict[str, torch.Tensor], ar
         log(f"{tag} stage {stage} (task {task}, {detail}): " + ", ".join(f"{t} {s:.3f}" for t, s in matrix[-1].items()))
     return {"R": matrix, "curve": curve, "stages": details,
             "ms_per_step": 1e3 * train_seconds / (len(STAGES) * args.stage_steps)}
-
-
-def model_config(args, tasks: Tasks) -> TinyLlamaConfig:
-    return TinyLlamaConfig(vocab_size=tasks.vocab_size, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
-                           ffn_dim=args.ffn_dim, max_seq_len=tasks.max_seq_len)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,22 +327,12 @@ PRESETS = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=forgetting.HelpFormatter)
-    size, train = forgetting.add_model_arguments(parser)
+    size, train, run = forgetting.add_shared_arguments(parser, f"seeds {PRESETS['full'].seeds}")
     size.add_argument("--new-facts", type=int, default=64, help="task C: facts under the new relation (entities 0..N-1)")
     train.add_argument("--stage-steps", type=int, help="steps per stage; default: 300 (demo), 600 (--full)")
     train.add_argument("--eval-every", type=int, help="score every task every this many steps; default: 50")
-    train.add_argument("--mofo-fraction", type=float, default=0.15)
-    train.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r (alpha = 2r)")
-    run = parser.add_argument_group("run")
-    mode = run.add_mutually_exclusive_group()
-    mode.add_argument("--full", action="store_true", help=f"the committed study: seeds {PRESETS['full'].seeds}; writes {RESULTS}")
-    mode.add_argument("--tiny", action="store_true", help="a seconds-long run for CI (overrides the sizes)")
     run.add_argument("--methods", nargs="+", choices=tuple(METHODS), help=f"default: {' '.join(METHODS)}")
-    run.add_argument("--seeds", nargs="+", type=int, help="default: 0 (demo), 0 1 2 (--full)")
     run.add_argument("--jobs", type=int, help="processes running (method, seed) sequences side by side; default: 1, 2 with --full")
-    run.add_argument("--threads", type=int, default=1, help="torch CPU threads per process, fixed so results repeat")
-    run.add_argument("--log-every", type=int, default=100, help="pre-training log interval")
-    run.add_argument("--out", type=Path, help=f"output folder; default {RESULTS} with --full, else a new folder under {RESULTS / 'runs'} (not tracked by git)")
     args = parser.parse_args(argv)
 
     args.preset = "full" if args.full else "tiny" if args.tiny else "demo"
@@ -361,17 +345,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("stage_steps", "eval_every", "jobs"):
         if getattr(args, name) is None:
             setattr(args, name, getattr(preset, name))
-    args.eval_sequences = args.eval_b
-    if len(set(args.seeds)) != len(args.seeds):
-        parser.error(f"--seeds must be distinct, got {args.seeds}")
-    forgetting.check_model_arguments(parser, args, ("new_facts", "stage_steps", "eval_every", "lora_rank", "jobs", "threads", "log_every"))
+    forgetting.check_shared_arguments(parser, args, ("new_facts", "stage_steps", "eval_every", "jobs"))
     if args.new_facts > args.entities or args.new_facts % args.facts_per_sequence:
         parser.error(f"--new-facts must be <= --entities ({args.entities}) and a multiple of --facts-per-sequence "
                      f"({args.facts_per_sequence}), got {args.new_facts}")
-    if not 0 < args.mofo_fraction <= 1:
-        parser.error(f"--mofo-fraction must be in (0, 1], got {args.mofo_fraction}")
-    if args.out is None:
-        args.out = RESULTS if args.full else RESULTS / "runs" / time.strftime(f"%Y%m%d-%H%M%S-{args.preset}")
     return args
 
 
@@ -392,7 +369,7 @@ def run_all(args) -> tuple[dict, dict]:
 
 def main(argv=None) -> dict:
     started = time.perf_counter()
-    load_before = os.getloadavg()
+    load_before = common.load_average()
     args = parse_args(argv)
     set_up_process(args)
     tasks = make_tasks(args)
@@ -406,13 +383,13 @@ def main(argv=None) -> dict:
         "weight_decay": 0.0,
         "tasks": {
             "A": f"fact recall: the value after 'entity relation', over all {tasks.n_facts} facts (pre-training)",
-            "B": f"add two value tokens mod {args.modulus}: the sum token, over {args.eval_sequences} fixed sequences",
+            "B": f"add two value tokens mod {args.modulus}: the sum token, over {args.eval_b} fixed sequences",
             "C": f"{args.new_facts} new facts in task A's format under a relation token task A never uses: all of them",
-            "D": f"reverse {args.reverse_length} value tokens: token accuracy over {args.eval_sequences} fixed sequences",
+            "D": f"reverse {args.reverse_length} value tokens: token accuracy over {args.eval_b} fixed sequences",
         },
         "stages": list(STAGES),
         "vocab_size": tasks.vocab_size,
-        "n_params": sum(t.numel() for t in TinyLlama(model_config(args, tasks)).parameters()),
+        "n_params": sum(t.numel() for t in TinyLlama(forgetting.model_config(args, tasks)).parameters()),
         **forgetting.run_environment(args.methods, torch.device("cpu")),
         "command": "python -m bench.continual " + " ".join(sys.argv[1:] if argv is None else argv),
     }

@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 
 import selopt
+from bench import common
 from bench.tiny_llama import TinyLlama, TinyLlamaConfig
 from selopt import cofi, hft
 
@@ -226,13 +227,14 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def model_config(args, tasks: Tasks) -> TinyLlamaConfig:
+    return TinyLlamaConfig(vocab_size=tasks.vocab_size, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
+                           ffn_dim=args.ffn_dim, max_seq_len=tasks.max_seq_len)
+
+
 def pretrain(args, seed: int, tasks: Tasks, table: torch.Tensor, device: torch.device) -> TinyLlama:
     torch.manual_seed(seed)
-    config = TinyLlamaConfig(
-        vocab_size=tasks.vocab_size, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
-        ffn_dim=args.ffn_dim, max_seq_len=tasks.max_seq_len,
-    )
-    model = TinyLlama(config).to(device)
+    model = TinyLlama(model_config(args, tasks)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.pretrain_lr, total_steps=args.pretrain_steps, pct_start=0.1)
     facts = FactStream(tasks.n_facts, args.batch * tasks.facts_per_sequence, torch.Generator().manual_seed(seed + 1))
@@ -568,8 +570,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default in (None, []) else super()._get_help_string(action)
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> tuple[argparse._ArgumentGroup, argparse._ArgumentGroup]:
-    """The model, task and pre-training options, shared with bench.continual; returns the two groups."""
+def add_shared_arguments(parser: argparse.ArgumentParser, full_help: str) -> tuple[argparse._ArgumentGroup, ...]:
+    """The options bench.continual shares: model, tasks, pre-training, MoFO's fraction, LoRA's rank and the run
+    (``full_help`` describes ``--full``); returns the groups "model and tasks", "training" and "run"."""
     size = parser.add_argument_group("model and tasks")
     size.add_argument("--layers", type=int, default=4)
     size.add_argument("--dim", type=int, default=128)
@@ -586,50 +589,58 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> tuple[argparse._Argu
     train.add_argument("--batch", type=int, default=32, help="sequences per step, every phase")
     train.add_argument("--pretrain-steps", type=int, default=400)
     train.add_argument("--pretrain-lr", type=float, default=3e-3)
-    return size, train
+    train.add_argument("--mofo-fraction", type=float, default=0.15)
+    train.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r (alpha = 2r)")
+    run = parser.add_argument_group("run")
+    mode = run.add_mutually_exclusive_group()
+    mode.add_argument("--full", action="store_true", help=f"the committed study: {full_help}; writes {RESULTS}")
+    mode.add_argument("--tiny", action="store_true", help="a seconds-long run for CI (overrides the sizes)")
+    run.add_argument("--seeds", nargs="+", type=int, help="default: 0 (demo), 0 1 2 (--full)")
+    run.add_argument("--threads", type=int, default=1, help="torch CPU threads (per process), fixed so results repeat "
+                     "(more threads on a busy machine spin and slow down)")
+    run.add_argument("--log-every", type=int, default=100, help="log progress every this many steps")
+    run.add_argument("--out", type=Path, help=f"output folder; default {RESULTS} with --full, else a new folder under {RESULTS / 'runs'} (not tracked by git)")
+    return size, train, run
 
 
 # Shared options that must be >= 1, and the sizes --tiny sets (a model and tasks small enough for CI).
-MODEL_COUNTS = ("layers", "dim", "heads", "ffn_dim", "entities", "relations", "values", "facts_per_sequence",
-                "reverse_length", "modulus", "eval_b", "batch", "pretrain_steps")
+SHARED_COUNTS = ("layers", "dim", "heads", "ffn_dim", "entities", "relations", "values", "facts_per_sequence",
+                 "reverse_length", "modulus", "eval_b", "batch", "pretrain_steps", "lora_rank", "threads", "log_every")
 TINY_MODEL = {"layers": 2, "dim": 32, "heads": 2, "ffn_dim": 64, "entities": 16, "values": 16, "modulus": 8,
               "pretrain_steps": 60, "eval_b": 64}
 
 
-def check_model_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, counts: tuple[str, ...]) -> None:
-    for name in MODEL_COUNTS + counts:
+def check_shared_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, counts: tuple[str, ...]) -> None:
+    """Refuse bad shared options (and the study's own ``counts``, which must be >= 1); set --out's default."""
+    for name in SHARED_COUNTS + counts:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds must be distinct, got {args.seeds}")
+    if not 0 < args.mofo_fraction <= 1:
+        parser.error(f"--mofo-fraction must be in (0, 1], got {args.mofo_fraction}")
     if args.modulus > args.values:
         parser.error(f"--modulus must be <= --values ({args.values}), got {args.modulus}")
     if (args.entities * args.relations) % args.facts_per_sequence:
         parser.error("--entities * --relations must be a multiple of --facts-per-sequence")
+    if args.out is None:
+        args.out = RESULTS if args.full else RESULTS / "runs" / time.strftime(f"%Y%m%d-%H%M%S-{args.preset}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    size, train = add_model_arguments(parser)
+    size, train, run = add_shared_arguments(parser, f"seeds {PRESETS['full'].seeds}, every lr of each method's sweep")
     size.add_argument("--task-b", choices=TASK_B_KINDS, default="add", help="the new skill of phase 2")
     train.add_argument("--finetune-steps", type=int, help="default: 300 (demo), 600 (--full)")
     train.add_argument("--eval-every", type=int, default=25, help="score task A and B every this many fine-tuning steps")
     train.add_argument("--lr", type=parse_lr, action="append", default=[], metavar="METHOD=LR[,LR...]",
                        help="fine-tuning lrs of a method ('all': every method), replacing the preset's; repeatable")
-    train.add_argument("--mofo-fraction", type=float, default=0.15)
     train.add_argument("--mofo-block", type=int, default=256)
     train.add_argument("--cofi-layers", default="bottom2")
     train.add_argument("--cofi-modules", nargs="+", default=["up_proj", "down_proj"])
     train.add_argument("--importance-batches", type=int, default=8)
-    train.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r (alpha = 2r)")
-    run = parser.add_argument_group("run")
-    mode = run.add_mutually_exclusive_group()
-    mode.add_argument("--full", action="store_true", help=f"the committed study: seeds {PRESETS['full'].seeds}, every lr of each method's sweep; writes {RESULTS}")
-    mode.add_argument("--tiny", action="store_true", help="a seconds-long run for CI (overrides the sizes)")
     run.add_argument("--methods", nargs="+", choices=tuple(METHODS), help=f"default: {' '.join(STUDY_METHODS)}; must include {REFERENCE}")
-    run.add_argument("--seeds", nargs="+", type=int, help="default: 0 (demo), 0 1 2 (--full)")
-    run.add_argument("--threads", type=int, default=1, help="torch CPU threads, fixed so results repeat (more threads on a busy machine spin and slow down)")
     run.add_argument("--device", default="cpu")
-    run.add_argument("--log-every", type=int, default=100)
-    run.add_argument("--out", type=Path, help=f"output folder; default {RESULTS} with --full, else a new folder under {RESULTS / 'runs'} (not tracked by git)")
     args = parser.parse_args(argv)
 
     args.preset = "full" if args.full else "tiny" if args.tiny else "demo"
@@ -648,17 +659,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     }
     if REFERENCE not in args.methods:
         parser.error(f"--methods must include {REFERENCE}: full fine-tuning sets the task-B threshold of the matched-skill comparison")
-    if len(set(args.seeds)) != len(args.seeds):
-        parser.error(f"--seeds must be distinct, got {args.seeds}")
-    check_model_arguments(parser, args, ("finetune_steps", "eval_every", "importance_batches", "lora_rank", "threads", "log_every"))
-    if args.out is None:
-        args.out = RESULTS if args.full else RESULTS / "runs" / time.strftime(f"%Y%m%d-%H%M%S-{args.preset}")
+    check_shared_arguments(parser, args, ("finetune_steps", "eval_every", "importance_batches"))
     return args
 
 
 def main(argv=None) -> dict:
     started = time.perf_counter()
-    load_before = os.getloadavg()
+    load_before = common.load_average()
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -725,15 +732,7 @@ def run_environment(methods, device: torch.device) -> dict:
         versions["peft"] = peft.__version__
     if device.type == "cuda":
         return {"versions": versions, "device_name": torch.cuda.get_device_name(device)}
-    return {"versions": versions, "device_name": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+    return {"versions": versions, "device_name": common.cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def save_report(report: dict, stem: Path, plot, started: float, load_before) -> None:
@@ -741,7 +740,7 @@ def save_report(report: dict, stem: Path, plot, started: float, load_before) -> 
     (so a reader can tell a slow run from a busy machine)."""
     config = report["config"]
     config["wall_seconds"] = time.perf_counter() - started
-    config["load_average"] = {"start": load_before, "end": os.getloadavg()}
+    config["load_average"] = {"start": load_before, "end": common.load_average()}
     stem.parent.mkdir(parents=True, exist_ok=True)
     json_path, png_path = stem.with_suffix(".json"), stem.with_suffix(".png")
     json_path.write_text(json.dumps(report, indent=1) + "\n")

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from bench import continual, forgetting
-from tests.bench_runs import run_main
+from tests.bench_runs import run_main, tiny_study
 
 
 def run(argv):
@@ -15,8 +15,7 @@ def run(argv):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("continual")
-    return out, run(["--tiny", "--out", str(out)])
+    return tiny_study(continual.main, tmp_path_factory, "continual")
 
 
 def test_outputs_and_schema(tiny_run):

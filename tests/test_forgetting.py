@@ -5,7 +5,7 @@ import json
 import pytest
 
 from bench import forgetting
-from tests.bench_runs import run_main
+from tests.bench_runs import run_main, tiny_study
 
 
 def run(argv):
@@ -14,8 +14,7 @@ def run(argv):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("forgetting")
-    return out, run(["--tiny", "--out", str(out)])
+    return tiny_study(forgetting.main, tmp_path_factory, "forgetting")
 
 
 def test_outputs_and_schema(tiny_run):
@@ -144,6 +143,7 @@ def test_output_folders():
     (["--lr", "mofo=-1"], "learning rates must be > 0"),
     (["--lr", "sgd=1e-3"], "expected METHOD=LR"),
     (["--seeds", "1", "1"], "--seeds must be distinct"),
+    (["--mofo-fraction", "2"], "--mofo-fraction must be in (0, 1]"),
     (["--full", "--tiny"], "not allowed with"),
 ])
 def test_bad_flags_are_refused(capsys, argv, message):
