@@ -28,7 +28,8 @@ from selopt.options import AdamWOptions
 
 # Bucket fields kept in the optimizer's per-param state, and their state keys (torch's, then selopt's).
 STATE_KEYS = {"exp_avgs": "exp_avg", "exp_avg_sqs": "exp_avg_sq", "max_exp_avg_sqs": "max_exp_avg_sq",
-              "steps": "step", "rounding_seeds": "rounding_seed"}
+              "steps": "step", "rounding_seeds": "rounding_seed",
+              "exp_avg_scales": "exp_avg_scale", "exp_avg_sq_scales": "exp_avg_sq_scale"}
 
 
 @dataclass
@@ -55,6 +56,8 @@ class Bucket:
     soft_masks: Sequence[Tensor | None] | None = None
     rounding_seeds: Sequence[Tensor | None] | None = None
     selections: Sequence[Tensor | None] | None = None
+    exp_avg_scales: Sequence[Tensor] | None = None
+    exp_avg_sq_scales: Sequence[Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.params)
@@ -101,12 +104,14 @@ class Bucket:
         def column(name: str) -> list:
             return list(map(operator.itemgetter(STATE_KEYS[name]), states))
 
-        # Only bf16 params have a seed.
+        # Only bf16 params have a seed; a bucket's moments are all 8-bit or none is.
         seeds = [s.get(STATE_KEYS["rounding_seeds"]) for s in states] if options.stochastic_rounding else None
+        quantized = bool(states) and STATE_KEYS["exp_avg_scales"] in states[0]
         return cls(params, list(map(_grad, params)), column("exp_avgs"), column("exp_avg_sqs"), column("steps"),
-                   column("max_exp_avg_sqs") if options.amsgrad else None, soft_masks, seeds, selections)
+                   column("max_exp_avg_sqs") if options.amsgrad else None, soft_masks, seeds, selections,
+                   column("exp_avg_scales") if quantized else None, column("exp_avg_sq_scales") if quantized else None)
 
 
 _REQUIRED = ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps")
-_OPTIONAL = ("max_exp_avg_sqs", "soft_masks", "rounding_seeds", "selections")
+_OPTIONAL = ("max_exp_avg_sqs", "soft_masks", "rounding_seeds", "selections", "exp_avg_scales", "exp_avg_sq_scales")
 _grad = operator.attrgetter("grad")

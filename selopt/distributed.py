@@ -181,14 +181,18 @@ def local_bucket(bucket: Bucket) -> Bucket:
     """
     params = bucket.params
     masks = bucket.soft_masks
+    states = {name: None if values is None else [local(t) for t in values] for name, values in bucket.fields()
+              if name in _SHARDED_STATE}
     return bucket.replace(
         params=[local(p) for p in params],
         grads=[_local_grad(g, p) for g, p in zip(bucket.grads, params)],
-        exp_avgs=[local(m) for m in bucket.exp_avgs],
-        exp_avg_sqs=[local(v) for v in bucket.exp_avg_sqs],
-        max_exp_avg_sqs=None if bucket.max_exp_avg_sqs is None else [local(v) for v in bucket.max_exp_avg_sqs],
         soft_masks=None if masks is None else [local_soft_mask(m, p) for m, p in zip(masks, params)],
+        **states,
     )
+
+
+# Bucket fields that are DTensors sharded as their params (8-bit scales by rows, as the rows).
+_SHARDED_STATE = ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "exp_avg_scales", "exp_avg_sq_scales")
 
 
 def _by_mesh(params) -> dict[tuple, list[int]]:
@@ -219,8 +223,7 @@ def prepare_adamw(bucket: Bucket, options: AdamWOptions, *, grad_scale=None, fou
         # Steps 1-2 on every tensor, stored (as the kernels do), keeping only the keys of |m|.
         keys = []
         for p, tensors, state in zip(shards.params, per_tensor, states):
-            moments = reference.adam_moments(p, tensors["grads"], state["exp_avg"], state["exp_avg_sq"],
-                                             state["max_exp_avg_sq"], options=options,
+            moments = reference.adam_moments(p, tensors["grads"], *reference.stored_moments(state), options=options,
                                              soft_mask=tensors["soft_masks"], grad_scale=grad_scale)
             keys.append(selection.magnitude_keys(moments.exp_avg))
             reference.store_moments_(state, moments, found_inf)

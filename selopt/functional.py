@@ -113,7 +113,8 @@ def choose_implementation(device: torch.device, param_dtype: torch.dtype, moment
     """
     backend = options.backend
     if backend == "auto" and device.type in AUTO_FUSED_DEVICES and device.type not in AUTO_KERNEL_DEVICES:
-        chosen = FUSED
+        # torch's fused kernel updates from the fresh moments; 8-bit ones are read as stored: the reference.
+        chosen = REFERENCE if moment_dtype == torch.uint8 else FUSED
     elif backend == "torch" or (backend == "auto" and device.type not in AUTO_KERNEL_DEVICES):
         chosen = REFERENCE
     else:

@@ -30,10 +30,12 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from selopt.quantization import EIGHT_BIT, QUANT_BLOCK
+
 DECAY_MODES = ("all", "selected")
 SOFT_MASK_MODES = ("update", "grad")
 BACKENDS = ("auto", "triton", "torch")
-MOMENT_DTYPE_CHOICES = (None, torch.float32, torch.bfloat16)
+MOMENT_DTYPE_CHOICES = (None, torch.float32, torch.bfloat16, EIGHT_BIT)
 
 # The largest block one program of the one-pass kernel selects in its registers: larger blocks would
 # spill on the GPUs selopt targets (bench.static), so they take the exact path, per block.
@@ -295,7 +297,17 @@ class AdamWOptions:
             )
         if self.foreach and self.fused:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together. (as in torch.optim.AdamW)")
+        if self.moment_dtype == EIGHT_BIT:
+            self._check_8bit()
         self.__dict__["_volatile"] = _volatile(given)
+
+    def _check_8bit(self) -> None:
+        if self.amsgrad:
+            raise ValueError("moment_dtype='8bit' does not keep amsgrad's max_exp_avg_sq: use amsgrad=False, or "
+                             "moment_dtype None, torch.float32 or torch.bfloat16 with amsgrad=True")
+        if self.block_size is not None and self.block_size < QUANT_BLOCK:
+            raise ValueError(f"block_size must be None or at least {QUANT_BLOCK} with moment_dtype='8bit' (a selection "
+                             f"block holds whole blocks of the 8-bit state), got {self.block_size}")
 
     @classmethod
     def from_group(cls, group: dict) -> AdamWOptions:

@@ -15,6 +15,10 @@ a parameter ``p`` with gradient ``g`` and step count ``t``:
 5. ``p = p - lr * s * [S] * m_hat / (sqrt(v_hat) + eps)``, with ``s`` applied
    here in ``"update"`` mode.
 
+8-bit moments (:mod:`selopt.quantization`) are read dequantized, and the new
+ones rounded through the 8-bit format before steps 3-5 read them, as bf16
+moments are rounded to bf16: every step reads a moment as its state holds it.
+
 Steps 1-2 are :func:`adam_moments`, 4-5 :func:`apply_update`, so a caller that
 chooses ``S`` itself (the sharded path agrees on a threshold across ranks)
 computes ``m`` once. With ``fraction=1`` and no soft mask the operations and
@@ -30,14 +34,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from selopt import quantization
 from selopt.bucket import STATE_KEYS, Bucket
 from selopt.options import AdamWOptions
 from selopt.selection import block_k, selection_mask
 
-__all__ = ["AdamWOptions", "Moments", "StepResult", "adam_moments", "adamw_math", "adamw_step_", "apply_update",
+__all__ = ["AdamWOptions", "Moments", "QuantizedMoment", "StepResult", "adam_moments", "adamw_math", "adamw_step_", "apply_update",
            "as_stored_param", "block_k", "compute_dtype", "effective_grad", "expand_soft_mask", "prepare_adamw",
-           "rounding_generator", "selection_mask", "stochastic_round_to_bf16", "store_moments_", "tensor_state",
-           "update_param_"]
+           "rounding_generator", "selection_mask", "stochastic_round_to_bf16", "store_moments_", "stored_moments",
+           "tensor_state", "update_param_"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -72,11 +77,18 @@ def effective_grad(param: Tensor, grad: Tensor, *, maximize: bool = False, soft_
 
 
 class Moments(NamedTuple):
-    """New moments of one parameter, in the compute dtype (steps 1-2)."""
+    """New moments of one parameter, in the compute dtype (steps 1-2).
+
+    For 8-bit state, ``encoded`` holds the codes and scales of ``exp_avg`` and
+    ``exp_avg_sq`` that the values stand for, quantized once from the fresh
+    moments: what :func:`store_moments_` writes (quantizing the rounded values
+    again could change a scale, since no code stands for -1).
+    """
 
     exp_avg: Tensor
     exp_avg_sq: Tensor
     max_exp_avg_sq: Tensor | None
+    encoded: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
 
     @property
     def second_moment(self) -> Tensor:
@@ -84,10 +96,57 @@ class Moments(NamedTuple):
         return self.exp_avg_sq if self.max_exp_avg_sq is None else self.max_exp_avg_sq
 
 
-def adam_moments(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor | None,
+class QuantizedMoment(NamedTuple):
+    """A moment kept in 8 bits: ``uint8`` codes shaped like the param and fp32 block scales.
+
+    ``signed``: the code map of ``exp_avg`` (True) or ``exp_avg_sq`` (False).
+    """
+
+    codes: Tensor
+    scales: Tensor
+    signed: bool
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.codes.dtype
+
+    def values(self) -> Tensor:
+        """The fp32 values the state stands for."""
+        return quantization.dequantize(self.codes, self.scales, self.signed)
+
+    def encoded(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``x``'s codes and scales."""
+        return quantization.quantize(x, quantization.block_of(self.codes, self.scales), self.signed)
+
+
+Stored = Tensor | QuantizedMoment
+
+
+def stored_moments(state: dict) -> tuple[Stored, Stored, Tensor | None]:
+    """``state``'s ``exp_avg``, ``exp_avg_sq`` and ``max_exp_avg_sq`` (None if absent), 8-bit ones as
+    :class:`QuantizedMoment`: what :func:`adam_moments` reads and :func:`store_moments_` writes.
+
+    >>> stored_moments({"exp_avg": torch.zeros(2), "exp_avg_sq": torch.ones(2)})[1].tolist()
+    [1.0, 1.0]
+    """
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    if state.get("exp_avg_scale") is not None:
+        exp_avg = QuantizedMoment(exp_avg, state["exp_avg_scale"], signed=True)
+        exp_avg_sq = QuantizedMoment(exp_avg_sq, state["exp_avg_sq_scale"], signed=False)
+    return exp_avg, exp_avg_sq, state.get("max_exp_avg_sq")
+
+
+def _values(stored: Stored, dtype: torch.dtype) -> Tensor:
+    return (stored.values() if isinstance(stored, QuantizedMoment) else stored).to(dtype)
+
+
+def adam_moments(param: Tensor, grad: Tensor, exp_avg: Stored, exp_avg_sq: Stored, max_exp_avg_sq: Tensor | None,
                  *, options: AdamWOptions, soft_mask: Tensor | None = None,
                  grad_scale: Tensor | None = None) -> Moments:
     """Steps 1-2: the dense moments after this step's gradient, as their state stores them; inputs are not modified.
+
+    ``exp_avg`` and ``exp_avg_sq`` are tensors or, for 8-bit state, :class:`QuantizedMoment`\\ s
+    (:func:`stored_moments`).
 
     >>> z = torch.zeros(2)
     >>> adam_moments(z, torch.tensor([1.0, -2.0]), z, z, None, options=AdamWOptions()).exp_avg.tolist()
@@ -97,15 +156,20 @@ def adam_moments(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tenso
     g = effective_grad(param, grad, maximize=options.maximize, soft_mask=soft_mask,
                        soft_mask_mode=options.soft_mask_mode, grad_scale=grad_scale)
     beta1, beta2 = options.beta1, options.beta2
-    m = _as_stored(exp_avg.to(dtype).lerp(g, 1 - beta1), exp_avg.dtype)
-    v = _as_stored(exp_avg_sq.to(dtype).mul(beta2).addcmul(g, g, value=1 - beta2), exp_avg_sq.dtype)
+    m = _values(exp_avg, dtype).lerp(g, 1 - beta1)
+    v = _values(exp_avg_sq, dtype).mul(beta2).addcmul(g, g, value=1 - beta2)
+    # The selection and the update read a moment as its state holds it (bf16 moments of fp32 params
+    # rounded once, 8-bit ones quantized), so every path, whichever rereads the state, computes the same step.
+    if isinstance(exp_avg, QuantizedMoment):
+        encoded = exp_avg.encoded(m), exp_avg_sq.encoded(v)
+        m, v = (quantization.dequantize(*codes, signed).to(dtype) for codes, signed in zip(encoded, (True, False)))
+        return Moments(m, v, None, encoded)
+    m, v = _as_stored(m, exp_avg.dtype), _as_stored(v, exp_avg_sq.dtype)
     vmax = torch.maximum(max_exp_avg_sq.to(dtype), v) if options.amsgrad else None
     return Moments(m, v, vmax)
 
 
 def _as_stored(moment: Tensor, state_dtype: torch.dtype) -> Tensor:
-    # The selection and the update read a moment as its state holds it (bf16 moments of fp32 params
-    # rounded once), so every path, whichever rereads the state, computes the same step.
     return moment if moment.dtype == state_dtype else moment.to(state_dtype).to(moment.dtype)
 
 
@@ -167,7 +231,7 @@ def adamw_math(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
                            soft_mask=soft_mask, grad_scale=grad_scale)
     selected = selection_mask(moments.exp_avg, options.fraction, options.block_size)
     new_param = apply_update(param, moments, selected, step=step, options=options, soft_mask=soft_mask)
-    return StepResult(new_param, *moments, selected)
+    return StepResult(new_param, moments.exp_avg, moments.exp_avg_sq, moments.max_exp_avg_sq, selected)
 
 
 def stochastic_round_to_bf16(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -213,12 +277,23 @@ def _commit_(dst: Tensor, new: Tensor, found_inf: Tensor | None) -> None:
     dst.copy_(new)
 
 
+def _store_(stored: Stored, new: Tensor, encoded: tuple[Tensor, Tensor] | None, found_inf: Tensor | None) -> None:
+    if isinstance(stored, QuantizedMoment):
+        for dst, value in zip((stored.codes, stored.scales), stored.encoded(new) if encoded is None else encoded):
+            _commit_(dst, value, found_inf)
+    else:
+        _commit_(stored, new, found_inf)
+
+
 def store_moments_(state: dict, moments: Moments, found_inf: Tensor | None = None) -> None:
-    """Write steps 1-2's moments into ``state`` (rounded once to its dtype); unchanged when ``found_inf`` is set."""
-    _commit_(state["exp_avg"], moments.exp_avg, found_inf)
-    _commit_(state["exp_avg_sq"], moments.exp_avg_sq, found_inf)
+    """Write steps 1-2's moments into ``state`` (rounded once to its dtype, or their 8-bit codes and
+    scales); unchanged when ``found_inf`` is set."""
+    exp_avg, exp_avg_sq, max_exp_avg_sq = stored_moments(state)
+    encoded = moments.encoded or (None, None)
+    _store_(exp_avg, moments.exp_avg, encoded[0], found_inf)
+    _store_(exp_avg_sq, moments.exp_avg_sq, encoded[1], found_inf)
     if moments.max_exp_avg_sq is not None:
-        _commit_(state["max_exp_avg_sq"], moments.max_exp_avg_sq, found_inf)
+        _commit_(max_exp_avg_sq, moments.max_exp_avg_sq, found_inf)
 
 
 def update_param_(param: Tensor, state: dict, selected: Tensor, *, options: AdamWOptions,
@@ -234,9 +309,9 @@ def update_param_(param: Tensor, state: dict, selected: Tensor, *, options: Adam
     step = float(step_tensor) + 1
     if moments is None:
         dtype = compute_dtype(param.dtype)
-        vmax = state.get("max_exp_avg_sq") if options.amsgrad else None
-        moments = Moments(state["exp_avg"].to(dtype), state["exp_avg_sq"].to(dtype),
-                          None if vmax is None else vmax.to(dtype))
+        exp_avg, exp_avg_sq, vmax = stored_moments(state)
+        vmax = vmax if options.amsgrad else None
+        moments = Moments(_values(exp_avg, dtype), _values(exp_avg_sq, dtype), None if vmax is None else vmax.to(dtype))
     new_param = apply_update(param, moments, selected, step=step, options=options, soft_mask=soft_mask)
     _commit_(param, as_stored_param(new_param, param, seed=state.get("rounding_seed"), step=step, options=options),
              found_inf)
@@ -250,8 +325,8 @@ def adamw_step_(param: Tensor, grad: Tensor, state: dict, *, options: AdamWOptio
     """Steps 1-5 in place on ``param`` and its optimizer ``state``; returns the selection.
 
     ``state`` holds torch's keys (``step``, ``exp_avg``, ``exp_avg_sq`` and, with
-    amsgrad, ``max_exp_avg_sq``) and, for stochastic rounding of a bf16 param,
-    ``rounding_seed``. A set ``found_inf`` leaves everything unchanged without a
+    amsgrad, ``max_exp_avg_sq``), for stochastic rounding of a bf16 param
+    ``rounding_seed``, and for 8-bit moments ``exp_avg_scale`` and ``exp_avg_sq_scale``. A set ``found_inf`` leaves everything unchanged without a
     host synchronisation.
 
     >>> p, g = torch.ones(3), torch.tensor([1.0, -2.0, 0.5])
@@ -259,8 +334,8 @@ def adamw_step_(param: Tensor, grad: Tensor, state: dict, *, options: AdamWOptio
     >>> adamw_step_(p, g, state, options=AdamWOptions(lr=0.1, weight_decay=0.0, fraction=0.34)).tolist()
     [False, True, False]
     """
-    moments = adam_moments(param, grad, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
-                           options=options, soft_mask=soft_mask, grad_scale=grad_scale)
+    moments = adam_moments(param, grad, *stored_moments(state), options=options, soft_mask=soft_mask,
+                           grad_scale=grad_scale)
     selected = selection_mask(moments.exp_avg, options.fraction, options.block_size)
     store_moments_(state, moments, found_inf)
     update_param_(param, state, selected, options=options, moments=moments, soft_mask=soft_mask, found_inf=found_inf)

@@ -2,25 +2,35 @@
 
 The keys are torch's (``step``, ``exp_avg``, ``exp_avg_sq``,
 ``max_exp_avg_sq``) plus selopt's ``rounding_seed`` (stochastic rounding of
-bf16 params); :data:`selopt.bucket.STATE_KEYS` maps them to the fields of a
-:class:`~selopt.bucket.Bucket`. Moments get :func:`moment_dtype`, on load too,
-so fp32 moments of bf16 params stay fp32 (torch's load would round them).
+bf16 params) and, for 8-bit moments (``moment_dtype="8bit"``,
+:mod:`selopt.quantization`), ``exp_avg_scale`` and ``exp_avg_sq_scale`` beside
+``uint8`` codes in ``exp_avg`` and ``exp_avg_sq``; :data:`selopt.bucket.STATE_KEYS`
+maps them to the fields of a :class:`~selopt.bucket.Bucket`. Moments get
+:func:`moment_dtype`, on load too, so fp32 moments of bf16 params stay fp32
+(torch's load would round them), fp32 moments load into an 8-bit optimizer
+quantized and 8-bit ones into any other dequantized; :func:`fp32_moments`
+turns an 8-bit state dict into one ``torch.optim.AdamW`` loads.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import warnings
 from collections import defaultdict
 
 import torch
 from torch import Tensor
 
-from selopt import soft_masks
+from selopt import distributed, quantization, soft_masks
 from selopt.options import AdamWOptions
 
 STEP, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, ROUNDING_SEED = (
     "step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "rounding_seed")
 MOMENT_KEYS = (EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ)
+# The 8-bit moments: their scale keys, and whether their code map is signed.
+SCALE_KEYS = {EXP_AVG: "exp_avg_scale", EXP_AVG_SQ: "exp_avg_sq_scale"}
+SIGNED = {EXP_AVG: True, EXP_AVG_SQ: False}
 
 
 def moment_dtype(param_dtype: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
@@ -34,20 +44,57 @@ def moment_dtype(param_dtype: torch.dtype, requested: torch.dtype | None) -> tor
     """
     if param_dtype.is_complex:
         return moment_dtype(param_dtype.to_real(), requested).to_complex()
-    if requested is not None:
+    if requested is not None and requested != quantization.EIGHT_BIT:
         return requested
     return param_dtype if param_dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def quant_block(param: Tensor, requested: torch.dtype | str | None) -> int | None:
+    """Entries per scale of ``param``'s 8-bit moments, or None when they are not 8-bit.
+
+    From the whole tensor's shape (a DTensor's is), never a shard's: the same
+    state on any mesh (:func:`selopt.quantization.quant_block`).
+
+    >>> quant_block(torch.zeros(64, 128), "8bit"), quant_block(torch.zeros(64, 128), None)
+    (128, None)
+    """
+    return quantization.quant_block(param.shape) if requested == quantization.EIGHT_BIT else None
+
+
+def stored_block(entry: dict) -> int | None:
+    """Entries per scale of a state ``entry``'s 8-bit moments, or None when they are not 8-bit."""
+    scales = entry.get(SCALE_KEYS[EXP_AVG])
+    return None if scales is None else quantization.block_of(entry[EXP_AVG], scales)
+
+
+def stored_dtype(param: Tensor, requested: torch.dtype | str | None) -> torch.dtype:
+    """The dtype ``param``'s moments are stored in: ``uint8`` codes for 8-bit moments, else :func:`moment_dtype`."""
+    return torch.uint8 if quant_block(param, requested) else moment_dtype(param.dtype, requested)
 
 
 def check_param_dtype(dtype: torch.dtype, options: AdamWOptions) -> None:
     """Refuse parameters of ``dtype`` that the step cannot update under ``options``."""
     if not (dtype.is_floating_point or dtype.is_complex):
         raise TypeError(f"params must be floating-point or complex tensors, got one of dtype {dtype}")
-    if dtype.is_complex and options.moment_dtype == torch.bfloat16:
+    if dtype.is_complex and options.moment_dtype in (torch.bfloat16, quantization.EIGHT_BIT):
         raise ValueError(
-            "moment_dtype=torch.bfloat16 has no complex counterpart: "
+            f"moment_dtype={options.moment_dtype!r} has no complex counterpart: "
             "complex params need moment_dtype None or torch.float32"
         )
+
+
+def _zero_scales(param: Tensor, block: int) -> Tensor:
+    """fp32 zeros for ``param``'s block scales; a DTensor's, sharded as it is (rows split as its rows)."""
+    shape = quantization.scales_shape(param.shape, block)
+    if not distributed.is_dtensor(param):
+        return torch.zeros(shape, dtype=torch.float32, device=param.device)
+    placements = tuple(param.placements)
+    if any(p.is_shard() and p.dim != 0 for p in placements):
+        raise ValueError(f"moment_dtype='8bit' needs params sharded on dim 0 (FSDP2's Shard(0)) or replicated, "
+                         f"so that no block of the 8-bit state is split; got a param with placements {placements}")
+    from torch.distributed.tensor import zeros
+
+    return zeros(shape, dtype=torch.float32, device_mesh=param.device_mesh, placements=placements)
 
 
 def incomplete(entry: dict | None, param_dtype: torch.dtype, options: AdamWOptions) -> bool:
@@ -59,10 +106,22 @@ def incomplete(entry: dict | None, param_dtype: torch.dtype, options: AdamWOptio
 def complete(state: dict, param: Tensor, options: AdamWOptions) -> dict:
     """Make what ``state`` (a param's entry, maybe empty) lacks for ``options``: zero moments, count 0, a seed."""
     if not state:
-        dtype = moment_dtype(param.dtype, options.moment_dtype)
+        block = quant_block(param, options.moment_dtype)
+        if not block and options.moment_dtype == quantization.EIGHT_BIT and param.dim() >= 2 and (
+                param.numel() >= quantization.MIN_NUMEL):
+            warnings.warn(f"a param of shape {tuple(param.shape)} keeps fp32 moments under moment_dtype='8bit': its "
+                          f"rows of {param.numel() // param.shape[0]} entries have no power-of-two factor of "
+                          f"{quantization.MIN_QUANT_BLOCK} or more to cut 8-bit blocks from", RuntimeWarning,
+                          stacklevel=4)
+        dtype = torch.uint8 if block else moment_dtype(param.dtype, options.moment_dtype)
         state[STEP] = torch.tensor(0.0, dtype=torch.float32)
-        state[EXP_AVG] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-        state[EXP_AVG_SQ] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+        # Contiguous 8-bit codes: their blocks are runs of the flattened tensor.
+        layout = torch.contiguous_format if block else torch.preserve_format
+        state[EXP_AVG] = torch.zeros_like(param, dtype=dtype, memory_format=layout)
+        state[EXP_AVG_SQ] = torch.zeros_like(param, dtype=dtype, memory_format=layout)
+        if block:
+            for key in SCALE_KEYS.values():
+                state[key] = _zero_scales(param, block)
     if options.amsgrad and MAX_EXP_AVG_SQ not in state:
         state[MAX_EXP_AVG_SQ] = torch.zeros_like(state[EXP_AVG_SQ])
     if options.stochastic_rounding and param.dtype == torch.bfloat16 and ROUNDING_SEED not in state:
@@ -75,9 +134,10 @@ def complete(state: dict, param: Tensor, options: AdamWOptions) -> dict:
 def loaded_state(param_id, entry: dict, param: Tensor, group: dict) -> dict:
     """A saved state entry for ``param`` as selopt keeps it; raises if it does not fit ``param``.
 
-    Moments get the param's :func:`moment_dtype`; ``step`` (a tensor or a
-    number, both of which torch's AdamW loads) becomes an fp32 tensor; keys
-    selopt does not use are kept as saved.
+    Moments get the param's :func:`moment_dtype`: saved fp32 moments are
+    quantized for an 8-bit group, saved 8-bit ones dequantized for any other;
+    ``step`` (a tensor or a number, both of which torch's AdamW loads) becomes
+    an fp32 tensor; keys selopt does not use are kept as saved.
     """
     where = f"state_dict['state'][{param_id!r}]"
     if not entry:
@@ -85,11 +145,26 @@ def loaded_state(param_id, entry: dict, param: Tensor, group: dict) -> dict:
     missing = [key for key in (STEP, EXP_AVG, EXP_AVG_SQ) if key not in entry]
     if missing:
         raise ValueError(f"{where} lacks {', '.join(missing)}")
-    loaded = dict(entry)
+    loaded = {key: value for key, value in entry.items() if key not in SCALE_KEYS.values()}
+    block = quant_block(param, group["moment_dtype"])
     dtype = moment_dtype(param.dtype, group["moment_dtype"])
     for key in MOMENT_KEYS:
-        if key in entry:
-            loaded[key] = _loaded_moment(f"{where}[{key!r}]", entry[key], param).to(device=param.device, dtype=dtype)
+        if key not in entry:
+            continue
+        value = _loaded_moment(f"{where}[{key!r}]", entry[key], param).to(device=param.device)
+        scale_key = SCALE_KEYS.get(key)
+        scales = _loaded_scales(where, entry, key, value, param)
+        if scales is not None and block == quantization.block_of(value, scales):
+            loaded[key], loaded[scale_key] = value, scales
+            continue
+        if scales is not None:
+            value = _on_shards(functools.partial(_dequantized, signed=SIGNED[key]), [value, scales], [value.shape])[0]
+        if block and key in SCALE_KEYS:
+            loaded[key], loaded[scale_key] = _on_shards(
+                functools.partial(quantization.quantize, block=block, signed=SIGNED[key]), [value],
+                [value.shape, quantization.scales_shape(param.shape, block)])
+        else:
+            loaded[key] = value.to(dtype)
     # The step moves the count (and the seed) to the device its implementation keeps them on.
     loaded[STEP] = _loaded_number(f"{where}['step']", entry[STEP], torch.float32)
     if ROUNDING_SEED in entry:
@@ -105,6 +180,70 @@ def _loaded_moment(where: str, value, param: Tensor) -> Tensor:
     if value.is_complex() != param.is_complex():
         raise ValueError(f"{where} is {value.dtype}, but its param is {param.dtype}: both or neither must be complex")
     return value
+
+
+def _loaded_scales(where: str, entry: dict, key: str, value: Tensor, param: Tensor) -> Tensor | None:
+    """The saved scales of 8-bit moment ``key``, checked against its codes; None for a moment saved unquantized."""
+    scale_key = SCALE_KEYS.get(key)
+    scales = entry.get(scale_key)
+    if (scales is None) != (value.dtype != torch.uint8):
+        raise ValueError(f"{where}[{key!r}] is {value.dtype}: 8-bit codes (uint8) go with {scale_key!r}, other "
+                         "moments without it")
+    if scales is None:
+        return None
+    rows = param.shape[0] if param.dim() else 0
+    if (not isinstance(scales, Tensor) or scales.dtype != torch.float32 or scales.dim() != 2
+            or scales.shape[0] != rows or not scales.numel() or param.numel() % scales.numel()):
+        shown = f"{tuple(scales.shape)} {scales.dtype}" if isinstance(scales, Tensor) else type(scales).__name__
+        raise ValueError(f"{where}[{scale_key!r}] must be fp32 scales of shape ({rows}, blocks per row) for a param "
+                         f"of shape {tuple(param.shape)}, got {shown}")
+    return scales.to(device=param.device)
+
+
+def _dequantized(codes: Tensor, scales: Tensor, signed: bool) -> tuple[Tensor]:
+    return (quantization.dequantize(codes, scales, signed),)
+
+
+def _on_shards(convert, tensors: list[Tensor], shapes: list) -> tuple[Tensor, ...]:
+    """``convert`` on plain tensors, or on DTensors' local shards (each result a DTensor of its global
+    shape in ``shapes``, sharded as the first input): 8-bit blocks never cross a ``Shard(0)`` shard."""
+    if not distributed.is_dtensor(tensors[0]):
+        return tuple(convert(*tensors))
+    from torch.distributed.tensor import DTensor
+
+    like = tensors[0]
+    results = convert(*(t.to_local() for t in tensors))
+    return tuple(DTensor.from_local(result.contiguous(), like.device_mesh, like.placements, run_check=False,
+                                    shape=torch.Size(shape), stride=torch.empty(shape, device="meta").stride())
+                 for result, shape in zip(results, shapes))
+
+
+def fp32_moments(state_dict: dict) -> dict:
+    """A copy of an optimizer ``state_dict`` whose 8-bit moments are fp32, as ``torch.optim.AdamW`` loads them.
+
+    Entries without 8-bit moments, and the param groups, are kept as they are
+    (torch ignores selopt's group keys). Loading the result into a selopt
+    optimizer with other moments works too, but any selopt optimizer loads an
+    8-bit state dict directly.
+
+    >>> import selopt
+    >>> opt = selopt.AdamW([torch.nn.Parameter(torch.ones(64, 64))], moment_dtype="8bit")
+    >>> opt.param_groups[0]["params"][0].grad = torch.ones(64, 64); opt.step()
+    >>> torch_opt = torch.optim.AdamW(opt.param_groups[0]["params"])
+    >>> torch_opt.load_state_dict(fp32_moments(opt.state_dict()))
+    >>> torch_opt.state_dict()["state"][0]["exp_avg"].dtype
+    torch.float32
+    """
+    state = {}
+    for key, entry in state_dict["state"].items():
+        if SCALE_KEYS[EXP_AVG] in entry:
+            entry = {name: value for name, value in entry.items() if name not in SCALE_KEYS.values()}
+            for moment, scale_key in SCALE_KEYS.items():
+                codes, scales = state_dict["state"][key][moment], state_dict["state"][key][scale_key]
+                entry[moment] = _on_shards(functools.partial(_dequantized, signed=SIGNED[moment]), [codes, scales],
+                                           [codes.shape])[0]
+        state[key] = entry
+    return {**state_dict, "state": state}
 
 
 def _loaded_number(where: str, value, dtype: torch.dtype) -> Tensor:
