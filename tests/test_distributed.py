@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 import selopt
-from selopt import distributed, functional, reference, selection
+from selopt import distributed, functional, quantization, reference, selection
 from tests import gloo_workers
 
 WORLD = 2
@@ -183,6 +183,31 @@ def _scenario_dtensor_dense(tmp):
 
 
 
+def _scenario_dtensor_8bit(tmp):
+    # 8-bit moments: the same state and values on 2 ranks as on one. Rows that split unevenly (33
+    # over 2 ranks, 3 of 4096 entries), every block size (128, 32, 256) and a tensor too small for
+    # 8 bits; blocks are cut from the whole tensor's rows, so no shard boundary crosses one.
+    from torch.distributed.tensor import Replicate, Shard
+
+    shapes = [(33, 128), (64, 96), (3, 4096), (40, 50), (7, 3)]
+    placements = [Shard(0), Shard(0), Shard(0), Replicate(), Shard(0)]
+    # Block mode selects per block of the local shard (the module's docstring): shards of whole blocks.
+    variants = {"exact": (shapes, placements, dict(fraction=0.3, decay="selected")),
+                "dense": (shapes, placements, dict(fraction=1.0)),
+                "block": ([(32, 256)], [Shard(0)], dict(fraction=0.3, block_size=256))}
+    for name, (shapes, placements, options) in variants.items():
+        opt, params = _dtensor_run(
+            shapes, placements, torch.float32,
+            lambda ps: selopt.MoFO(ps, lr=0.05, weight_decay=0.1, moment_dtype="8bit", backend="torch", **options),
+            _tie_heavy_grad)
+        for p, shape in zip(params, shapes):
+            state, quantized = opt.state[p], quantization.quant_block(shape) is not None
+            assert (state["exp_avg"].dtype == torch.uint8) == quantized, (name, shape)
+            for key in ("exp_avg_scale", "exp_avg_sq_scale") if quantized else ():
+                assert distributed.is_dtensor(state[key]) and tuple(state[key].placements) == tuple(p.placements)
+    return "1 and 2 ranks agree bit for bit on 8-bit state (exact, dense, block 256)"
+
+
 def _scenario_kernels_dtensor(tmp):
     # The kernels on local shards (under the interpreter here) select exactly what one process
     # running the kernels on the whole tensors selects, and write the same values.
@@ -317,10 +342,10 @@ def _train(model, opt, steps, rank, first_step=0, record=None):
             record.append(_moved(before, _full(model.parameters())))
 
 
-def _make_opt(kind, model, backend="auto"):
+def _make_opt(kind, model, backend="auto", moment_dtype=None):
     if kind == "mofo":
         return selopt.MoFO(selopt.param_groups(model, weight_decay=0.05, fraction=0.25, decay="selected"), lr=0.02,
-                           backend=backend)
+                           backend=backend, moment_dtype=moment_dtype)
     return selopt.AdamW(model.parameters(), lr=0.02, weight_decay=0.05, backend=backend)
 
 
@@ -368,32 +393,44 @@ def _scenario_dcp_resume(tmp):
     _dcp_resume(tmp, "torch")
 
 
+def _scenario_dcp_resume_8bit(tmp):
+    _dcp_resume(tmp, "torch", moment_dtype="8bit")
+
+
 def _scenario_kernels_dcp_resume(tmp):
     if not KERNELS:
         return "skipped: the kernels on CPU need TRITON_INTERPRET=1 and a usable Triton"
     _dcp_resume(tmp, "triton")
 
 
-def _dcp_resume(tmp, backend):
+def _wide_mlp(dtype, seed):
+    # Matrices of 4096+ entries with rows that split unevenly over 2 ranks (33 rows): 8-bit moments.
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 128), torch.nn.Tanh(), torch.nn.Linear(128, 33), torch.nn.Tanh(),
+                               torch.nn.Linear(33, 3)).to(dtype)
+
+
+def _dcp_resume(tmp, backend, moment_dtype=None):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
     )
 
     rank = dist.get_rank()
-    uninterrupted = _fsdp2(_mlp(torch.float32, seed=1))
-    opt = _make_opt("mofo", uninterrupted, backend)
+    mlp = _mlp if moment_dtype is None else _wide_mlp
+    uninterrupted = _fsdp2(mlp(torch.float32, seed=1))
+    opt = _make_opt("mofo", uninterrupted, backend, moment_dtype)
     _train(uninterrupted, opt, 2 * STEPS, rank)
 
-    first = _fsdp2(_mlp(torch.float32, seed=1))
-    opt_first = _make_opt("mofo", first, backend)
+    first = _fsdp2(mlp(torch.float32, seed=1))
+    opt_first = _make_opt("mofo", first, backend, moment_dtype)
     _train(first, opt_first, STEPS, rank)
-    checkpoint = os.path.join(tmp, f"dcp-{backend}")
+    checkpoint = os.path.join(tmp, f"dcp-{backend}-{moment_dtype}")
     dcp.save({"model": get_model_state_dict(first), "optim": get_optimizer_state_dict(first, opt_first)},
              checkpoint_id=checkpoint)
 
-    resumed = _fsdp2(_mlp(torch.float32, seed=2))  # other weights: the load must overwrite them
-    opt_resumed = _make_opt("mofo", resumed, backend)
+    resumed = _fsdp2(mlp(torch.float32, seed=2))  # other weights: the load must overwrite them
+    opt_resumed = _make_opt("mofo", resumed, backend, moment_dtype)
     state = {"model": get_model_state_dict(resumed), "optim": get_optimizer_state_dict(resumed, opt_resumed)}
     dcp.load(state, checkpoint_id=checkpoint)
     set_model_state_dict(resumed, state["model"])
@@ -402,8 +439,13 @@ def _dcp_resume(tmp, backend):
 
     for p, q in zip(uninterrupted.parameters(), resumed.parameters()):
         assert torch.equal(p.to_local(), q.to_local())
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(opt.state[p][key].to_local(), opt_resumed.state[q][key].to_local())
+        assert opt.state[p].keys() == opt_resumed.state[q].keys()
+        for key in ("exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"):
+            if key in opt.state[p]:
+                assert torch.equal(opt.state[p][key].to_local(), opt_resumed.state[q][key].to_local()), key
+    if moment_dtype == "8bit":
+        assert {opt.state[p]["exp_avg"].dtype for p in uninterrupted.parameters()} == {torch.uint8, torch.float32}
+    for p, q in zip(uninterrupted.parameters(), resumed.parameters()):
         assert float(opt.state[p]["step"]) == float(opt_resumed.state[q]["step"]) == 2 * STEPS
 
 
