@@ -112,7 +112,7 @@ def complete(state: dict, param: Tensor, options: AdamWOptions) -> dict:
             warnings.warn(f"a param of shape {tuple(param.shape)} keeps fp32 moments under moment_dtype='8bit': its "
                           f"rows of {param.numel() // param.shape[0]} entries have no power-of-two factor of "
                           f"{quantization.MIN_QUANT_BLOCK} or more to cut 8-bit blocks from", RuntimeWarning,
-                          stacklevel=4)
+                          stacklevel=7)
         dtype = torch.uint8 if block else moment_dtype(param.dtype, options.moment_dtype)
         state[STEP] = torch.tensor(0.0, dtype=torch.float32)
         # Contiguous 8-bit codes: their blocks are runs of the flattened tensor.
