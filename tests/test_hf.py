@@ -18,11 +18,11 @@ STEPS, SAVE_AT = 6, 3
 
 def _tiny_llama(seed: int = 0, **config):
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=32, attention_bias=True, tie_word_embeddings=False,
+    config = transformers.LlamaConfig(**{
+        "vocab_size": 64, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "max_position_embeddings": 32, "attention_bias": True, "tie_word_embeddings": False,
         **config,
-    )
+    })
     return transformers.LlamaForCausalLM(config)
 
 
@@ -247,19 +247,24 @@ def test_update_stats_callback_needs_selopt(tmp_path):
         selopt.hf.log_update_stats(object())
 
 
-def test_trainer_built_optimizer_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("moment_dtype", [None, "8bit"])
+def test_trainer_built_optimizer_resumes_exactly(tmp_path, moment_dtype):
     def run(output_dir, resume=None):
-        model = _tiny_llama()
+        # 8-bit moments need matrices of 4096+ entries: hidden 64, intermediate 128.
+        model = _tiny_llama() if moment_dtype is None else _tiny_llama(hidden_size=64, intermediate_size=128)
         trainer = transformers.Trainer(
             model=model, train_dataset=_Tokens(),
             args=_args(output_dir, weight_decay=0.01, save_strategy="steps", save_steps=SAVE_AT,
                        lr_scheduler_type="linear", warmup_steps=2),
-            optimizer_cls_and_kwargs=(selopt.hf.TrainerMoFO, {"lr": 1e-2, "fraction": 0.05, "betas": (0.9, 0.99)}),
+            optimizer_cls_and_kwargs=(selopt.hf.TrainerMoFO, {"lr": 1e-2, "fraction": 0.05, "betas": (0.9, 0.99),
+                                                              "moment_dtype": moment_dtype}),
         )
         trainer.train(resume_from_checkpoint=resume)
-        return model
+        return model, trainer.optimizer.optimizer
 
-    uninterrupted = run(tmp_path / "a")
-    resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / f"checkpoint-{SAVE_AT}"))
+    uninterrupted, opt = run(tmp_path / "a")
+    resumed, _ = run(tmp_path / "b", resume=str(tmp_path / "a" / f"checkpoint-{SAVE_AT}"))
+    stored = {opt.state[p]["exp_avg"].dtype for p in uninterrupted.parameters()}
+    assert stored == ({torch.uint8, torch.float32} if moment_dtype else {torch.float32})
     for (name, p), q in zip(uninterrupted.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), f"{name}: resumed run differs by {(p - q).abs().max()}"
