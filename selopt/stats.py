@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from selopt import distributed
+from selopt import distributed, quantization
 from selopt.options import AdamWOptions
 
 
@@ -189,7 +189,12 @@ class UpdateTracker:
         for param, tensor, state in zip(params, stepped, states):
             # numel of a DTensor is the whole tensor's; a complex param's real view counts both parts.
             numel = tensor.numel()
-            moments = (distributed.local(state["exp_avg"]), distributed.local(state["exp_avg_sq"]))
+            # 8-bit moments are non-finite through their block scales: count those, each standing for its block.
+            scaled = "exp_avg_scale" in state
+            keys = ("exp_avg_scale", "exp_avg_sq_scale") if scaled else ("exp_avg", "exp_avg_sq")
+            moments = tuple(distributed.local(state[key]) for key in keys)
+            if scaled:
+                moments += (quantization.block_of(state["exp_avg"], state["exp_avg_scale"]),)
             entry = _Entry(position[id(param)], numel, numel if dense else _PENDING, moments,
                            distributed.shard_groups(param))
             step.entries[group_index].append(entry)
@@ -284,10 +289,14 @@ def _counts(entries: int, moved: int, decay: str, weight_decay: float, skipped: 
     return Counts(entries, moved, decayed, nonfinite=nonfinite)
 
 
-def _nonfinite_count(exp_avg: Tensor, exp_avg_sq: Tensor) -> Tensor:
-    """Entries whose moments are not both finite, as a 0-d int64 device count (no host sync)."""
+def _nonfinite_count(exp_avg: Tensor, exp_avg_sq: Tensor, block: int = 1) -> Tensor:
+    """Entries whose moments are not both finite, as a 0-d int64 device count (no host sync).
+
+    For 8-bit moments the two tensors are the block scales and ``block`` the
+    entries each stands for: a non-finite scale makes its whole block read so.
+    """
     # m * 0 is NaN exactly where m is NaN or inf; adding v carries v's own NaN or inf.
-    return exp_avg.mul(0).add_(exp_avg_sq).isfinite().logical_not_().sum(dtype=torch.int64)
+    return exp_avg.mul(0).add_(exp_avg_sq).isfinite().logical_not_().sum(dtype=torch.int64) * block
 
 
 def _read(pieces: list[Tensor], sharded: dict[tuple, list[int]]) -> list[int]:

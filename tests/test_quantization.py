@@ -200,9 +200,14 @@ def test_found_inf_changes_nothing_and_nan_is_loud():
     p.grad = torch.randn_like(p)
     p.grad[5, 7] = float("nan")
     opt.step()
-    # The NaN's block (row 5: one block of 128) reads NaN, and moves: the loss will show it.
+    # The NaN's block (row 5: one block of 128) reads NaN, and moves: the loss will show it, and so
+    # does the update tracker's count of entries with non-finite moments.
     assert opt.state[p]["exp_avg_scale"][5].isnan().all() and p.detach()[5].isnan().all()
     assert not p.detach()[torch.arange(32) != 5].isnan().any()
+    opt.track_updates()
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.update_stats().groups[0].nonfinite == 128
 
 
 # ---------------------------------------------------------------- state_dict
