@@ -8,8 +8,9 @@
 from selopt.groups import param_groups
 from selopt.optim import AdamW, MoFO
 from selopt.soft_masks import strip_soft_masks
+from selopt.state import fp32_moments
 from selopt.wrappers import unwrap
 from selopt import cofi, hft, stats
 
-__all__ = ["AdamW", "MoFO", "param_groups", "strip_soft_masks", "unwrap"]
+__all__ = ["AdamW", "MoFO", "fp32_moments", "param_groups", "strip_soft_masks", "unwrap"]
 __version__ = "0.1.0"
