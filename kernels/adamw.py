@@ -31,13 +31,15 @@ from torch import Tensor
 
 import triton.language as tl
 
+from selopt import quantization
 from selopt.bucket import Bucket
 from selopt.kernels import block, exact, tables
 from selopt.kernels.launch import compile_launches
 from selopt.options import AdamWOptions
 
 TRITON_PARAM_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-TRITON_MOMENT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
+# uint8: 8-bit moments (selopt.quantization), codes with fp32 scales, dequantized and requantized in registers.
+TRITON_MOMENT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.uint8: tl.uint8}
 
 
 def _split_double(x: float) -> tuple[float, float]:
@@ -81,11 +83,13 @@ class KernelScalars(NamedTuple):
                    beta2, 1.0 - beta1, 1.0 - beta2, options.eps, grad_scale, found_inf)
 
 
-def kernel_flags(options: AdamWOptions, param_dtype: torch.dtype, moment_dtype: torch.dtype,
+def kernel_flags(options: AdamWOptions, param_dtype: torch.dtype, moment_dtype: torch.dtype, quant_block: int,
                  scalars: KernelScalars, has_soft_mask: bool, writes_selection: bool) -> dict:
-    """The kernels' constexpr flags, named as their parameters: the options and what the bucket holds."""
+    """The kernels' constexpr flags, named as their parameters: the options and what the bucket holds
+    (``quant_block``: entries per scale of 8-bit moments, 0 for float moments)."""
     return dict(
         PARAM_DTYPE=TRITON_PARAM_DTYPES[param_dtype], MOMENT_DTYPE=TRITON_MOMENT_DTYPES[moment_dtype],
+        QUANT_BLOCK=quant_block,
         AMSGRAD=options.amsgrad, MAXIMIZE=options.maximize, DECAY_SELECTED=options.decay == "selected",
         SOFT_MASK=has_soft_mask,
         SOFT_MASK_ON_GRAD=has_soft_mask and options.soft_mask_mode == "grad",
@@ -175,13 +179,18 @@ def prepare_adamw(bucket: Bucket, options: AdamWOptions, *, grad_scale: Tensor |
     has_soft_mask = any(m is not None for m in work.column("soft_masks"))
     writes_selection = any(s is not None for s in work.column("selections"))
     param_dtype, moment_dtype = work.params[0].dtype, work.exp_avgs[0].dtype
+    # A bucket's 8-bit moments share one block size (the optimizer buckets by it).
+    quantized = work.exp_avg_scales is not None
+    quant_block = quantization.block_of(work.exp_avgs[0], work.exp_avg_scales[0]) if quantized else 0
+    code_values, code_buckets = tables.code_tables(device) if quantized else (None, None)
 
     def launches_for(options: AdamWOptions, grad_scale: Tensor | None, found_inf: Tensor | None) -> list:
         # Only what is per bucket: it holds no tensor of the step, so a kept closure keeps none alive.
         scalars = KernelScalars.of(options, device, grad_scale, found_inf)
-        flags = kernel_flags(options, param_dtype, moment_dtype, scalars, has_soft_mask=has_soft_mask,
+        flags = kernel_flags(options, param_dtype, moment_dtype, quant_block, scalars, has_soft_mask=has_soft_mask,
                              writes_selection=writes_selection)
-        values = {**plan.arguments(), **scalars._asdict(), **flags}
+        values = {**plan.arguments(), **scalars._asdict(), **flags, "code_values": code_values,
+                  "code_buckets": code_buckets}
         if path == "exact":
             launches = exact.exact_adamw_launches(plan, values, combine)
         else:
@@ -203,7 +212,8 @@ def check_bucket(bucket: Bucket, options: AdamWOptions) -> None:
     moment dtype); steps one-element fp32 tensors on the device; soft masks
     fp32, ``(rows,)`` or full shape; selections contiguous bool tensors shaped
     like their params; an int64 seed per bf16 param when the options ask for
-    stochastic rounding.
+    stochastic rounding. 8-bit (uint8) moments come with their fp32 scales
+    (:mod:`selopt.quantization`), contiguous, one block size for the bucket.
     """
     count = len(bucket)
     for name, values in bucket.fields():
@@ -229,6 +239,40 @@ def check_bucket(bucket: Bucket, options: AdamWOptions) -> None:
         raise ValueError(f"steps must be one-element fp32 tensors on {device}, got "
                          f"{sorted({f'{s.dtype} on {s.device}, {s.numel()} elements' for s in bucket.steps})}")
     _check_optional_columns(bucket, options, device)
+    _check_scales(bucket, options, device)
+
+
+def _check_scales(bucket: Bucket, options: AdamWOptions, device: torch.device) -> None:
+    quantized = bucket.exp_avgs[0].dtype == torch.uint8
+    given = [name for name in ("exp_avg_scales", "exp_avg_sq_scales") if getattr(bucket, name) is not None]
+    if not quantized:
+        if given:
+            raise ValueError(f"{' and '.join(given)} belong to 8-bit (uint8) moments, got {bucket.exp_avgs[0].dtype} ones")
+        return
+    if len(given) != 2:
+        raise ValueError("8-bit (uint8) moments need exp_avg_scales and exp_avg_sq_scales (selopt.quantization)")
+    if options.amsgrad:
+        raise ValueError("8-bit moments keep no max_exp_avg_sq: amsgrad needs float moments")
+    blocks = set()
+    for name in given:
+        for scales, codes, p in zip(getattr(bucket, name), bucket.exp_avgs, bucket.params):
+            block = quantization.block_of(codes, scales)
+            if (scales.dtype != torch.float32 or scales.device != device or not scales.is_contiguous()
+                    or p.dim() == 0 or block not in _QUANT_BLOCKS
+                    or scales.shape != quantization.scales_shape(p.shape, block)):
+                raise ValueError(
+                    f"{name} must be contiguous fp32 tensors on {device} of shape (rows, row length / block) for a "
+                    f"block of {quantization.MIN_QUANT_BLOCK}..{quantization.QUANT_BLOCK} entries (a power of two), got "
+                    f"{tuple(scales.shape)} {scales.dtype} on {scales.device} for a param {tuple(p.shape)}")
+            blocks.add(block)
+    if len(blocks) > 1:
+        raise ValueError(f"8-bit moments of one bucket must share their block size, got {sorted(blocks)}")
+    if options.block_size is not None and options.block_size % blocks.pop():
+        raise ValueError(f"block_size {options.block_size} must hold whole blocks of the 8-bit moments")
+
+
+_QUANT_BLOCKS = [2**i for i in range(quantization.MIN_QUANT_BLOCK.bit_length() - 1,
+                                     quantization.QUANT_BLOCK.bit_length())]
 
 
 def _check_optional_columns(bucket: Bucket, options: AdamWOptions, device: torch.device) -> None:

@@ -14,6 +14,7 @@ from selopt.kernels import device as d
 from selopt.kernels.launch import Launch
 from selopt.kernels.steps import step_scalars_launch
 from selopt.options import ONE_PASS_MAX_BLOCK
+from selopt.quantization import QUANT_BLOCK
 
 # The largest block one program selects in registers (AdamWOptions.path decides with it); larger
 # blocks take the exact path, cut into segments of block_size.
@@ -23,6 +24,8 @@ MAX_BLOCK = ONE_PASS_MAX_BLOCK
 # per SM (bench.static; figures in bench/NOTES.md).
 DENSE_TILE = 4096
 DENSE_WARPS = 8
+# A tile holds whole blocks of 8-bit moments (and a one-pass block is at least QUANT_BLOCK with them).
+assert DENSE_TILE % QUANT_BLOCK == 0
 
 
 def num_warps_for(block: int) -> int:
@@ -53,19 +56,20 @@ def _block_selection(m, k):
 @triton.jit
 def _block_adamw_kernel(
     table, program_rows, step_scalars, beta2, lerp_weight, one_minus_beta2, eps, grad_scale_ptr, found_inf_ptr,
-    BLOCK: tl.constexpr, DENSE: tl.constexpr, ALIGNED: tl.constexpr,
-    PARAM_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr,
+    code_values, code_buckets, BLOCK: tl.constexpr, DENSE: tl.constexpr, ALIGNED: tl.constexpr,
+    PARAM_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr, QUANT_BLOCK: tl.constexpr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECAY_SELECTED: tl.constexpr,
     SOFT_MASK: tl.constexpr, SOFT_MASK_ON_GRAD: tl.constexpr, SOFT_MASK_ON_UPDATE: tl.constexpr,
     GRAD_SCALE: tl.constexpr, FOUND_INF: tl.constexpr,
     STOCHASTIC_ROUNDING: tl.constexpr, WRITE_SELECTION: tl.constexpr, LERP_FROM_END: tl.constexpr,
 ):
     row, row_ptr, start, lanes, in_block, store_mask = d.tile_of(
-        table, program_rows, found_inf_ptr, BLOCK, FOUND_INF, ALIGNED)
+        table, program_rows, found_inf_ptr, BLOCK, FOUND_INF, ALIGNED, QUANT_BLOCK)
     g, scale = d.load_step_gradient(row_ptr, start, lanes, in_block, grad_scale_ptr, PARAM_DTYPE,
                                     GRAD_SCALE, MAXIMIZE, SOFT_MASK, SOFT_MASK_ON_GRAD, ALIGNED)
     m, second_moment = d.update_moments(row_ptr, start, lanes, in_block, store_mask, g, lerp_weight, beta2,
-                                        one_minus_beta2, AMSGRAD, LERP_FROM_END, MOMENT_DTYPE, ALIGNED)
+                                        one_minus_beta2, code_values, code_buckets, found_inf_ptr, AMSGRAD,
+                                        LERP_FROM_END, MOMENT_DTYPE, QUANT_BLOCK, FOUND_INF, ALIGNED)
     if DENSE:
         selected = in_block
     else:

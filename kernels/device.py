@@ -14,11 +14,14 @@ written by :mod:`selopt.kernels.steps` once per tensor and step, holds the
 step's scalars, so no program recomputes them.
 """
 
+import math
+import struct
+
 import torch
 import triton
 import triton.language as tl
 
-from selopt import selection
+from selopt import quantization, selection
 
 COL_PARAM = tl.constexpr(0)
 COL_GRAD = tl.constexpr(1)
@@ -35,7 +38,10 @@ COL_FIRST_PROGRAM = tl.constexpr(11)  # index of the row's first program in the 
 COL_OFFSET = tl.constexpr(12)  # where the row starts inside its tensor
 COL_TENSOR = tl.constexpr(13)  # index of the row's tensor in the bucket (its step-scalars row)
 COL_ROUNDING_SEED = tl.constexpr(14)  # address of the tensor's int64 stochastic-rounding seed, or 0
-NUM_COLUMNS = tl.constexpr(15)
+# 8-bit moments: the address of the row's first fp32 scale of exp_avg and of exp_avg_sq (else 0).
+COL_EXP_AVG_SCALE = tl.constexpr(15)
+COL_EXP_AVG_SQ_SCALE = tl.constexpr(16)
+NUM_COLUMNS = tl.constexpr(17)
 
 # Per tensor: step size, 1 / sqrt(bias correction 2), decay factor, step count before the update.
 SCALAR_STEP_SIZE = tl.constexpr(0)
@@ -43,6 +49,32 @@ SCALAR_INV_BIAS_CORRECTION2_SQRT = tl.constexpr(1)
 SCALAR_DECAY = tl.constexpr(2)
 SCALAR_STEP = tl.constexpr(3)
 STEP_SCALARS = tl.constexpr(4)
+
+# 8-bit moments (selopt.quantization), through two small tables built once per device
+# (selopt.kernels.tables.code_tables), a few KiB that stay in L1. ``code_values``, fp32: the signed
+# (exp_avg) and unsigned (exp_avg_sq) code maps, then their 255 decision points, each padded to 256
+# with +inf.
+SIGNED_MAP = tl.constexpr(0)
+UNSIGNED_MAP = tl.constexpr(quantization.CODES)
+SIGNED_POINTS = tl.constexpr(2 * quantization.CODES)
+UNSIGNED_POINTS = tl.constexpr(3 * quantization.CODES)
+CODE_VALUES = 4 * quantization.CODES
+# ``code_buckets``, uint8: a normalized value's code in two lookups instead of an 8-step search. Its
+# |value| falls in a bucket, the top 16 bits of its fp32 pattern (8 exponent and 7 mantissa bits), and
+# every bucket from BUCKET_LOW (a power of two below the smallest |decision point|: below it the first
+# bucket holds every smaller |value|) up to the one of 1.0 holds at most one decision point, so the
+# table gives the points below the bucket and one comparison with the next point decides. One row of
+# BUCKETS per sign of the signed map (a negative value's bucket counts the points below its low end),
+# one for the unsigned map (exp_avg_sq is never negative).
+BUCKET_SHIFT = tl.constexpr(16)
+_LOWEST_POINT = min(float(quantization.decision_points(signed).abs().min()) for signed in (True, False))
+BUCKET_LOW = tl.constexpr(struct.unpack("<i", struct.pack("<f", 2.0 ** math.floor(math.log2(_LOWEST_POINT))))[0]
+                          >> BUCKET_SHIFT.value)
+BUCKETS = tl.constexpr((struct.unpack("<i", struct.pack("<f", 1.0))[0] >> BUCKET_SHIFT.value) - BUCKET_LOW.value + 1)
+SIGNED_BUCKETS = tl.constexpr(0)
+SIGNED_NEGATIVE_BUCKETS = tl.constexpr(BUCKETS.value)
+UNSIGNED_BUCKETS = tl.constexpr(2 * BUCKETS.value)
+CODE_BUCKETS = 3 * BUCKETS.value
 
 # Counters per row in the exact path's histogram: the widest radix round's bins.
 RADIX_BINS = tl.constexpr(selection.RADIX_BINS)
@@ -293,25 +325,129 @@ def load_step_gradient(row_ptr, start, lanes, in_block, grad_scale_ptr, PARAM_DT
 
 
 @triton.jit
+def per_lane(block_values, QUANT_BLOCK: tl.constexpr):
+    """A value per quant block as a value per lane: each repeated over its block's QUANT_BLOCK lanes."""
+    blocks: tl.constexpr = block_values.numel
+    return tl.reshape(tl.broadcast_to(block_values[:, None], (blocks, QUANT_BLOCK)), (blocks * QUANT_BLOCK,))
+
+
+@triton.jit
+def quant_blocks(row_ptr, start, found_inf_ptr, TILE: tl.constexpr, QUANT_BLOCK: tl.constexpr,
+                 FOUND_INF: tl.constexpr):
+    """The tile's quant blocks: their scales' index from the row's first scale, which lie in the row,
+    and which are stored (none when found_inf is set). Tiles start on a block and hold whole blocks."""
+    blocks = tl.arange(0, TILE // QUANT_BLOCK)
+    in_row = start + blocks * QUANT_BLOCK < tl.load(row_ptr + COL_NUMEL)
+    stored = in_row
+    if FOUND_INF:
+        stored = in_row & (broadcast(tl.load(found_inf_ptr).to(tl.float32), blocks) == 0)
+    return start // QUANT_BLOCK + blocks, in_row, stored
+
+
+@triton.jit
+def load_moment(row_ptr, column, scale_column, start, lanes, in_block, code_values, SIGNED: tl.constexpr,
+                MOMENT_DTYPE: tl.constexpr, QUANT_BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """One tile of a moment as its state holds it, in fp32: 8-bit codes read as
+    ``code_map[code] * scale`` (:func:`selopt.quantization.dequantize`), lanes past the row as 0."""
+    stored = tl.load(stream(row_ptr, column, start, lanes, MOMENT_DTYPE, ALIGNED), mask=in_block, other=0)
+    if QUANT_BLOCK:
+        blocks, in_row, _ = quant_blocks(row_ptr, start, row_ptr, lanes.numel, QUANT_BLOCK, False)
+        # Scale 0 past the row: the padding lanes read 0 whatever their code stands for.
+        scales = tl.load(load_pointer(row_ptr, scale_column, tl.float32) + blocks, mask=in_row, other=0.0)
+        code_map = code_values + (SIGNED_MAP if SIGNED else UNSIGNED_MAP)
+        return tl.load(code_map + stored.to(tl.int32)) * per_lane(scales, QUANT_BLOCK)
+    else:
+        return stored.to(tl.float32)
+
+
+@triton.jit
+def code_of(y, code_values, code_buckets, SIGNED: tl.constexpr):
+    """The code of ``y`` in [-1, 1] (not NaN): how many decision points are <= y, as
+    ``torch.searchsorted(points, y, right=True)`` in :func:`selopt.quantization.quantize`.
+
+    Two dependent table lookups (``code_buckets``: the points below y's bucket, then the bucket's
+    one possible point) where a binary search over the 256 points would take eight. |y| <= 1, so
+    the bucket never passes 1.0's; below BUCKET_LOW every |y| shares the first bucket.
+    """
+    bits = y.to(tl.int32, bitcast=True)
+    bucket = tl.maximum(((bits >> BUCKET_SHIFT) & 0x7FFF) - BUCKET_LOW, 0)
+    if SIGNED:
+        bucket = tl.where(bits < 0, bucket + SIGNED_NEGATIVE_BUCKETS, bucket + SIGNED_BUCKETS)
+        points = code_values + SIGNED_POINTS
+    else:
+        bucket = bucket + UNSIGNED_BUCKETS
+        points = code_values + UNSIGNED_POINTS
+    below = tl.load(code_buckets + bucket).to(tl.int32)
+    return below + (y >= tl.load(points + below)).to(tl.int32)
+
+
+@triton.jit
+def quantize(x, code_values, code_buckets, SIGNED: tl.constexpr, QUANT_BLOCK: tl.constexpr):
+    """``x`` (fp32) in 8 bits, as :func:`selopt.quantization.quantize`: (codes, the scale of each
+    block, the values they stand for: what the state will hold).
+
+    The absmax is a max of magnitude keys, whose NaN key is above every number: a NaN anywhere in a
+    block gives it a NaN scale (a float max would drop it), and all its entries read NaN.
+    """
+    blocks: tl.constexpr = x.numel // QUANT_BLOCK
+    absmax = tl.max(tl.reshape(magnitude_key(x), (blocks, QUANT_BLOCK)), axis=1).to(tl.float32, bitcast=True)
+    scale = per_lane(absmax, QUANT_BLOCK)
+    # IEEE division, as the reference's: a reciprocal multiply can move y by an ulp across a decision point.
+    y = tl.where(scale > 0, tl.div_rn(x, scale), 0.0)
+    y = tl.where(y == y, y, 0.0)  # an infinite scale's inf / inf
+    code = code_of(y, code_values, code_buckets, SIGNED)
+    if not SIGNED:
+        code = tl.where(y > 0, tl.maximum(code, 1), code)  # a positive v never reads 0 (selopt.quantization)
+    value = tl.load(code_values + (SIGNED_MAP if SIGNED else UNSIGNED_MAP) + code) * scale
+    return code.to(tl.uint8), absmax, value
+
+
+@triton.jit
+def store_quantized(row_ptr, column, scale_column, start, lanes, store_mask, x, code_values, code_buckets,
+                    found_inf_ptr, SIGNED: tl.constexpr, QUANT_BLOCK: tl.constexpr, FOUND_INF: tl.constexpr,
+                    ALIGNED: tl.constexpr):
+    """Quantize one tile of a moment, store its codes and scales, and return the values stored."""
+    codes, scales, value = quantize(x, code_values, code_buckets, SIGNED, QUANT_BLOCK)
+    tl.store(stream(row_ptr, column, start, lanes, tl.uint8, ALIGNED), codes, mask=store_mask)
+    blocks, _, stored = quant_blocks(row_ptr, start, found_inf_ptr, lanes.numel, QUANT_BLOCK, FOUND_INF)
+    tl.store(load_pointer(row_ptr, scale_column, tl.float32) + blocks, scales, mask=stored)
+    return value
+
+
+@triton.jit
 def update_moments(row_ptr, start, lanes, in_block, store_mask, g, lerp_weight, beta2, one_minus_beta2,
-                   AMSGRAD: tl.constexpr, LERP_FROM_END: tl.constexpr, MOMENT_DTYPE: tl.constexpr,
+                   code_values, code_buckets, found_inf_ptr, AMSGRAD: tl.constexpr, LERP_FROM_END: tl.constexpr,
+                   MOMENT_DTYPE: tl.constexpr, QUANT_BLOCK: tl.constexpr, FOUND_INF: tl.constexpr,
                    ALIGNED: tl.constexpr):
-    """Load, update and store the moments of one tile; returns m and the denominator's second moment."""
-    m_ptr = stream(row_ptr, COL_EXP_AVG, start, lanes, MOMENT_DTYPE, ALIGNED)
-    v_ptr = stream(row_ptr, COL_EXP_AVG_SQ, start, lanes, MOMENT_DTYPE, ALIGNED)
-    m = tl.load(m_ptr, mask=in_block, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr, mask=in_block, other=0.0).to(tl.float32)
-    vmax = v
-    if AMSGRAD:
-        vmax_ptr = stream(row_ptr, COL_MAX_EXP_AVG_SQ, start, lanes, MOMENT_DTYPE, ALIGNED)
-        vmax = tl.load(vmax_ptr, mask=in_block, other=0.0).to(tl.float32)
-    m, v, vmax, second_moment = adam_moments(
-        g, m, v, vmax, lerp_weight, beta2, one_minus_beta2, AMSGRAD, LERP_FROM_END, MOMENT_DTYPE)
-    tl.store(m_ptr, m.to(MOMENT_DTYPE), mask=store_mask)
-    tl.store(v_ptr, v.to(MOMENT_DTYPE), mask=store_mask)
-    if AMSGRAD:
-        tl.store(vmax_ptr, vmax.to(MOMENT_DTYPE), mask=store_mask)
-    return m, second_moment
+    """Load, update and store the moments of one tile; returns m and the denominator's second moment,
+    as stored (8-bit ones dequantized, updated in fp32 and requantized in registers)."""
+    if QUANT_BLOCK:
+        m = load_moment(row_ptr, COL_EXP_AVG, COL_EXP_AVG_SCALE, start, lanes, in_block, code_values, True,
+                        MOMENT_DTYPE, QUANT_BLOCK, ALIGNED)
+        v = load_moment(row_ptr, COL_EXP_AVG_SQ, COL_EXP_AVG_SQ_SCALE, start, lanes, in_block, code_values, False,
+                        MOMENT_DTYPE, QUANT_BLOCK, ALIGNED)
+        m, v, _, _ = adam_moments(g, m, v, v, lerp_weight, beta2, one_minus_beta2, False, LERP_FROM_END, tl.float32)
+        m = store_quantized(row_ptr, COL_EXP_AVG, COL_EXP_AVG_SCALE, start, lanes, store_mask, m, code_values,
+                            code_buckets, found_inf_ptr, True, QUANT_BLOCK, FOUND_INF, ALIGNED)
+        v = store_quantized(row_ptr, COL_EXP_AVG_SQ, COL_EXP_AVG_SQ_SCALE, start, lanes, store_mask, v, code_values,
+                            code_buckets, found_inf_ptr, False, QUANT_BLOCK, FOUND_INF, ALIGNED)
+        return m, v
+    else:
+        m_ptr = stream(row_ptr, COL_EXP_AVG, start, lanes, MOMENT_DTYPE, ALIGNED)
+        v_ptr = stream(row_ptr, COL_EXP_AVG_SQ, start, lanes, MOMENT_DTYPE, ALIGNED)
+        m = tl.load(m_ptr, mask=in_block, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr, mask=in_block, other=0.0).to(tl.float32)
+        vmax = v
+        if AMSGRAD:
+            vmax_ptr = stream(row_ptr, COL_MAX_EXP_AVG_SQ, start, lanes, MOMENT_DTYPE, ALIGNED)
+            vmax = tl.load(vmax_ptr, mask=in_block, other=0.0).to(tl.float32)
+        m, v, vmax, second_moment = adam_moments(
+            g, m, v, vmax, lerp_weight, beta2, one_minus_beta2, AMSGRAD, LERP_FROM_END, MOMENT_DTYPE)
+        tl.store(m_ptr, m.to(MOMENT_DTYPE), mask=store_mask)
+        tl.store(v_ptr, v.to(MOMENT_DTYPE), mask=store_mask)
+        if AMSGRAD:
+            tl.store(vmax_ptr, vmax.to(MOMENT_DTYPE), mask=store_mask)
+        return m, second_moment
 
 
 @triton.jit
@@ -349,9 +485,10 @@ def update_param(
 
 @triton.jit
 def tile_of(table, program_rows, found_inf_ptr, TILE: tl.constexpr, FOUND_INF: tl.constexpr,
-            ALIGNED: tl.constexpr):
+            ALIGNED: tl.constexpr, QUANT_BLOCK: tl.constexpr):
     """Where this program works: (row, row pointer, tile start in the row, lanes, in-bounds
-    mask, store mask). A set found_inf masks every store."""
+    mask, store mask). A set found_inf masks every store. ``QUANT_BLOCK``: 8-bit moments' block
+    (0 for float moments); rows then hold whole blocks."""
     pid = tl.program_id(0)
     row = tl.load(program_rows + pid)
     row_ptr = table + row.to(tl.int64) * NUM_COLUMNS
@@ -364,7 +501,11 @@ def tile_of(table, program_rows, found_inf_ptr, TILE: tl.constexpr, FOUND_INF: t
     if ALIGNED:
         # Segments hold a multiple of 8 elements (checked on the host), so the mask is constant
         # over runs of 8 lanes: what 128-bit accesses of bf16 need (4 lanes suffice for fp32).
-        limit = tl.multiple_of(limit, 8)
+        if QUANT_BLOCK:
+            # Whole quant blocks of at least 32 entries: 128-bit accesses of the 8-bit codes need 16.
+            limit = tl.multiple_of(limit, QUANT_BLOCK)
+        else:
+            limit = tl.multiple_of(limit, 8)
     in_block = lanes < limit
     store_mask = in_block
     if FOUND_INF:

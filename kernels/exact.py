@@ -36,13 +36,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from selopt import selection
+from selopt import quantization, selection
 from selopt.kernels import device as d
 from selopt.kernels import select_state as s
 from selopt.kernels.launch import Launch
 from selopt.kernels.steps import step_scalars_launch
 
 CHUNK = 4096
+# A chunk holds whole blocks of 8-bit moments (segments of block_size >= QUANT_BLOCK hold whole chunks' worth).
+assert CHUNK % quantization.QUANT_BLOCK == 0
 
 # The rounds of selopt.selection for int32 keys. The first round sees every key and uses a register
 # histogram (8 exponent bits + 2 mantissa bits: its cost grows with the bins, so few); the others
@@ -133,17 +135,19 @@ def _collect_candidates(row_ptr, state, histogram_row_ptr, key):
 @triton.jit
 def _moments_histogram_kernel(
     table, program_rows, histogram, select_state, beta2, lerp_weight, one_minus_beta2, grad_scale_ptr,
-    found_inf_ptr, CHUNK: tl.constexpr, ALIGNED: tl.constexpr, BIN_SHIFT: tl.constexpr, BIN_BITS: tl.constexpr,
-    PARAM_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    found_inf_ptr, code_values, code_buckets, CHUNK: tl.constexpr, ALIGNED: tl.constexpr, BIN_SHIFT: tl.constexpr,
+    BIN_BITS: tl.constexpr, PARAM_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr, QUANT_BLOCK: tl.constexpr,
+    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     SOFT_MASK: tl.constexpr, SOFT_MASK_ON_GRAD: tl.constexpr, GRAD_SCALE: tl.constexpr,
     FOUND_INF: tl.constexpr, LERP_FROM_END: tl.constexpr,
 ):
     row, row_ptr, start, lanes, in_block, store_mask = d.tile_of(
-        table, program_rows, found_inf_ptr, CHUNK, FOUND_INF, ALIGNED)
+        table, program_rows, found_inf_ptr, CHUNK, FOUND_INF, ALIGNED, QUANT_BLOCK)
     g, _ = d.load_step_gradient(row_ptr, start, lanes, in_block, grad_scale_ptr, PARAM_DTYPE,
                                 GRAD_SCALE, MAXIMIZE, SOFT_MASK, SOFT_MASK_ON_GRAD, ALIGNED)
     m, _ = d.update_moments(row_ptr, start, lanes, in_block, store_mask, g, lerp_weight, beta2,
-                            one_minus_beta2, AMSGRAD, LERP_FROM_END, MOMENT_DTYPE, ALIGNED)
+                            one_minus_beta2, code_values, code_buckets, found_inf_ptr, AMSGRAD, LERP_FROM_END,
+                            MOMENT_DTYPE, QUANT_BLOCK, FOUND_INF, ALIGNED)
     key = tl.where(in_block, d.magnitude_key(m), d.PADDING_KEY)
     histogram_row = histogram + row.to(tl.int64) * d.RADIX_BINS
     _accumulate_histogram(histogram_row, key, 0, BIN_SHIFT, BIN_BITS, SPARSE=False)
@@ -152,16 +156,18 @@ def _moments_histogram_kernel(
 
 @triton.jit
 def _refine_from_m_kernel(
-    table, program_rows, histogram, select_state,
+    table, program_rows, histogram, select_state, code_values,
     CHUNK: tl.constexpr, ALIGNED: tl.constexpr, BIN_SHIFT: tl.constexpr, BIN_BITS: tl.constexpr,
-    MOMENT_DTYPE: tl.constexpr,
+    MOMENT_DTYPE: tl.constexpr, QUANT_BLOCK: tl.constexpr,
 ):
     """A refinement round over ``m``, for the rows whose window missed; the others' programs stop at once."""
-    row, row_ptr, start, lanes, in_block, _ = d.tile_of(table, program_rows, table, CHUNK, False, ALIGNED)
+    row, row_ptr, start, lanes, in_block, _ = d.tile_of(table, program_rows, table, CHUNK, False, ALIGNED,
+                                                        QUANT_BLOCK)
     state = select_state + row.to(tl.int64) * s.STATE_COLUMNS
     if tl.load(state + s.STATE_FROM_LIST) == 0:
-        m = tl.load(d.stream(row_ptr, d.COL_EXP_AVG, start, lanes, MOMENT_DTYPE, ALIGNED), mask=in_block, other=0.0)
-        key = tl.where(in_block, d.magnitude_key(m.to(tl.float32)), d.PADDING_KEY)
+        m = d.load_moment(row_ptr, d.COL_EXP_AVG, d.COL_EXP_AVG_SCALE, start, lanes, in_block, code_values, True,
+                          MOMENT_DTYPE, QUANT_BLOCK, ALIGNED)
+        key = tl.where(in_block, d.magnitude_key(m), d.PADDING_KEY)
         _accumulate_histogram(histogram + row.to(tl.int64) * d.RADIX_BINS, key, tl.load(state + s.STATE_PREFIX),
                               BIN_SHIFT, BIN_BITS, SPARSE=True)
 
@@ -177,7 +183,7 @@ def _refine_from_list_kernel(
     needs. It spans at most 1/``s.CANDIDATE_SHARE`` of the row's programs;
     the others, and those of the rows that read ``m``, stop at once.
     """
-    row, row_ptr, start, lanes, _, _ = d.tile_of(table, program_rows, table, CHUNK, False, False)
+    row, row_ptr, start, lanes, _, _ = d.tile_of(table, program_rows, table, CHUNK, False, False, 0)
     state = select_state + row.to(tl.int64) * s.STATE_COLUMNS
     candidates, capacity = _candidates(row_ptr, state)
     listed = tl.minimum(tl.load(state + s.STATE_LIST_COUNT), capacity) - start
@@ -249,19 +255,20 @@ def _select_bin_kernel(table, histogram, select_state, FIRST_ROUND: tl.constexpr
 
 @triton.jit
 def _exact_update_kernel(
-    table, program_rows, step_scalars, select_state, eps, found_inf_ptr,
+    table, program_rows, step_scalars, select_state, eps, found_inf_ptr, code_values,
     CHUNK: tl.constexpr, ALIGNED: tl.constexpr,
-    PARAM_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr,
+    PARAM_DTYPE: tl.constexpr, MOMENT_DTYPE: tl.constexpr, QUANT_BLOCK: tl.constexpr, AMSGRAD: tl.constexpr,
     DECAY_SELECTED: tl.constexpr, SOFT_MASK: tl.constexpr, SOFT_MASK_ON_UPDATE: tl.constexpr,
     FOUND_INF: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr, WRITE_SELECTION: tl.constexpr,
 ):
     row, row_ptr, start, lanes, in_block, store_mask = d.tile_of(
-        table, program_rows, found_inf_ptr, CHUNK, FOUND_INF, ALIGNED)
-    m = tl.load(d.stream(row_ptr, d.COL_EXP_AVG, start, lanes, MOMENT_DTYPE, ALIGNED), mask=in_block, other=0.0)
-    m = m.to(tl.float32)
+        table, program_rows, found_inf_ptr, CHUNK, FOUND_INF, ALIGNED, QUANT_BLOCK)
+    # The moments as the first kernel stored them (8-bit ones read back as that kernel's own update read them).
+    m = d.load_moment(row_ptr, d.COL_EXP_AVG, d.COL_EXP_AVG_SCALE, start, lanes, in_block, code_values, True,
+                      MOMENT_DTYPE, QUANT_BLOCK, ALIGNED)
     second_column = d.COL_MAX_EXP_AVG_SQ if AMSGRAD else d.COL_EXP_AVG_SQ
-    second_moment = tl.load(d.stream(row_ptr, second_column, start, lanes, MOMENT_DTYPE, ALIGNED),
-                            mask=in_block, other=0.0).to(tl.float32)
+    second_moment = d.load_moment(row_ptr, second_column, d.COL_EXP_AVG_SQ_SCALE, start, lanes, in_block,
+                                  code_values, False, MOMENT_DTYPE, QUANT_BLOCK, ALIGNED)
     threshold = tl.load(select_state + row.to(tl.int64) * s.STATE_COLUMNS + s.STATE_THRESHOLD).to(tl.int32)
     selected = d.magnitude_key(m) >= threshold  # padding lanes (m = 0) are below every threshold
     scale = 1.0

@@ -13,6 +13,7 @@ host-to-device copy after the first step, which is what lets a step run under
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from selopt import quantization
 from selopt.bucket import Bucket
 from selopt.kernels import device as d
 from selopt.kernels import select_state
@@ -213,6 +215,10 @@ _STREAMED_COLUMNS = {"params": d.COL_PARAM, "grads": d.COL_GRAD, "exp_avgs": d.C
                      "selections": d.COL_SELECTION}
 
 
+# Table columns that hold the address of 8-bit moments' scales, offset to the row's first block, by bucket field.
+_SCALE_COLUMNS = {"exp_avg_scales": d.COL_EXP_AVG_SCALE, "exp_avg_sq_scales": d.COL_EXP_AVG_SQ_SCALE}
+
+
 def _table_rows(bucket: Bucket, program_size: int, row_size: int | None, fraction: float, select_per_row: bool,
                 whole_numels: list[int] | None) -> tuple[list[list[int]], list[int]]:
     """The launch table's rows (``d.COL_*``) and the program-to-row map."""
@@ -228,6 +234,11 @@ def _table_rows(bucket: Bucket, program_size: int, row_size: int | None, fractio
             for name, column in _STREAMED_COLUMNS.items():
                 t = tensors[name]
                 row[column.value] = 0 if t is None else t.data_ptr() + start * t.element_size()
+            for name, column in _SCALE_COLUMNS.items():
+                scales = tensors[name]
+                if scales is not None:  # rows start on a quant block (row_size is a multiple of it)
+                    block = quantization.block_of(tensors["exp_avgs"], scales)
+                    row[column.value] = scales.data_ptr() + start // block * scales.element_size()
             row[d.COL_SOFT_MASK.value] = _address(mask)
             row[d.COL_ROUNDING_SEED.value] = _address(tensors["rounding_seeds"])
             row[d.COL_NUMEL.value] = n
@@ -274,3 +285,36 @@ def _build_plan(cache: PlanCache, bucket: Bucket, program_size: int, row_size: i
         aligned=aligned,
         scratch=scratch,
     )
+
+
+@functools.cache
+def code_tables(device: torch.device) -> tuple[Tensor, Tensor]:
+    """The 8-bit moments' lookup tables on ``device``, built once (``d.SIGNED_MAP`` ... ``d.UNSIGNED_BUCKETS``):
+    the fp32 code maps and decision points, and the uint8 bucket table of :func:`selopt.kernels.device.code_of`.
+
+    Raises if a bucket holds more than one decision point: the two lookups would then miss one.
+    """
+    values, buckets = [], []
+    top_bits = torch.arange(d.BUCKET_LOW.value, d.BUCKET_LOW.value + d.BUCKETS.value, dtype=torch.int32)
+    lows = (top_bits << d.BUCKET_SHIFT.value).view(torch.float32).clone()
+    highs = ((top_bits + 1) << d.BUCKET_SHIFT.value).view(torch.float32)
+    lows[0] = 0.0  # the first bucket also holds every smaller |y|
+    for signed in (True, False):
+        points = quantization.decision_points(signed)
+        values += [quantization.code_map(signed), torch.cat([points, torch.tensor([float("inf")])])]
+        # A value y >= 0 of bucket [low, high): the points <= low, then at most one point in (low, high).
+        below = torch.searchsorted(points, lows, right=True)
+        inside = torch.searchsorted(points, highs) - below
+        if signed:
+            # y < 0, |y| in [low, high): the points <= -high, then at most one in (-high, -low].
+            below_negative = torch.searchsorted(points, -highs, right=True)
+            inside = torch.maximum(inside, torch.searchsorted(points, -lows, right=True) - below_negative)
+            buckets += [below, below_negative]
+        else:
+            buckets.append(below)
+        if int(inside.max()) > 1:
+            raise AssertionError("a bucket of the 8-bit code search holds two decision points: keep more mantissa bits")
+    # Maps first, then points: the d.*_MAP and d.*_POINTS offsets.
+    values = torch.cat(values[0::2] + values[1::2])
+    assert values.numel() == d.CODE_VALUES
+    return values.to(device), torch.cat(buckets).to(torch.uint8).to(device)

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 import selopt
-from selopt import fused, reference
+from selopt import fused, quantization, reference
 from selopt.bucket import Bucket
 from selopt.options import AdamWOptions
 
@@ -57,8 +57,14 @@ class Case:
     soft_mask: str | None = None  # "rows" or "full"
 
 
+EIGHT_BIT = torch.uint8  # Case.moment_dtype of 8-bit moments (selopt.quantization)
+
+
 def cases(tiny: bool) -> list[Case]:
-    """The checked cases: ``tiny`` sizes for the interpreter, sizes that fill a GPU's blocks otherwise."""
+    """The checked cases: ``tiny`` sizes for the interpreter, sizes that fill a GPU's blocks otherwise.
+
+    8-bit cases hold matrices of one quant block each (a bucket shares it): 256, and 32 entries.
+    """
     odd = ((1,), (0,), (37,), (5, 67)) if tiny else ((1,), (0,), (4097,), (1000, 1031), (2**20 + 3,))
     blocks = (64, 1024) if tiny else (256, 1024, 4096)
     exact_segment = 8192 if tiny else 65536
@@ -77,7 +83,21 @@ def cases(tiny: bool) -> list[Case]:
         Case("soft mask per entry on the gradient", odd, options=dict(fraction=0.3, block_size=blocks[0],
                                                                        soft_mask_mode="grad"), soft_mask="full"),
     ]
+    by_256 = ((5, 1024), (3, 2, 768)) if tiny else ((1024, 4096), (1000, 1536))
+    by_32 = ((16, 288),) if tiny else ((2048, 2080),)
+    found += [
+        Case("dense 8-bit", by_256, moment_dtype=EIGHT_BIT, options=dict(fraction=1.0)),
+        Case("MoFO block 1024 8-bit", by_256, moment_dtype=EIGHT_BIT, options=dict(fraction=0.1, block_size=1024)),
+        Case("MoFO exact 8-bit", by_256, moment_dtype=EIGHT_BIT, options=dict(fraction=0.1)),
+        Case(f"MoFO exact segments of {exact_segment} bf16/8-bit, blocks of 32", by_32, torch.bfloat16, EIGHT_BIT,
+             options=dict(fraction=0.15, block_size=exact_segment)),
+    ]
     return found
+
+
+def fused_cases() -> list[Case]:
+    """The cases the fused CPU path is checked on: the tiny ones, but for 8-bit moments (the reference runs those)."""
+    return [case for case in cases(tiny=True) if case.moment_dtype != EIGHT_BIT]
 
 
 def _drivers() -> str:
@@ -242,6 +262,40 @@ def step_problems(before: dict, after: dict, *, options: AdamWOptions, soft_mask
     return problems
 
 
+def quantized_step_problems(before: dict, after: dict, *, options: AdamWOptions) -> list[str]:
+    """:func:`step_problems` for 8-bit moments: ``before`` and ``after`` also hold ``exp_avg_scale`` and
+    ``exp_avg_sq_scale``, and ``exp_avg``/``exp_avg_sq`` are their codes.
+
+    The selection must be the reference's of the kernel's own stored ``m``; the scales within an ulp
+    of the reference's and the codes equal but for a few moved by one (the fresh moments may differ
+    by an ulp, torch's ``lerp`` fusing its multiply-add: a code then moves only at a decision point);
+    the param within one rounding of its dtype; the step count advanced by one.
+    """
+    state = {key: value.clone() for key, value in before.items()
+             if key in ("step", "exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale")}
+    param = before["param"].clone()
+    want = reference.adamw_step_(param, before["grad"], state, options=options)
+    problems = []
+    m = reference.QuantizedMoment(after["exp_avg"], after["exp_avg_scale"], signed=True).values()
+    selection = reference.selection_mask(m, options.fraction, options.block_size)
+    if not torch.equal(after["selection"], selection):
+        problems.append(f"selection differs in {int((after['selection'] != selection).sum())} entries")
+    for key in ("exp_avg", "exp_avg_sq"):
+        scales, expected = after[f"{key}_scale"], state[f"{key}_scale"]
+        if not torch.allclose(scales, expected, rtol=2**-23, atol=0, equal_nan=True):
+            problems.append(f"{key}_scale differs by up to {_max_difference(scales, expected):.3g}")
+        moved = (after[key].int() - state[key].int()).abs()
+        if moved.numel() and (int(moved.max()) > 1 or float((moved > 0).float().mean()) > 1e-3):
+            problems.append(f"{key} codes differ in {int((moved > 0).sum())} entries, by up to {int(moved.max())}")
+    p = after["param"]
+    if torch.equal(want, selection) and not torch.allclose(p.float(), param.float(), rtol=PARAM_RTOL[p.dtype],
+                                                           atol=1e-7, equal_nan=True):
+        problems.append(f"param differs by up to {_max_difference(p, param):.3g}")
+    if float(after["step"]) != float(before["step"]) + 1:
+        problems.append(f"step is {float(after['step'])}, expected {float(before['step']) + 1}")
+    return problems
+
+
 def _max_difference(a: Tensor, b: Tensor) -> float:
     difference = (a.float() - b.float()).abs()
     return float(difference.nan_to_num(float("inf")).max()) if difference.numel() else 0.0
@@ -259,9 +313,10 @@ def run_case(case: Case, device: torch.device, seed: int = 0,
     gen = torch.Generator().manual_seed(seed)
     options = AdamWOptions(**{**HYPER, **case.options})
     amsgrad = options.amsgrad
+    quantized = case.moment_dtype == EIGHT_BIT
     tensors = []
     for shape in case.shapes:
-        def random(scale=1.0, positive=False, dtype=case.moment_dtype):
+        def random(scale=1.0, positive=False, dtype=torch.float32 if quantized else case.moment_dtype):
             values = torch.rand(shape, generator=gen) if positive else torch.randn(shape, generator=gen)
             return (scale * values).to(device=device, dtype=dtype)
 
@@ -270,6 +325,10 @@ def run_case(case: Case, device: torch.device, seed: int = 0,
             exp_avg_sq=random(0.1, positive=True), max_exp_avg_sq=random(0.12, positive=True) if amsgrad else None,
             step=torch.tensor(3.0, device=device),
             selection=torch.zeros(shape, dtype=torch.bool, device=device)))
+        if quantized:
+            block = quantization.quant_block(shape)
+            for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+                tensors[-1][key], tensors[-1][f"{key}_scale"] = quantization.quantize(tensors[-1][key], block, signed)
     masks = None
     if case.soft_mask:
         masks = [torch.rand(s[:1] if case.soft_mask == "rows" else s, generator=gen).to(device) for s in case.shapes]
@@ -277,7 +336,8 @@ def run_case(case: Case, device: torch.device, seed: int = 0,
     columns = {key: [t[key] for t in tensors] for key in tensors[0]}
     bucket = Bucket(columns["param"], columns["grad"], columns["exp_avg"], columns["exp_avg_sq"],
                     columns["step"], max_exp_avg_sqs=columns["max_exp_avg_sq"] if amsgrad else None,
-                    soft_masks=masks, selections=columns["selection"])
+                    soft_masks=masks, selections=columns["selection"], exp_avg_scales=columns.get("exp_avg_scale"),
+                    exp_avg_sq_scales=columns.get("exp_avg_sq_scale"))
     if step is None:
         from selopt import kernels
 
@@ -292,7 +352,9 @@ def run_case(case: Case, device: torch.device, seed: int = 0,
     problems = []
     for index, (old, new) in enumerate(zip(before, tensors)):
         mask = None if masks is None else masks[index]
-        for problem in step_problems(old, new, options=options, soft_mask=mask):
+        found = (quantized_step_problems(old, new, options=options) if quantized
+                 else step_problems(old, new, options=options, soft_mask=mask))
+        for problem in found:
             problems.append(f"tensor {tuple(case.shapes[index])}: {problem}")
     return problems
 
@@ -357,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for reference_case in reference_cases():
         report(reference_case.name, reference_problems(reference_case))
-    for case in cases(tiny=True):  # what CPU tensors run, on every machine
+    for case in fused_cases():  # what CPU tensors run, on every machine
         report(f"fused CPU: {case.name}", run_case(case, torch.device("cpu"), step=fused_step))
     if problem is None:
         for case in cases(tiny=not on_gpu):

@@ -36,7 +36,7 @@ def test_self_check_from_a_neutral_directory_passes_and_says_there_is_no_gpu(tmp
         assert key in out
     assert "FAIL" not in out
     # The reference, the fused CPU path, and the kernels when they can run.
-    checked = len(check.reference_cases()) + len(check.cases(tiny=True)) * (2 if kernels else 1)
+    checked = len(check.reference_cases()) + len(check.fused_cases()) + (len(check.cases(tiny=True)) if kernels else 0)
     assert f"PASS: {checked} of {checked} checks passed" in out
 
 
@@ -71,11 +71,12 @@ def test_without_gpu_or_triton_the_reference_and_the_fused_path_are_checked_and_
     assert out.startswith("No CUDA device and no usable Triton: CPU tensors run the fused CPU path")
     for case in check.reference_cases():
         assert re.search(rf"^{re.escape(case.name)} +PASS$", out, re.MULTILINE), out
-    for case in check.cases(tiny=True):
+    for case in check.fused_cases():
         assert re.search(rf"^fused CPU: {re.escape(case.name)} +PASS$", out, re.MULTILINE), out
+    for case in check.cases(tiny=True):
         assert re.search(rf"^{re.escape(case.name)} +SKIPPED$", out, re.MULTILINE), out
     assert f"the kernels cannot run here: {NO_TRITON}" in out
-    n_passed, n_kernels = len(check.reference_cases()) + len(check.cases(tiny=True)), len(check.cases(tiny=True))
+    n_passed, n_kernels = len(check.reference_cases()) + len(check.fused_cases()), len(check.cases(tiny=True))
     assert out.rstrip().endswith(f"PASS: {n_passed} of {n_passed} checks passed, {n_kernels} kernel checks "
                                  "skipped (no GPU and no usable Triton)")
 
@@ -108,9 +109,9 @@ def test_without_gpu_or_triton_a_wrong_reference_still_fails(monkeypatch, capsys
     out = capsys.readouterr().out
     assert re.search(r"^reference = torch.optim.AdamW, fp32 +FAIL$", out, re.MULTILINE), out
     assert "step 1, tensor (7, 13): param differs by up to" in out
-    n_fused = len(check.cases(tiny=True))  # compared with the reference's math, not with selopt.AdamW
+    n_fused = len(check.fused_cases())  # compared with the reference's math, not with selopt.AdamW
     assert out.rstrip().endswith(f"FAIL: {n_fused} of {n_fused + len(check.reference_cases())} checks passed, "
-                                 f"{n_fused} kernel checks skipped (no GPU and no usable Triton)")
+                                 f"{len(check.cases(tiny=True))} kernel checks skipped (no GPU and no usable Triton)")
 
 
 @pytest.mark.parametrize("hip, kind", [(None, "CUDA"), ("6.2.0", "ROCm")])
@@ -125,7 +126,7 @@ def test_on_a_gpu_machine_kernels_that_cannot_run_fail(monkeypatch, capsys, hip,
     assert re.search(r"^Triton kernels +FAIL$", out, re.MULTILINE), out
     assert f"selopt's Triton kernels cannot run on this {kind} device: {NO_TRITON}" in out
     assert "SKIPPED" not in out
-    n = len(check.reference_cases()) + len(check.cases(tiny=True))  # the reference and the fused CPU path
+    n = len(check.reference_cases()) + len(check.fused_cases())  # the reference and the fused CPU path
     assert out.rstrip().endswith(f"FAIL: {n} of {n + 1} checks passed")
 
 
