@@ -41,6 +41,7 @@ from triton.backends.driver import DriverBase
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
+from selopt import quantization
 from selopt.bucket import Bucket
 from selopt.kernels import block, launch
 from selopt.kernels.adamw import multi_tensor_adamw_, prepare_adamw
@@ -175,6 +176,8 @@ class Configuration:
     # Shards of larger tensors (selopt.distributed on the kernels): k over the whole tensor and a
     # histogram exchange between the radix rounds.
     sharded: bool = False
+    # 8-bit moments (moment_dtype torch.uint8): entries per scale, a constexpr of the kernels.
+    quant_block: int = 0
 
 
 # The paths the dispatcher can take: dense, every one-pass block size, the exact path per tensor
@@ -191,11 +194,19 @@ OPTIONS = ("amsgrad", "maximize", "decay_selected", "soft_mask_rows_update", "so
            "stochastic_rounding", "selections", "beta1_below_half")
 
 
+# 8-bit moments: the largest and the smallest quant block, and the options they allow (amsgrad keeps
+# no 8-bit state; a selection block holds whole quant blocks).
+EIGHT_BIT_BLOCKS = (quantization.QUANT_BLOCK, quantization.MIN_QUANT_BLOCK)
+EIGHT_BIT_PATHS = [path for path, (size, _) in PATHS.items() if size is None or size >= quantization.QUANT_BLOCK]
+
+
 def configurations(quick: bool = False) -> list[Configuration]:
     """Every path with defaults; each dtype pair, all options together and a one-tensor bucket on the
-    main paths; each option alone on the two selection kernels (block and exact).
+    main paths; each option alone on the two selection kernels (block and exact). With 8-bit moments:
+    every path they allow, with fp32 and bf16 params and each end of the quant block's range, and
+    all the options they allow together on the main paths.
 
-    ``quick``: every path, and all options together on the main paths.
+    ``quick``: every path, and all options together on the main paths (8-bit moments too).
     """
     configs = [Configuration(path, *PATHS[path]) for path in PATHS]
     configs.append(Configuration("exact sharded", *PATHS["exact"], sharded=True))
@@ -213,6 +224,20 @@ def configurations(quick: bool = False) -> list[Configuration]:
             configs.append(Configuration(f"{path} {param_dtype} params, {moment_dtype} moments", size, fraction,
                                          param_dtype, moment_dtype))
         configs.append(Configuration(f"{path} one tensor", size, fraction, tensors=1))
+    for path in EIGHT_BIT_PATHS:
+        size, fraction = PATHS[path]
+        for param_dtype in (torch.float32,) if quick else (torch.float32, torch.bfloat16):
+            for quant_block in EIGHT_BIT_BLOCKS[:1] if quick else EIGHT_BIT_BLOCKS:
+                configs.append(Configuration(f"{path} 8-bit moments (block {quant_block}), {param_dtype} params",
+                                             size, fraction, param_dtype, torch.uint8, quant_block=quant_block))
+    every_8bit = frozenset(o for o in OPTIONS if not o.startswith("soft_mask") and o != "amsgrad")
+    for path in main_paths:
+        size, fraction = PATHS[path]
+        configs.append(Configuration(f"{path} 8-bit moments, all options", size, fraction, torch.bfloat16,
+                                     torch.uint8, options=every_8bit | {"soft_mask_rows_update"},
+                                     quant_block=quantization.QUANT_BLOCK))
+    configs.append(Configuration("exact sharded 8-bit moments", *PATHS["exact"], moment_dtype=torch.uint8,
+                                 sharded=True, quant_block=quantization.QUANT_BLOCK))
     for path in () if quick else ("block 1024", "exact"):
         size, fraction = PATHS[path]
         for option in OPTIONS:
@@ -225,9 +250,15 @@ def configurations(quick: bool = False) -> list[Configuration]:
 def run_configuration(config: Configuration) -> None:
     """Call ``multi_tensor_adamw_`` on CPU tensors for ``config`` (under :func:`compile_only`, a compile)."""
     opts = config.options
-    shape = (40, 130)  # 5200 entries: more than one dense tile and exact chunk, not a multiple of either
+    # 5200 entries: more than one dense tile and exact chunk, not a multiple of either; with 8-bit
+    # moments rows of 5 quant blocks.
+    shape = (40, 5 * config.quant_block if config.quant_block else 130)
     params = [torch.zeros(shape, dtype=config.param_dtype) for _ in range(config.tensors)]
     state = [[torch.zeros(shape, dtype=config.moment_dtype) for _ in params] for _ in range(3)]
+    scales = None
+    if config.quant_block:
+        scales = [[torch.zeros(quantization.scales_shape(shape, config.quant_block)) for _ in params]
+                  for _ in range(2)]
     soft_masks = None
     for rows_or_full in ("rows", "full"):
         for mode in ("update", "grad"):
@@ -245,7 +276,8 @@ def run_configuration(config: Configuration) -> None:
         params, [torch.zeros_like(p) for p in params], state[0], state[1], [torch.zeros(()) for _ in params],
         max_exp_avg_sqs=state[2] if options.amsgrad else None, soft_masks=soft_masks,
         rounding_seeds=[torch.zeros((), dtype=torch.int64) for _ in params] if options.stochastic_rounding else None,
-        selections=[torch.zeros(shape, dtype=torch.bool) for _ in params] if "selections" in opts else None)
+        selections=[torch.zeros(shape, dtype=torch.bool) for _ in params] if "selections" in opts else None,
+        exp_avg_scales=scales and scales[0], exp_avg_sq_scales=scales and scales[1])
     step = dict(grad_scale=torch.tensor(1.0) if "grad_scale" in opts else None,
                 found_inf=torch.tensor(0.0) if "found_inf" in opts else None)
     if config.sharded:
