@@ -56,6 +56,7 @@ from selopt.kernels import block, launch, select_state
 from selopt.kernels.compile_check import (Compiled, Configuration, compile_only, gpu_target, run_configuration,
                                           target_name)
 from selopt.kernels.launch import KernelCompileError
+from selopt.quantization import QUANT_BLOCK
 
 # What the prediction assumes: an H100 SXM5 80GB. Copy bandwidth is that of an H100
 # device-to-device copy (read + write bytes; bench/NOTES.md §2, §4); the issue rate is one
@@ -87,6 +88,12 @@ PATHS = {
              "found_inf", "stochastic_rounding"})),
     "exact fp32": Configuration("exact fp32", None),
     "exact bf16/fp32": Configuration("exact bf16/fp32", None, param_dtype=torch.bfloat16),
+    # 8-bit moments (codes and a scale per block of 256, selopt.quantization), fp32 and bf16 params.
+    **{f"{path} {param}/8-bit": Configuration(f"{path} {param}/8-bit", size, fraction, dtype, torch.uint8,
+                                              quant_block=QUANT_BLOCK)
+       for path, size, fraction in (("dense", None, 1.0), ("block 1024", 1024, 0.25), ("block 4096", 4096, 0.25),
+                                    ("exact", None, 0.25))
+       for param, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))},
 }
 QUICK = ("dense fp32", "block 1024 fp32", f"block {block.MAX_BLOCK} fp32", "block 4096 bf16/fp32, every option",
          "exact fp32")
@@ -241,7 +248,9 @@ def streamed_bytes(compiled: Compiled, config: Configuration, tensors_only: bool
     and the selections written (what the 128-bit accesses must carry).
     """
     param = config.param_dtype.itemsize
-    moment = config.moment_dtype.itemsize
+    # A moment: its entry, and for 8-bit moments its share of the block's fp32 scale (not counted in
+    # what the 128-bit accesses must carry: one short vector per tile).
+    moment = config.moment_dtype.itemsize + (4 / config.quant_block if config.quant_block and not tensors_only else 0)
     amsgrad = "amsgrad" in config.options
     selection = 1 if "selections" in config.options and not tensors_only else 0
     candidate_list = 0 if tensors_only else 4
