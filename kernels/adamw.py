@@ -179,18 +179,14 @@ def prepare_adamw(bucket: Bucket, options: AdamWOptions, *, grad_scale: Tensor |
     has_soft_mask = any(m is not None for m in work.column("soft_masks"))
     writes_selection = any(s is not None for s in work.column("selections"))
     param_dtype, moment_dtype = work.params[0].dtype, work.exp_avgs[0].dtype
-    # A bucket's 8-bit moments share one block size (the optimizer buckets by it).
-    quantized = work.exp_avg_scales is not None
-    quant_block = quantization.block_of(work.exp_avgs[0], work.exp_avg_scales[0]) if quantized else 0
-    code_values, code_buckets = tables.code_tables(device) if quantized else (None, None)
+    quant_block, code_tables = _quantization(work, device)
 
     def launches_for(options: AdamWOptions, grad_scale: Tensor | None, found_inf: Tensor | None) -> list:
         # Only what is per bucket: it holds no tensor of the step, so a kept closure keeps none alive.
         scalars = KernelScalars.of(options, device, grad_scale, found_inf)
         flags = kernel_flags(options, param_dtype, moment_dtype, quant_block, scalars, has_soft_mask=has_soft_mask,
                              writes_selection=writes_selection)
-        values = {**plan.arguments(), **scalars._asdict(), **flags, "code_values": code_values,
-                  "code_buckets": code_buckets}
+        values = {**plan.arguments(), **scalars._asdict(), **flags, **code_tables}
         if path == "exact":
             launches = exact.exact_adamw_launches(plan, values, combine)
         else:
@@ -202,6 +198,16 @@ def prepare_adamw(bucket: Bucket, options: AdamWOptions, *, grad_scale: Tensor |
     # Copies are new tensors each step, and exchanges between shards are bound to their process groups.
     replayable = work is bucket and combine is None
     return PreparedStep(launches, write_back, work, launches_for if replayable else None)
+
+
+def _quantization(bucket: Bucket, device: torch.device) -> tuple[int, dict]:
+    """The bucket's 8-bit block size (0 for float moments; one per bucket, as the optimizer buckets by it)
+    and the code tables its kernels look codes up in, by parameter name."""
+    if bucket.exp_avg_scales is None:
+        return 0, {"code_values": None, "code_buckets": None}
+    code_values, code_buckets = tables.code_tables(device)
+    block_size = quantization.block_of(bucket.exp_avgs[0], bucket.exp_avg_scales[0])
+    return block_size, {"code_values": code_values, "code_buckets": code_buckets}
 
 
 def check_bucket(bucket: Bucket, options: AdamWOptions) -> None:

@@ -45,8 +45,7 @@ class AdamW(SoftMasks, UpdateTracking, torch.optim.Optimizer):
         soft_mask_mode: what a soft mask from :meth:`set_soft_mask` scales:
             ``"update"`` (default) or ``"grad"``, which barely acts under Adam.
         moment_dtype: None (fp32 for bf16/fp16 params, else the param dtype),
-            ``torch.float32``, ``torch.bfloat16`` or ``"8bit"`` (blockwise 8-bit
-            moments for matrices of 4096+ entries, :mod:`selopt.quantization`).
+            ``torch.float32``, ``torch.bfloat16`` or ``"8bit"`` (:mod:`selopt.quantization`).
         stochastic_rounding: round bf16 params stochastically on store.
         backend: ``"auto"`` (Triton for CUDA tensors when it imports, else
             torch), ``"triton"`` or ``"torch"``.
@@ -175,9 +174,7 @@ class AdamW(SoftMasks, UpdateTracking, torch.optim.Optimizer):
             entry = self.state.get(p)
             if state.incomplete(entry, p.dtype, options):
                 fresh.append(p)
-            moment_dtype = entry["exp_avg"].dtype if entry else state.stored_dtype(p, options.moment_dtype)
-            # 8-bit moments step in buckets of one block size (the kernels' tiles hold whole blocks).
-            block = state.stored_block(entry) if entry else state.quant_block(p, options.moment_dtype)
+            moment_dtype, block = state.stored_format(entry, p, options.moment_dtype)
             buckets[(p.device, p.dtype.to_real(), moment_dtype.to_real(), block, distributed.is_dtensor(p),
                      p.dtype.is_complex)].append(i)
         chosen = [(functional.choose_implementation(device, dtype, moment_dtype, sharded=sharded, options=options,

@@ -61,15 +61,19 @@ def quant_block(param: Tensor, requested: torch.dtype | str | None) -> int | Non
     return quantization.quant_block(param.shape) if requested == quantization.EIGHT_BIT else None
 
 
-def stored_block(entry: dict) -> int | None:
-    """Entries per scale of a state ``entry``'s 8-bit moments, or None when they are not 8-bit."""
-    scales = entry.get(SCALE_KEYS[EXP_AVG])
-    return None if scales is None else quantization.block_of(entry[EXP_AVG], scales)
+def stored_format(entry: dict | None, param: Tensor, requested: torch.dtype | str | None) -> tuple:
+    """(dtype, entries per scale or None) of ``param``'s moments: as its state ``entry`` holds them, or, before
+    it has one, as ``requested`` makes them. 8-bit moments are ``uint8`` codes; the optimizer steps them in
+    buckets of one block size (a kernel tile holds whole blocks).
 
-
-def stored_dtype(param: Tensor, requested: torch.dtype | str | None) -> torch.dtype:
-    """The dtype ``param``'s moments are stored in: ``uint8`` codes for 8-bit moments, else :func:`moment_dtype`."""
-    return torch.uint8 if quant_block(param, requested) else moment_dtype(param.dtype, requested)
+    >>> stored_format(None, torch.zeros(64, 128), "8bit"), stored_format(None, torch.zeros(3), "8bit")
+    ((torch.uint8, 128), (torch.float32, None))
+    """
+    if entry:
+        scales = entry.get(SCALE_KEYS[EXP_AVG])
+        return entry[EXP_AVG].dtype, None if scales is None else quantization.block_of(entry[EXP_AVG], scales)
+    block = quant_block(param, requested)
+    return (torch.uint8 if block else moment_dtype(param.dtype, requested)), block
 
 
 def check_param_dtype(dtype: torch.dtype, options: AdamWOptions) -> None:
