@@ -393,7 +393,9 @@ def quantize(x, code_values, code_buckets, SIGNED: tl.constexpr, QUANT_BLOCK: tl
     absmax = tl.max(tl.reshape(magnitude_key(x), (blocks, QUANT_BLOCK)), axis=1).to(tl.float32, bitcast=True)
     scale = per_lane(absmax, QUANT_BLOCK)
     # IEEE division, as the reference's: a reciprocal multiply can move y by an ulp across a decision point.
-    y = tl.where(scale > 0, tl.div_rn(x, scale), 0.0)
+    # The divisor is 1 where the scale is 0 or NaN (y is 0 there anyway): no 0 / 0 is evaluated.
+    divisor = per_lane(tl.where(absmax > 0, absmax, 1.0), QUANT_BLOCK)
+    y = tl.where(scale > 0, tl.div_rn(x, divisor), 0.0)
     y = tl.where(y == y, y, 0.0)  # an infinite scale's inf / inf
     code = code_of(y, code_values, code_buckets, SIGNED)
     if not SIGNED:
