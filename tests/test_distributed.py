@@ -226,6 +226,11 @@ def _scenario_kernels_dtensor(tmp):
         "exact": (shapes, placements, masks, dict(fraction=0.3, decay="selected", amsgrad=True)),
         "dense": (shapes, placements, masks, dict(fraction=1.0)),
         "block": ([(16, 128)], [Shard(0)], None, dict(fraction=0.3, block_size=1024)),
+        # 8-bit moments, rows split unevenly (33 over 2 ranks); one bucket (blocks of 128), so one
+        # radix select per step; dense with blocks of 128 and 32 and an fp32-sized tensor.
+        "exact 8-bit": ([(33, 128), (40, 128)], [Shard(0)] * 2, None,
+                        dict(fraction=0.3, decay="selected", moment_dtype="8bit")),
+        "dense 8-bit": ([(33, 128), (64, 96), (7, 3)], [Shard(0)] * 3, None, dict(fraction=1.0, moment_dtype="8bit")),
     }
     report = {}
     for dtype in (torch.float32, torch.bfloat16):
@@ -238,7 +243,7 @@ def _scenario_kernels_dtensor(tmp):
             assert list(opt.caches) == ["sharded triton"], list(opt.caches)
             per_step = functional.selection_bytes_per_step(opt)
             assert traffic.bytes == STEPS * per_step
-            assert traffic.all_reduces == (STEPS * 3 if name == "exact" else 0)
+            assert traffic.all_reduces == (STEPS * 3 if name.startswith("exact") else 0)
             report[f"{dtype} {name}"] = per_step // len(shapes)
     # A threshold that holds still (beta1 = 0 and the same gradient every step): after the first
     # steps every shard refines from its candidate list, choosing so from the summed counters.
@@ -395,6 +400,12 @@ def _scenario_dcp_resume(tmp):
 
 def _scenario_dcp_resume_8bit(tmp):
     _dcp_resume(tmp, "torch", moment_dtype="8bit")
+
+
+def _scenario_kernels_dcp_resume_8bit(tmp):
+    if not KERNELS:
+        return "skipped: the kernels on CPU need TRITON_INTERPRET=1 and a usable Triton"
+    _dcp_resume(tmp, "triton", moment_dtype="8bit")
 
 
 def _scenario_kernels_dcp_resume(tmp):
