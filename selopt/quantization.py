@@ -148,7 +148,7 @@ def quantize(x: Tensor, block: int, signed: bool) -> tuple[Tensor, Tensor]:
     normalized = torch.where(normalized == normalized, normalized, 0.0)
     codes = torch.searchsorted(decision_points(signed, x.device), normalized.contiguous(), right=True)
     if not signed:
-        codes = torch.where(normalized > 0, codes.clamp(min=1), codes)
+        codes = torch.where(blocks > 0, codes.clamp(min=1), codes)
     return codes.to(torch.uint8).view(x.shape), absmax.view(scales_shape(x.shape, block))
 
 

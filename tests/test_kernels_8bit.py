@@ -234,3 +234,26 @@ def test_the_bucket_lookup_finds_the_code_searchsorted_finds(signed):
         padded = values[d.UNSIGNED_POINTS.value:d.UNSIGNED_POINTS.value + quantization.CODES]
     below = buckets[bucket].long()
     assert torch.equal(below + (y >= padded[below]).long(), torch.searchsorted(points, y, right=True))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_the_quotient_by_the_scale_rounds_as_ieee_division(signed):
+    # Values an ulp either side of every decision point times scales from 1e-40 (subnormal) to 1e15: the
+    # kernels' reciprocal-and-correction quotient must pick the codes the reference's IEEE division picks.
+    # With beta1 = 0 the stored m is the gradient itself, bit for bit on both sides.
+    gen = torch.Generator().manual_seed(11)
+    points = quantization.decision_points(signed)
+    near = torch.cat([points, torch.nextafter(points, torch.tensor(2.0)), torch.nextafter(points, torch.tensor(-2.0))])
+    near = near[near.abs() <= 1]
+    rows = 48
+    y = near[torch.randint(0, len(near), (rows, 256), generator=gen)]
+    y[:, 0] = 1.0  # the block's absmax is its scale itself
+    scales = 10.0 ** (torch.rand(rows, 1, generator=gen) * 55 - 40)
+    grad = (y * scales).abs() if not signed else y * scales
+    param = torch.nn.Parameter(torch.zeros(rows, 256, device=DEVICE))
+    param.grad = grad.to(DEVICE)
+    opt = selopt.AdamW([param], lr=1e-3, betas=(0.0, 0.999), moment_dtype="8bit", backend="triton")
+    opt.step()
+    codes, want_scales = quantization.quantize(grad, 256, signed=True)
+    assert torch.equal(opt.state[param]["exp_avg_scale"].cpu(), want_scales)
+    assert torch.equal(opt.state[param]["exp_avg"].cpu(), codes)
