@@ -196,8 +196,10 @@ OPTIONS = ("amsgrad", "maximize", "decay_selected", "soft_mask_rows_update", "so
 
 # 8-bit moments: the largest and the smallest quant block, and the options they allow (amsgrad keeps
 # no 8-bit state; a selection block holds whole quant blocks).
+# The one-pass blocks between the smallest and the largest differ in BLOCK alone, which the fp32 rows
+# already cover: the 8-bit rows take the ends.
 EIGHT_BIT_BLOCKS = (quantization.QUANT_BLOCK, quantization.MIN_QUANT_BLOCK)
-EIGHT_BIT_PATHS = [path for path, (size, _) in PATHS.items() if size is None or size >= quantization.QUANT_BLOCK]
+EIGHT_BIT_PATHS = ["dense", f"block {quantization.QUANT_BLOCK}", f"block {block.MAX_BLOCK}", "exact", "exact segments"]
 
 
 def configurations(quick: bool = False) -> list[Configuration]:

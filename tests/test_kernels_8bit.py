@@ -145,8 +145,10 @@ def code_differences(got: torch.Tensor, want: torch.Tensor, fresh: torch.Tensor,
     return [f"{int(far.sum())} codes differ away from a decision point"] if bool(far.any()) else []
 
 
-@pytest.mark.parametrize("path", list(PATHS))
-@pytest.mark.parametrize("quant_block", list(SHAPES))
+# Blocks of 256 take the longest under the interpreter (a bisection per small program): every quant
+# block size on the other paths, the largest on it.
+@pytest.mark.parametrize(("path", "quant_block"), [(path, quant_block) for path in PATHS for quant_block in SHAPES
+                                                   if path != "one_pass 256" or quant_block == 256])
 def test_kernels_store_and_step_as_the_reference_fp32(path, quant_block):
     bucket = QuantizedBucket(SHAPES[quant_block], seed=quant_block)
     options = AdamWOptions(**HYPER, **PATHS[path])
