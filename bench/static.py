@@ -96,7 +96,7 @@ PATHS = {
        for param, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))},
 }
 QUICK = ("dense fp32", "block 1024 fp32", f"block {block.MAX_BLOCK} fp32", "block 4096 bf16/fp32, every option",
-         "exact fp32")
+         "exact fp32", "dense fp32/8-bit", "block 1024 fp32/8-bit", "exact fp32/8-bit")
 
 # The kernels that stream whole tensors (params, grads, moments), in 128-bit accesses (vectorised()).
 # The candidate-list kernel reads a short list of positions and the per-segment kernels read tables.
