@@ -162,7 +162,7 @@ def loaded_state(param_id, entry: dict, param: Tensor, group: dict) -> dict:
             loaded[key], loaded[scale_key] = value, scales
             continue
         if scales is not None:
-            value = _on_shards(functools.partial(_dequantized, signed=SIGNED[key]), [value, scales], [value.shape])[0]
+            value = _fp32(value, scales, SIGNED[key])
         if block and key in SCALE_KEYS:
             loaded[key], loaded[scale_key] = _on_shards(
                 functools.partial(quantization.quantize, block=block, signed=SIGNED[key]), [value],
@@ -208,6 +208,11 @@ def _dequantized(codes: Tensor, scales: Tensor, signed: bool) -> tuple[Tensor]:
     return (quantization.dequantize(codes, scales, signed),)
 
 
+def _fp32(codes: Tensor, scales: Tensor, signed: bool) -> Tensor:
+    """Saved 8-bit codes and scales (plain tensors or DTensors) as the fp32 moment they stand for."""
+    return _on_shards(functools.partial(_dequantized, signed=signed), [codes, scales], [codes.shape])[0]
+
+
 def _on_shards(convert, tensors: list[Tensor], shapes: list) -> tuple[Tensor, ...]:
     """``convert`` on plain tensors, or on DTensors' local shards (each result a DTensor of its global
     shape in ``shapes``, sharded as the first input): 8-bit blocks never cross a ``Shard(0)`` shard."""
@@ -244,8 +249,7 @@ def fp32_moments(state_dict: dict) -> dict:
             entry = {name: value for name, value in entry.items() if name not in SCALE_KEYS.values()}
             for moment, scale_key in SCALE_KEYS.items():
                 codes, scales = state_dict["state"][key][moment], state_dict["state"][key][scale_key]
-                entry[moment] = _on_shards(functools.partial(_dequantized, signed=SIGNED[moment]), [codes, scales],
-                                           [codes.shape])[0]
+                entry[moment] = _fp32(codes, scales, SIGNED[moment])
         state[key] = entry
     return {**state_dict, "state": state}
 
